@@ -1,0 +1,5 @@
+import sys
+
+from embedkit.cli import main
+
+sys.exit(main())

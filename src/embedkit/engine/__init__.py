@@ -1,0 +1,18 @@
+"""The embedding engine: tokenise, token-budget batching, precision/device, encode.
+
+Knows nothing of HTTP, S3 or files.
+"""
+
+from embedkit.engine.batching import pad_batch, plan_batches
+from embedkit.engine.embedder import Embedder, EncodeResult, EngineStats
+from embedkit.engine.tokenize import Tokenized, validate_texts
+
+__all__ = [
+    "Embedder",
+    "EncodeResult",
+    "EngineStats",
+    "Tokenized",
+    "pad_batch",
+    "plan_batches",
+    "validate_texts",
+]

@@ -1,0 +1,134 @@
+"""Device and precision: pick them, check the machine can do them, and size the automatic budget."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+
+from embedkit.errors import ConfigError, DeviceError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+_ALIASES = {
+    "float32": "fp32",
+    "fp32": "fp32",
+    "exact": "fp32",
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    "fp16": "fp16",
+    "int8": "int8",
+    "qint8": "int8",
+}
+# Compute budget (padded tokens per batch) on CPU: large enough that matmuls run near peak, small
+# enough that activations stay in cache-friendly sizes. Measured with `make bench`.
+CPU_DEFAULT_BATCH_TOKENS = 16384
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, then Apple MPS, else CPU; explicit devices are checked."""
+    spec = (device or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"device {device!r} is not a valid torch device (try auto, cpu, cuda, cuda:1)"
+        ) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} asked for, but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 (AVX512-BF16 or AMX), where bf16 is a speed-up."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:  # pragma: no cover - non-Linux
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """Normalise a precision name and check ``device`` can run it."""
+    name = _ALIASES.get((precision or "fp32").strip().lower())
+    if name is None:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if name == "fp16" and device.type == "cpu":
+        raise DeviceError(
+            "precision fp16 needs a GPU; on CPU use bf16 (fast where the CPU supports it) or fp32"
+        )
+    if name == "int8" and device.type != "cpu":
+        raise DeviceError("precision int8 runs on CPU only; on GPU use fp16 or bf16")
+    if name == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
+        log.warning("this CPU has no native bf16 (avx512_bf16/amx): bf16 will be emulated and may be slow")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError("this GPU does not support bf16; use fp16")
+    return name
+
+
+def torch_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the transformer's weights are kept in for ``precision``."""
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+@contextlib.contextmanager
+def inference_context(precision: str, device: torch.device) -> Iterator[None]:
+    """``torch.inference_mode`` plus autocast where the weights stay in a wider type."""
+    with torch.inference_mode():
+        if precision in ("bf16", "fp16") and device.type in ("cuda", "cpu"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            with torch.autocast(device.type, dtype=dtype):
+                yield
+        else:
+            yield
+
+
+def auto_batch_tokens(device: torch.device, hidden_size: int, num_layers: int, num_heads: int) -> int:
+    """Budget of padded tokens per batch chosen from the device's memory.
+
+    GPU: a quarter of free memory divided by the activation bytes one token needs in the worst layer
+    (hidden states, the 4x feed-forward and one attention row at the model's width). CPU: the
+    measured sweet spot, since batches beyond it do not run faster and only cost memory.
+    """
+    env = os.environ.get("EMBEDKIT_MAX_BATCH_TOKENS")
+    if env and env.strip() not in ("", "0", "auto"):
+        return int(env)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        bytes_per_token = 4 * (hidden_size * 8 + num_heads * 512)
+        budget = int(free * 0.25 / max(bytes_per_token, 1))
+        return max(1024, min(budget, 1 << 20))
+    return CPU_DEFAULT_BATCH_TOKENS
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA out-of-memory, host MemoryError and allocator failures."""
+    if isinstance(exc, MemoryError):
+        return True
+    oom_cls = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_cls is not None and isinstance(exc, oom_cls):
+        return True
+    if isinstance(exc, RuntimeError):
+        msg = str(exc).lower()
+        return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+    return False

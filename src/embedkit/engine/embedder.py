@@ -1,0 +1,469 @@
+"""The engine: texts in, vectors out, identical to sentence-transformers in fp32.
+
+Three stages, as infinity splits them: *pre* (validate, tokenise once, length-sort, token-budget
+batches, pad), *core* (the transformer under the chosen precision) and *post* (pool, dense,
+normalise, Matryoshka slice). Padding of the next batch runs in a helper thread while the model runs
+the current one; in :meth:`Embedder.encode_iter` the next chunk is tokenised meanwhile too.
+
+>>> from embedkit import Embedder
+>>> emb = Embedder("default")
+>>> vecs = emb.encode(["a cat sits on the mat", "ein Hund im Park"])
+>>> vecs.shape
+(2, 384)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from embedkit.engine.batching import pad_batch, plan_batches
+from embedkit.engine.device import (
+    auto_batch_tokens,
+    inference_context,
+    is_oom,
+    resolve_device,
+    resolve_precision,
+    torch_dtype,
+)
+from embedkit.engine.tokenize import TextTokenizer, Tokenized, validate_texts
+from embedkit.errors import ConfigError, InputError, OutOfMemoryError
+from embedkit.models import ModelInfo, TextModel, content_hash, load_text_model, resolve_model
+from embedkit.models.pooling import pool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeResult:
+    """Vectors plus what happened on the way (tokens per input, which inputs were truncated)."""
+
+    embeddings: np.ndarray
+    token_counts: np.ndarray
+    truncated: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_counts.sum())
+
+    @property
+    def num_truncated(self) -> int:
+        return int(self.truncated.sum())
+
+
+@dataclass
+class EngineStats:
+    """Running totals of an :class:`Embedder` (thread-safe updates)."""
+
+    texts: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    truncated: int = 0
+    batches: int = 0
+    oom_splits: int = 0
+    model_seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **kw: float) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def _parse_budget(value: int | str | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("", "0", "auto"):
+            return None
+        value = int(v)
+    if value < 0:
+        raise ConfigError(f"max_batch_tokens must be >= 0 (0 or 'auto' = automatic), got {value}")
+    return int(value) or None
+
+
+class Embedder:
+    """Embed texts with one model on one device at one precision.
+
+    Args:
+        model: a model spec (``default``, a local directory, a ``model.tar.gz``, ``s3://...``) or a
+            :class:`~embedkit.models.TextModel` already loaded.
+        device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
+        precision: ``fp32`` (exact), ``bf16`` (CPU with native bf16, or GPU), ``fp16`` (GPU),
+            ``int8`` (CPU, dynamic quantisation of the linear layers).
+        max_batch_tokens: padded tokens per batch; ``0``/``"auto"`` sizes it from device memory.
+        max_batch_size: optional cap on texts per batch (the seeds' ``--batch-size``).
+        normalize: L2-normalise outputs; ``None`` follows the model's own config.
+        dimensions: Matryoshka truncation to the first ``n`` components (re-normalised if normalising).
+        truncate: cut inputs longer than the model's maximum (default, counted) or raise naming them.
+        prompt_name: a prompt from the model's ``config_sentence_transformers.json`` to prepend.
+        pooling: override the pooling mode (``mean``, ``cls``, ``max``, ``lasttoken``, ...).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | TextModel = "default",
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        max_batch_tokens: int | str | None = "auto",
+        max_batch_size: int | None = None,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        truncate: bool = True,
+        prompt_name: str | None = None,
+        pooling: str | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.spec = str(model) if not isinstance(model, TextModel) else str(model.path)
+        if isinstance(model, TextModel):
+            self.model = model
+        else:
+            self.model = load_text_model(resolve_model(model), pooling=pooling)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.normalize = self.model.normalize if normalize is None else bool(normalize)
+        self.truncate = truncate
+        self.max_batch_size = int(max_batch_size) if max_batch_size else None
+        self.prompt_name = prompt_name
+        if prompt_name is not None and prompt_name not in self.model.prompts:
+            raise ConfigError(
+                f"prompt_name {prompt_name!r} is not defined by the model; it defines: "
+                f"{sorted(self.model.prompts) or 'no prompts'}"
+            )
+        self.dimensions = self._check_dimensions(dimensions)
+        self.tokenizer = TextTokenizer(
+            self.model.tokenizer, self.model.max_seq_length, do_lower_case=self.model.do_lower_case
+        )
+        self._prepare_model()
+        cfg = self.model.transformer.config
+        explicit = _parse_budget(max_batch_tokens)
+        self.auto_budget = explicit is None
+        self.max_batch_tokens = explicit or auto_batch_tokens(
+            self.device,
+            int(getattr(cfg, "hidden_size", 768)),
+            int(getattr(cfg, "num_hidden_layers", 12)),
+            int(getattr(cfg, "num_attention_heads", 12)),
+        )
+        self.stats = EngineStats()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-pre")
+        self._hash: str | None = None
+
+    # ----------------------------------------------------------------- set-up
+    def _prepare_model(self) -> None:
+        tr = self.model.transformer
+        if self.precision == "int8":
+            from torch.ao.quantization import quantize_dynamic
+
+            tr = quantize_dynamic(tr, {torch.nn.Linear}, dtype=torch.qint8)
+        else:
+            tr = tr.to(device=self.device, dtype=torch_dtype(self.precision, self.device))
+        self._transformer = tr.eval()
+        self._dense = [layer.to(self.device).float().eval() for layer in self.model.dense]
+        self._accepts_token_type = "token_type_ids" in tr.forward.__code__.co_varnames
+
+    def _check_dimensions(self, dimensions: int | None) -> int | None:
+        if dimensions is None:
+            return None
+        full = self.model.dimension
+        if not isinstance(dimensions, int) or isinstance(dimensions, bool) or not 1 <= dimensions <= full:
+            raise InputError(
+                f"dimensions must be an integer between 1 and {full} (the model's dimension), got {dimensions!r}",
+                field="dimensions",
+            )
+        return dimensions
+
+    # ------------------------------------------------------------ description
+    @property
+    def dimension(self) -> int:
+        """Length of the vectors this embedder returns (after any Matryoshka truncation)."""
+        return self.dimensions or self.model.dimension
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.model.max_seq_length
+
+    @property
+    def content_hash(self) -> str:
+        if self._hash is None:
+            self._hash = content_hash(self.model.path)
+        return self._hash
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.model.name,
+            path=str(self.model.path),
+            model_type=self.model.model_type,
+            dimension=self.model.dimension,
+            max_seq_length=self.model.max_seq_length,
+            pooling=self.model.pooling,
+            normalize=self.model.normalize,
+            num_parameters=self.model.num_parameters,
+            content_hash=self.content_hash,
+            prompts=dict(self.model.prompts),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The effective engine configuration, as printed on start-up."""
+        return {
+            "model": self.model.name,
+            "model_path": str(self.model.path),
+            "device": str(self.device),
+            "precision": self.precision,
+            "max_batch_tokens": self.max_batch_tokens,
+            "max_batch_size": self.max_batch_size,
+            "normalize": self.normalize,
+            "dimensions": self.dimension,
+            "max_seq_length": self.max_seq_length,
+            "pooling": self.model.pooling,
+            "truncate": self.truncate,
+            "threads": torch.get_num_threads(),
+        }
+
+    # -------------------------------------------------------------- stage: pre
+    def _prompt(self, prompt_name: str | None) -> str:
+        name = (
+            prompt_name if prompt_name is not None else (self.prompt_name or self.model.default_prompt_name)
+        )
+        if name is None:
+            return ""
+        if name not in self.model.prompts:
+            raise InputError(
+                f"prompt_name {name!r} is not defined by the model; it defines: "
+                f"{sorted(self.model.prompts) or 'no prompts'}",
+                field="prompt_name",
+            )
+        return self.model.prompts[name]
+
+    def tokenize(
+        self,
+        texts: Sequence[Any],
+        *,
+        truncate: bool | None = None,
+        prompt_name: str | None = None,
+        field: str = "inputs",
+        offset: int = 0,
+    ) -> Tokenized:
+        """Validate and tokenise ``texts`` (no padding). Raises :class:`InputError` naming the index."""
+        checked = validate_texts(texts, field=field, offset=offset)
+        prefix = self._prompt(prompt_name)
+        if prefix:
+            checked = [prefix + t for t in checked]
+        return self.tokenizer(
+            checked, truncate=self.truncate if truncate is None else truncate, field=field, offset=offset
+        )
+
+    def _to_tensors(self, ids: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, mask = pad_batch(ids, self.tokenizer.pad_id)
+        t_ids = torch.from_numpy(input_ids)
+        t_mask = torch.from_numpy(mask)
+        if self.device.type == "cuda":
+            t_ids = t_ids.pin_memory().to(self.device, non_blocking=True)
+            t_mask = t_mask.pin_memory().to(self.device, non_blocking=True)
+        elif self.device.type != "cpu":
+            t_ids, t_mask = t_ids.to(self.device), t_mask.to(self.device)
+        return t_ids, t_mask
+
+    # ------------------------------------------------------------- stage: core
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with inference_context(self.precision, self.device):
+            kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": mask}
+            out = self._transformer(**kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            pooled = pool(self.model.pooling, hidden, mask)
+            for layer in self._dense:
+                pooled = layer(pooled.float())
+        return pooled.float()
+
+    def _token_level(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with inference_context(self.precision, self.device):
+            out = self._transformer(input_ids=input_ids, attention_mask=mask)
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return hidden.float()
+
+    # ------------------------------------------------------------- stage: post
+    def _post(self, vecs: torch.Tensor, normalize: bool, dimensions: int | None) -> torch.Tensor:
+        if dimensions is not None and dimensions < vecs.shape[1]:
+            vecs = vecs[:, :dimensions]
+        if normalize:
+            vecs = torch.nn.functional.normalize(vecs, p=2, dim=1)
+        return vecs
+
+    def _run_one(
+        self, tok: Tokenized, idx: np.ndarray, tensors: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> list[tuple[np.ndarray, torch.Tensor]]:
+        """Run the batch ``idx``; on out-of-memory split it in two and lower the budget."""
+        try:
+            if tensors is None:
+                tensors = self._to_tensors([tok.ids[i] for i in idx])
+            t0 = time.perf_counter()
+            vecs = self._forward(*tensors)
+            self.stats.add(
+                model_seconds=time.perf_counter() - t0,
+                batches=1,
+                padded_tokens=int(tensors[0].numel()),
+            )
+            return [(idx, vecs)]
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            tensors = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(idx) == 1:
+                i = int(idx[0])
+                raise OutOfMemoryError(
+                    f"input {i} ({int(tok.lengths[i])} tokens) does not fit in memory on {self.device} even "
+                    f"alone; lower max_seq_length or use a device with more memory",
+                    index=i,
+                ) from exc
+            half = len(idx) // 2
+            longest = int(max(tok.lengths[i] for i in idx))
+            self.max_batch_tokens = max(longest, min(self.max_batch_tokens, half * longest))
+            self.stats.add(oom_splits=1)
+            log.warning(
+                "out of memory on a batch of %d; splitting, budget now %d", len(idx), self.max_batch_tokens
+            )
+            return self._run_one(tok, idx[:half], None) + self._run_one(tok, idx[half:], None)
+
+    def embed_tokenized(
+        self,
+        tok: Tokenized,
+        *,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+    ) -> np.ndarray:
+        """Embed already tokenised inputs; rows come back in ``tok``'s order (float32)."""
+        n = len(tok)
+        dims = self._check_dimensions(dimensions) if dimensions is not None else self.dimensions
+        norm = self.normalize if normalize is None else bool(normalize)
+        out_dim = dims or self.model.dimension
+        result = np.empty((n, out_dim), dtype=np.float32)
+        if n == 0:
+            return result
+        batches = plan_batches(tok.lengths, self.max_batch_tokens, self.max_batch_size)
+        # Pad batch k+1 in the helper thread while the model runs batch k.
+        pending: Future | None = self._pool.submit(self._to_tensors, [tok.ids[i] for i in batches[0]])
+        for k, idx in enumerate(batches):
+            tensors = pending.result() if pending is not None else None
+            pending = None
+            if k + 1 < len(batches):
+                nxt = batches[k + 1]
+                pending = self._pool.submit(self._to_tensors, [tok.ids[i] for i in nxt])
+            for sub_idx, vecs in self._run_one(tok, idx, tensors):
+                result[sub_idx] = self._post(vecs, norm, dims).cpu().numpy()
+        self.stats.add(texts=n, tokens=tok.num_tokens, truncated=tok.num_truncated)
+        return result
+
+    # -------------------------------------------------------------- public API
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        truncate: bool | None = None,
+        prompt_name: str | None = None,
+    ) -> EncodeResult:
+        """Like :meth:`encode`, also returning token counts and which inputs were truncated."""
+        tok = self.tokenize(texts, truncate=truncate, prompt_name=prompt_name)
+        vecs = self.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
+        return EncodeResult(vecs, tok.lengths.copy(), tok.truncated.copy())
+
+    def encode(
+        self,
+        texts: Sequence[str] | str,
+        *,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        truncate: bool | None = None,
+        prompt_name: str | None = None,
+    ) -> np.ndarray:
+        """Embed ``texts`` into a float32 array of shape ``(len(texts), dimension)``, input order kept.
+
+        A single string gives a 1-D vector.
+        """
+        if isinstance(texts, str):
+            return self.encode(
+                [texts],
+                normalize=normalize,
+                dimensions=dimensions,
+                truncate=truncate,
+                prompt_name=prompt_name,
+            )[0]
+        return self.embed(
+            texts, normalize=normalize, dimensions=dimensions, truncate=truncate, prompt_name=prompt_name
+        ).embeddings
+
+    def encode_iter(
+        self,
+        texts: Iterable[str],
+        *,
+        chunk_size: int = 4096,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        truncate: bool | None = None,
+        prompt_name: str | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Stream ``texts`` (any iterable, consumed lazily) and yield one ``(k, dim)`` array per chunk
+        of up to ``chunk_size`` inputs, in input order. Memory stays bounded by the chunk size; the
+        next chunk is tokenised while the model runs the current one."""
+        it = iter(texts)
+        offset = 0
+
+        def take(start: int) -> tuple[int, Tokenized | None, BaseException | None]:
+            chunk = list(itertools.islice(it, chunk_size))
+            if not chunk:
+                return start, None, None
+            try:
+                return (
+                    start,
+                    self.tokenize(chunk, truncate=truncate, prompt_name=prompt_name, offset=start),
+                    None,
+                )
+            except BaseException as exc:  # re-raised in the caller's thread
+                return start, None, exc
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-tok") as tok_pool:
+            fut = tok_pool.submit(take, offset)
+            while True:
+                start, tok, err = fut.result()
+                if err is not None:
+                    raise err
+                if tok is None:
+                    return
+                fut = tok_pool.submit(take, start + len(tok))
+                yield self.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
+
+    def token_embeddings(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[np.ndarray]:
+        """Unpooled last hidden states, one ``(tokens, hidden)`` array per text (HF feature-extraction)."""
+        tok = self.tokenize(texts, truncate=truncate)
+        out: list[np.ndarray | None] = [None] * len(tok)
+        for idx in plan_batches(tok.lengths, self.max_batch_tokens, self.max_batch_size):
+            hidden = self._token_level(*self._to_tensors([tok.ids[i] for i in idx])).cpu().numpy()
+            for row, i in enumerate(idx):
+                out[i] = hidden[row, : int(tok.lengths[i])]
+        return out  # type: ignore[return-value]
+
+    def warmup(self) -> None:
+        """Run one tiny batch so the first real request does not pay for lazy initialisation."""
+        self.encode(["warm up the model"])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,38 @@
+"""Golden parity on the real default model: fp32 exact, bf16/int8 close, against sentence-transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedkit import Embedder
+from embedkit.engine.device import cpu_supports_bf16
+from embedkit.models import default_model_path
+from tests.parity_texts import parity_texts
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from sentence_transformers import SentenceTransformer
+
+    texts = parity_texts()
+    assert len(texts) >= 200
+    st = SentenceTransformer(str(default_model_path()), device="cpu")
+    return texts, st.encode(texts, batch_size=32)
+
+
+def test_fp32_matches_sentence_transformers_to_1e5(reference, default_embedder):
+    texts, ref = reference
+    got = default_embedder.encode(texts)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert float(np.abs(got - ref).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_reduced_precision_min_cosine_at_least_099(reference, precision):
+    if precision == "bf16" and not cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16")
+    texts, ref = reference
+    got = Embedder("default", device="cpu", precision=precision).encode(texts)
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert float(cos.min()) >= 0.99

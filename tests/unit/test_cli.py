@@ -1,0 +1,31 @@
+"""The CLI's front door: info, encode, errors as exit codes."""
+
+from __future__ import annotations
+
+import json
+
+from embedkit.cli import main
+
+
+def test_info_prints_model_facts_as_json(tiny_model, capsys):
+    assert main(["info", str(tiny_model), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dimension"] == 32 and info["max_seq_length"] == 32 and info["pooling"] == "mean"
+    assert info["content_hash"].startswith("sha256:") and info["parameters"] > 0
+
+
+def test_info_on_missing_hub_model_exits_2_with_message(capsys):
+    assert main(["info", "BAAI/bge-m3"]) == 2
+    err = capsys.readouterr().err
+    assert "never downloads" in err and "Traceback" not in err
+
+
+def test_encode_prints_vectors(tiny_model, capsys):
+    assert main(["encode", "--model", str(tiny_model), "hello world", "a cat"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dimension"] == 32 and len(out["embeddings"]) == 2
+
+
+def test_encode_bad_flag_value_exits_2(tiny_model, capsys):
+    assert main(["encode", "--model", str(tiny_model), "--precision", "fp8", "x"]) == 2
+    assert "precision" in capsys.readouterr().err

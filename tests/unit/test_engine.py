@@ -1,0 +1,195 @@
+"""The engine on a tiny random model: parity, ordering, budgets, truncation, errors, OOM splitting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embedkit import Embedder
+from embedkit.engine import plan_batches
+from embedkit.errors import ConfigError, DeviceError, InputError, InputTooLongError, OutOfMemoryError
+from tests.parity_texts import parity_texts
+
+
+def _st_encode(path, texts, **kw):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path), device="cpu").encode(texts, batch_size=32, **kw)
+
+
+def test_fp32_matches_sentence_transformers_on_tiny_model(tiny_model, tiny_embedder):
+    texts = parity_texts()
+    ours = tiny_embedder.encode(texts)
+    ref = _st_encode(tiny_model, texts)
+    assert ours.shape == ref.shape == (len(texts), 32)
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+def test_plain_hf_directory_uses_mean_pooling_like_sentence_transformers(tmp_path):
+    from embedkit.testing import build_tiny_bert
+
+    path = build_tiny_bert(tmp_path / "hf", layout="hf")
+    emb = Embedder(str(path), device="cpu")
+    assert emb.model.pooling == "mean" and emb.normalize is False
+    texts = ["hello world", "the cat sat on the mat"]
+    assert np.abs(emb.encode(texts) - _st_encode(path, texts)).max() <= 1e-5
+
+
+def test_bge_named_plain_directory_gets_cls_pooling_and_normalisation(tmp_path):
+    from embedkit.testing import build_tiny_bert
+
+    path = build_tiny_bert(tmp_path / "bge-small-test", layout="hf")
+    emb = Embedder(str(path), device="cpu")
+    assert (emb.model.pooling, emb.normalize) == ("cls", True)
+    assert Embedder(str(path), device="cpu", pooling="max").model.pooling == "max"
+
+
+def test_input_order_is_kept_whatever_the_batching(tiny_embedder):
+    texts = [("word " * (i % 17 + 1)).strip() for i in range(100)]
+    whole = tiny_embedder.encode(texts)
+    one_by_one = np.stack([tiny_embedder.encode([t])[0] for t in texts])
+    assert np.abs(whole - one_by_one).max() <= 1e-5
+
+
+def test_small_token_budget_gives_same_vectors_as_large(tiny_model):
+    texts = [("hello world " * (i % 9 + 1)).strip() for i in range(60)]
+    small = Embedder(str(tiny_model), device="cpu", max_batch_tokens=40).encode(texts)
+    large = Embedder(str(tiny_model), device="cpu", max_batch_tokens=100_000).encode(texts)
+    assert np.abs(small - large).max() <= 1e-5
+
+
+def test_plan_batches_respects_budget_and_covers_every_index():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=1000)
+    batches = plan_batches(lengths, max_batch_tokens=2048)
+    seen = np.concatenate(batches)
+    assert sorted(seen.tolist()) == list(range(1000))
+    for b in batches:
+        assert len(b) * lengths[b].max() <= 2048
+
+
+def test_plan_batches_single_input_over_budget_is_a_batch_of_one():
+    batches = plan_batches(np.array([5000, 3, 3]), max_batch_tokens=100)
+    assert batches[0].tolist() == [0]
+
+
+def test_truncation_is_counted(tiny_embedder):
+    res = tiny_embedder.embed(["hello", "hello world " * 50])
+    assert res.truncated.tolist() == [False, True]
+    assert res.token_counts[1] == tiny_embedder.max_seq_length
+
+
+def test_truncate_false_names_index_and_token_count(tiny_embedder):
+    with pytest.raises(InputTooLongError) as err:
+        tiny_embedder.encode(["short", "ok", "hello world " * 50], truncate=False)
+    assert "inputs[2]" in str(err.value) and "102 tokens" in str(err.value)
+    assert err.value.context["index"] == 2
+
+
+@pytest.mark.parametrize(
+    ("bad", "index", "words"),
+    [
+        (["ok", ""], 1, "empty string"),
+        (["ok", "fine", None], 2, "got null"),
+        ([3.5], 0, "got float"),
+        (["a", ["nested"]], 1, "got list"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_index(tiny_embedder, bad, index, words):
+    with pytest.raises(InputError) as err:
+        tiny_embedder.encode(bad)
+    assert f"inputs[{index}]" in str(err.value) and words in str(err.value)
+
+
+def test_matryoshka_dimensions_truncate_then_renormalise(tiny_embedder):
+    full = tiny_embedder.encode(["hello world"])
+    cut = tiny_embedder.encode(["hello world"], dimensions=8)
+    assert cut.shape == (1, 8)
+    assert np.isclose(np.linalg.norm(cut), 1.0, atol=1e-5)
+    ref = full[:, :8] / np.linalg.norm(full[:, :8])
+    assert np.abs(cut - ref).max() <= 1e-6
+    with pytest.raises(InputError, match="dimensions"):
+        tiny_embedder.encode(["x"], dimensions=33)
+
+
+def test_normalize_false_gives_raw_pooled_vectors(tiny_embedder):
+    raw = tiny_embedder.encode(["hello world"], normalize=False)
+    assert not np.isclose(np.linalg.norm(raw), 1.0)
+
+
+def test_prompt_name_prepends_prompt(tmp_path):
+    from embedkit.testing import build_tiny_bert
+
+    path = build_tiny_bert(tmp_path / "p", prompts={"query": "query: "})
+    emb = Embedder(str(path), device="cpu")
+    with_prompt = emb.encode(["hello"], prompt_name="query")
+    assert np.abs(with_prompt - emb.encode(["query: hello"])).max() <= 1e-6
+    with pytest.raises(InputError, match="not defined"):
+        emb.encode(["hello"], prompt_name="passage")
+    with pytest.raises(ConfigError):
+        Embedder(str(path), device="cpu", prompt_name="nope")
+
+
+def test_encode_iter_streams_in_order(tiny_embedder):
+    texts = [f"text number {i} " + "hello " * (i % 7) for i in range(250)]
+    streamed = np.concatenate(list(tiny_embedder.encode_iter(iter(texts), chunk_size=64)))
+    assert np.abs(streamed - tiny_embedder.encode(texts)).max() <= 1e-6
+
+
+def test_encode_iter_error_names_global_index(tiny_embedder):
+    texts = ["fine"] * 70 + [""]
+    with pytest.raises(InputError, match=r"inputs\[70\]"):
+        list(tiny_embedder.encode_iter(texts, chunk_size=32))
+
+
+def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_model):
+    emb = Embedder(str(tiny_model), device="cpu", max_batch_tokens=10_000)
+    texts = [f"hello world {i}" for i in range(40)]
+    expected = emb.encode(texts)
+    real_forward = emb._transformer.forward
+
+    def forward_that_ooms_on_big_batches(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids.shape[0] > 8:
+            raise MemoryError("simulated: batch too large for this device")
+        return real_forward(*args, **kwargs)
+
+    emb._transformer.forward = forward_that_ooms_on_big_batches
+    got = emb.encode(texts)
+    assert np.abs(got - expected).max() <= 1e-6
+    assert emb.stats.oom_splits >= 2
+    assert emb.max_batch_tokens < 10_000
+
+
+def test_out_of_memory_on_a_single_input_is_a_clear_error(tiny_model):
+    emb = Embedder(str(tiny_model), device="cpu")
+
+    def always_oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    emb._transformer.forward = always_oom
+    with pytest.raises(OutOfMemoryError, match="input 0"):
+        emb.encode(["hello"])
+
+
+def test_fp16_on_cpu_is_refused_with_advice(tiny_model):
+    with pytest.raises(DeviceError, match="bf16"):
+        Embedder(str(tiny_model), device="cpu", precision="fp16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_fp16_close_to_fp32(tiny_model):
+    ref = Embedder(str(tiny_model), device="cpu").encode(["hello world"])
+    got = Embedder(str(tiny_model), device="cuda", precision="fp16").encode(["hello world"])
+    assert float((ref * got).sum()) >= 0.99
+
+
+def test_unknown_precision_is_a_config_error(tiny_model):
+    with pytest.raises(ConfigError, match="precision"):
+        Embedder(str(tiny_model), device="cpu", precision="fp8")
+
+
+def test_token_embeddings_are_unpooled(tiny_embedder):
+    out = tiny_embedder.token_embeddings(["hello world", "a"])
+    assert out[0].shape == (4, 32) and out[1].shape == (3, 32)
