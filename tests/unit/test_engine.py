@@ -193,3 +193,17 @@ def test_unknown_precision_is_a_config_error(tiny_model):
 def test_token_embeddings_are_unpooled(tiny_embedder):
     out = tiny_embedder.token_embeddings(["hello world", "a"])
     assert out[0].shape == (4, 32) and out[1].shape == (3, 32)
+
+
+def test_replicas_on_several_devices_give_identical_vectors(tiny_model, tiny_embedder):
+    # Two CPU replicas exercise the multi-device path (one thread per replica) without a GPU.
+    texts = [("hello world " * (i % 11 + 1)).strip() for i in range(120)]
+    multi = Embedder(str(tiny_model), device="cpu,cpu", max_batch_tokens=64)
+    assert len(multi.devices) == 2 and multi.describe()["device"] == "cpu,cpu"
+    assert np.abs(multi.encode(texts) - tiny_embedder.encode(texts)).max() <= 1e-6
+    assert multi.stats.batches > 2
+
+
+def test_mixed_device_types_are_refused(tiny_model):
+    with pytest.raises((ConfigError, DeviceError)):
+        Embedder(str(tiny_model), device="cpu,cuda:0")

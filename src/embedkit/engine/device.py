@@ -54,6 +54,23 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
+def resolve_devices(device: str | None = "auto") -> list[torch.device]:
+    """One or more devices: ``cuda:0,cuda:1`` (a model replica on each, batches spread over them),
+    ``cuda:all`` (every visible GPU), or a single device as :func:`resolve_device` takes."""
+    spec = (device or "auto").strip().lower()
+    if spec == "cuda:all":
+        if not torch.cuda.is_available():
+            raise DeviceError("device 'cuda:all' asked for, but CUDA is not available on this machine")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if len(parts) > 1:
+        devices = [resolve_device(p) for p in parts]
+        if len({d.type for d in devices}) > 1:
+            raise ConfigError(f"device list {device!r} mixes device types; use one type (cuda:0,cuda:1)")
+        return devices
+    return [resolve_device(spec)]
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 (AVX512-BF16 or AMX), where bf16 is a speed-up."""
     try:
