@@ -17,6 +17,7 @@ from embedkit.logs import setup_logging
 COMMAND_MODULES = (
     "embedkit.commands.info",
     "embedkit.commands.encode",
+    "embedkit.commands.invoke",
 )
 
 log = logging.getLogger("embedkit")

@@ -1,0 +1,275 @@
+"""Wire contracts the client speaks, and how a long list of texts is split into requests.
+
+A contract turns a list of texts into a JSON request body and the answer back into a float32 matrix:
+
+- ``hf``: ``{"inputs": [...], "parameters": {...}}`` -> ``{"embeddings": [[...]]}`` (embedkit serve,
+  seed 004's endpoint); a bare list and the Hugging Face container's token-level answer (batch, tokens,
+  dim) are read too, the latter pooled here (``token_pooling``) and L2-normalised.
+- ``search_term``: ``{"search_term": "..."}`` -> ``{"embedding": [...]}`` (seed 002), one text a
+  request unless the server takes lists.
+- ``openai``: ``POST /v1/embeddings`` with ``{"input": [...], "model": ...}`` -> ``{"data": [...]}``.
+
+>>> c = make_contract("hf")
+>>> c.encode(["a", "b"], {})
+b'{"inputs":["a","b"]}'
+>>> c.decode(b'{"embeddings": [[1, 0], [0, 1]]}', 2).tolist()
+[[1.0, 0.0], [0.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from embedkit.client.errors import ResponseFormatError
+from embedkit.errors import ConfigError, InputError
+
+# Per-call options and the contracts able to carry them.
+OPTION_NAMES = ("normalize", "dimensions", "truncate", "prompt_name")
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def validate_texts(texts: Sequence[str]) -> list[str]:
+    """Every item a non-empty string; raise :class:`InputError` naming ``texts[i]`` otherwise."""
+    if isinstance(texts, (str, bytes)):
+        raise InputError(
+            "embed() takes a list of texts, got a single string; use embed_one(text) for one text",
+            field="texts",
+        )
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            kind = "null" if t is None else type(t).__name__
+            raise InputError(f"texts[{i}] must be a string, got {kind}", field="texts", index=i)
+        if t == "":
+            raise InputError(
+                f"texts[{i}] is an empty string; remove it or give it text", field="texts", index=i
+            )
+    return out
+
+
+class Contract:
+    """Base: subclasses set ``name``, ``path`` and implement :meth:`body` and :meth:`decode`."""
+
+    name = ""
+    path = "/invocations"  # appended to a bare base URL
+    lists = True  # one request may carry several texts
+
+    def __init__(self, *, token_pooling: str = "mean", openai_model: str = "default") -> None:
+        self.token_pooling = token_pooling
+        self.openai_model = openai_model
+
+    def body(self, texts: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def encode(self, texts: list[str], options: dict[str, Any]) -> bytes:
+        return _dumps(self.body(texts, options))
+
+    def envelope_size(self, options: dict[str, Any]) -> int:
+        """Bytes of a request carrying no text (what every request costs besides its texts)."""
+        return len(self.encode([], options))
+
+    def decode(self, body: bytes, count: int, options: dict[str, Any] | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _json(self, body: bytes) -> Any:
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise ResponseFormatError(
+                f"the endpoint answered 200 with a body that is not JSON ({body[:120]!r}); "
+                f"is contract {self.name!r} the one it speaks?"
+            ) from None
+
+    def _matrix(self, rows: Any, count: int, options: dict[str, Any] | None) -> np.ndarray:
+        """Rows (vectors, or token-level matrices to pool) -> float32 (count, dim)."""
+        if not isinstance(rows, list) or len(rows) != count:
+            got = f"{len(rows)} rows" if isinstance(rows, list) else type(rows).__name__
+            raise ResponseFormatError(
+                f"expected {count} embeddings from contract {self.name!r}, got {got}; "
+                "the server may speak another contract (set EMBEDKIT_CONTRACT)"
+            )
+        if count == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        try:
+            arrays = [np.asarray(r, dtype=np.float32) for r in rows]
+        except (TypeError, ValueError):
+            raise ResponseFormatError(
+                f"embeddings from contract {self.name!r} are not numeric arrays"
+            ) from None
+        pooled = False
+        out = []
+        for a in arrays:
+            while a.ndim > 2 and a.shape[0] == 1:
+                a = a[0]
+            if a.ndim == 2:  # token-level (tokens, dim): the HF container's feature-extraction answer
+                a = a.mean(axis=0) if self.token_pooling == "mean" else a[0]
+                pooled = True
+            if a.ndim != 1:
+                raise ResponseFormatError(f"an embedding has shape {a.shape}; expected a vector")
+            out.append(a)
+        if len({a.shape[0] for a in out}) != 1:
+            raise ResponseFormatError(f"embeddings of different lengths: {sorted({a.shape[0] for a in out})}")
+        mat = np.stack(out).astype(np.float32, copy=False)
+        if pooled and (options or {}).get("normalize") is not False:
+            norms = np.linalg.norm(mat, axis=1, keepdims=True)
+            mat = mat / np.maximum(norms, 1e-12)
+        return np.ascontiguousarray(mat, dtype=np.float32)
+
+
+class HFContract(Contract):
+    """Hugging Face inference: ``{"inputs": [...], "parameters": {...}}`` -> ``{"embeddings": ...}``."""
+
+    name = "hf"
+
+    def body(self, texts: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"inputs": texts}
+        if options:
+            out["parameters"] = options
+        return out
+
+    def decode(self, body: bytes, count: int, options: dict[str, Any] | None = None) -> np.ndarray:
+        data = self._json(body)
+        if isinstance(data, dict):
+            if "embeddings" not in data:
+                raise ResponseFormatError(
+                    f"the answer has no 'embeddings' field (keys: {sorted(data)[:8]}); "
+                    "the server may speak another contract (set EMBEDKIT_CONTRACT)"
+                )
+            data = data["embeddings"]
+        return self._matrix(data, count, options)
+
+
+class SearchTermContract(Contract):
+    """Seed 002: ``{"search_term": "..."}`` -> ``{"embedding": [...]}`` (lists when ``lists``)."""
+
+    name = "search_term"
+
+    def __init__(self, *, lists: bool = False, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.lists = lists
+
+    def body(self, texts: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        if options:
+            raise InputError(
+                f"contract 'search_term' carries no options; got {sorted(options)} "
+                "(use contract hf or openai, or configure the server)"
+            )
+        if self.lists:
+            return {"search_term": texts}
+        if len(texts) != 1:  # an empty list only sizes the envelope
+            return {"search_term": texts[0] if texts else ""}
+        return {"search_term": texts[0]}
+
+    def decode(self, body: bytes, count: int, options: dict[str, Any] | None = None) -> np.ndarray:
+        data = self._json(body)
+        if isinstance(data, dict) and "embedding" in data and not self.lists:
+            return self._matrix([data["embedding"]], count, options)
+        if isinstance(data, dict) and "embeddings" in data:
+            rows = data["embeddings"]
+            if not self.lists and rows and not isinstance(rows[0], list):
+                rows = [rows]
+            return self._matrix(rows, count, options)
+        keys = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
+        raise ResponseFormatError(
+            f"the answer has no 'embedding' field ({keys}); the server may speak another contract"
+        )
+
+
+class OpenAIContract(Contract):
+    """OpenAI: ``{"input": [...], "model": ...}`` -> ``{"data": [{"index", "embedding"}]}``."""
+
+    name = "openai"
+    path = "/v1/embeddings"
+
+    def body(self, texts: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        unsupported = set(options) - {"dimensions"}
+        if unsupported:
+            raise InputError(
+                f"contract 'openai' carries only the 'dimensions' option; got {sorted(unsupported)}"
+            )
+        out: dict[str, Any] = {"input": texts, "model": self.openai_model, "encoding_format": "float"}
+        if options.get("dimensions") is not None:
+            out["dimensions"] = options["dimensions"]
+        return out
+
+    def decode(self, body: bytes, count: int, options: dict[str, Any] | None = None) -> np.ndarray:
+        data = self._json(body)
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise ResponseFormatError(
+                "the answer has no 'data' list; is this an OpenAI /v1/embeddings server?"
+            )
+        try:
+            items = sorted(items, key=lambda d: d["index"])
+            rows = [_openai_vector(d["embedding"]) for d in items]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ResponseFormatError(f"malformed item in 'data': {exc}") from None
+        return self._matrix(rows, count, options)
+
+
+def _openai_vector(value: Any) -> Any:
+    if isinstance(value, str):  # encoding_format=base64: little-endian float32
+        return np.frombuffer(base64.b64decode(value), dtype="<f4").tolist()
+    return value
+
+
+def make_contract(
+    name: str, *, search_term_batch: bool = False, token_pooling: str = "mean", openai_model: str = "default"
+) -> Contract:
+    """The contract called ``name`` (``hf``, ``search_term``, ``openai``)."""
+    kw = {"token_pooling": token_pooling, "openai_model": openai_model}
+    if name == "hf":
+        return HFContract(**kw)
+    if name == "search_term":
+        return SearchTermContract(lists=search_term_batch, **kw)
+    if name == "openai":
+        return OpenAIContract(**kw)
+    raise ConfigError(f"unknown contract {name!r}; use hf, search_term or openai")
+
+
+def plan_requests(
+    texts: Sequence[str],
+    contract: Contract,
+    options: dict[str, Any],
+    *,
+    max_batch: int,
+    max_payload_bytes: int,
+) -> list[tuple[int, int]]:
+    """Split ``texts`` into ``[start, end)`` ranges, in order, each one request under both limits.
+
+    A range holds at most ``max_batch`` texts (1 when the contract takes no lists) and its encoded
+    body stays within ``max_payload_bytes``. A single text too large on its own is an
+    :class:`InputError` naming its index.
+
+    >>> plan_requests(["aa", "bb", "cc"], make_contract("hf"), {}, max_batch=2, max_payload_bytes=100)
+    [(0, 2), (2, 3)]
+    """
+    per_request = max_batch if contract.lists else 1
+    envelope = contract.envelope_size(options)
+    ranges: list[tuple[int, int]] = []
+    start, size = 0, envelope
+    for i, text in enumerate(texts):
+        item = len(_dumps(text)) + 1  # the text as a JSON string, plus a separating comma
+        if envelope + item > max_payload_bytes:
+            raise InputError(
+                f"texts[{i}] takes {envelope + item} bytes on the wire, over the {max_payload_bytes}-byte "
+                "payload limit (EMBEDKIT_MAX_PAYLOAD_BYTES); shorten it, or raise the limit up to what "
+                "the endpoint accepts (SageMaker: 6 MiB real-time, 4 MB serverless)",
+                field="texts",
+                index=i,
+            )
+        if i > start and (i - start >= per_request or size + item > max_payload_bytes):
+            ranges.append((start, i))
+            start, size = i, envelope
+        size += item
+    if start < len(texts):
+        ranges.append((start, len(texts)))
+    return ranges

@@ -1,0 +1,185 @@
+"""How request bodies travel: plain HTTP (httpx) or SageMaker's runtime API (boto3).
+
+A transport sends one body and returns a :class:`WireResponse` (any status), or raises
+:class:`TransportFailure` when nothing came back (connection error, timeout). Retrying and error
+typing happen in one place above it (:mod:`embedkit.client.retry`). boto3 is imported only when the
+SageMaker transport is built, and AWS credentials are looked up only there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from embedkit.client.retry import TransportFailure, WireResponse
+from embedkit.client.settings import ClientSettings
+from embedkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+def resolve_url(endpoint_url: str, default_path: str) -> str:
+    """A bare base URL gets the contract's path; a URL with a path is used as given.
+
+    >>> resolve_url("http://localhost:8080", "/invocations")
+    'http://localhost:8080/invocations'
+    >>> resolve_url("http://api/v1", "/v1/embeddings")
+    'http://api/v1/embeddings'
+    >>> resolve_url("http://host/endpoints/e/invocations", "/invocations")
+    'http://host/endpoints/e/invocations'
+    """
+    path = urlsplit(endpoint_url).path.rstrip("/")
+    base = endpoint_url.rstrip("/")
+    if not path:
+        return base + default_path
+    if path.endswith("/v1") and default_path == "/v1/embeddings":
+        return base + "/embeddings"
+    return base
+
+
+def _headers(settings: ClientSettings) -> dict[str, str]:
+    headers = {"Content-Type": JSON, "Accept": JSON}
+    if settings.api_key:
+        headers["Authorization"] = f"Bearer {settings.api_key}"
+    return headers
+
+
+def _httpx_failure(exc: httpx.TransportError, url: str, timeout: float) -> TransportFailure:
+    if isinstance(exc, httpx.TimeoutException):
+        return TransportFailure(f"{type(exc).__name__} after {timeout:.1f}s", timeout=True)
+    return TransportFailure(f"{type(exc).__name__}: {exc or 'connection failed'}")
+
+
+class HttpTransport:
+    """POSTs JSON bodies to one URL with a pooled :class:`httpx.Client`."""
+
+    name = "http"
+
+    def __init__(self, settings: ClientSettings, default_path: str) -> None:
+        self.url = resolve_url(str(settings.endpoint_url), default_path)
+        limits = httpx.Limits(max_connections=max(10, settings.concurrency * 2))
+        self._client = httpx.Client(
+            headers=_headers(settings), timeout=settings.request_timeout, limits=limits
+        )
+
+    def send(self, body: bytes, timeout: float) -> WireResponse:
+        try:
+            r = self._client.post(self.url, content=body, timeout=timeout)
+        except httpx.TransportError as exc:
+            raise _httpx_failure(exc, self.url, timeout) from exc
+        return WireResponse(r.status_code, r.content, r.headers)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class AsyncHttpTransport:
+    """The asyncio twin of :class:`HttpTransport` (:class:`httpx.AsyncClient`)."""
+
+    name = "http"
+
+    def __init__(self, settings: ClientSettings, default_path: str) -> None:
+        self.url = resolve_url(str(settings.endpoint_url), default_path)
+        limits = httpx.Limits(max_connections=max(10, settings.concurrency * 2))
+        self._client = httpx.AsyncClient(
+            headers=_headers(settings), timeout=settings.request_timeout, limits=limits
+        )
+
+    async def send(self, body: bytes, timeout: float) -> WireResponse:
+        try:
+            r = await self._client.post(self.url, content=body, timeout=timeout)
+        except httpx.TransportError as exc:
+            raise _httpx_failure(exc, self.url, timeout) from exc
+        return WireResponse(r.status_code, r.content, r.headers)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class SageMakerTransport:
+    """``sagemaker-runtime`` ``InvokeEndpoint`` through boto3, with boto3's own retries turned off
+    (the client retries in one place). A ``ModelError`` becomes the container's own status and body
+    (``OriginalStatusCode`` / ``OriginalMessage``)."""
+
+    name = "sagemaker"
+
+    def __init__(self, settings: ClientSettings) -> None:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import NoRegionError
+
+        self.endpoint_name = str(settings.sagemaker_endpoint)
+        config = Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=min(10.0, settings.request_timeout),
+            read_timeout=settings.request_timeout,
+            max_pool_connections=max(10, settings.concurrency * 2),
+        )
+        try:
+            self._client = boto3.session.Session().client(
+                "sagemaker-runtime",
+                region_name=settings.region,
+                endpoint_url=settings.sagemaker_endpoint_url,
+                config=config,
+            )
+        except NoRegionError:
+            raise ConfigError(
+                f"No AWS region for SageMaker endpoint {self.endpoint_name!r}: set AWS_REGION "
+                "(or EMBEDKIT_REGION / --region)"
+            ) from None
+
+    def send(self, body: bytes, timeout: float) -> WireResponse:
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectTimeoutError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
+
+        try:
+            r = self._client.invoke_endpoint(
+                EndpointName=self.endpoint_name, Body=body, ContentType=JSON, Accept=JSON
+            )
+            return WireResponse(200, r["Body"].read(), {"content-type": r.get("ContentType", JSON)})
+        except ClientError as exc:
+            return _client_error_response(exc.response)
+        except NoCredentialsError:
+            raise ConfigError(
+                f"No AWS credentials for SageMaker endpoint {self.endpoint_name!r}: configure the usual "
+                "AWS chain (AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, an IAM role), or use "
+                "EMBEDKIT_ENDPOINT_URL for a local server, which needs none"
+            ) from None
+        except (ReadTimeoutError, ConnectTimeoutError) as exc:
+            raise TransportFailure(f"{type(exc).__name__}: {exc}", timeout=True) from exc
+        except BotoCoreError as exc:  # EndpointConnectionError, ConnectionClosedError, ...
+            raise TransportFailure(f"{type(exc).__name__}: {exc}") from exc
+
+    async def send_async(self, body: bytes, timeout: float) -> WireResponse:
+        return await asyncio.to_thread(self.send, body, timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _client_error_response(resp: dict[str, Any]) -> WireResponse:
+    """A botocore error -> the status and body the caller should see."""
+    code = resp.get("Error", {}).get("Code", "")
+    http_status = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 500))
+    headers = {k.lower(): v for k, v in resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).items()}
+    if code == "ModelError":
+        status = int(resp.get("OriginalStatusCode") or http_status)
+        original = resp.get("OriginalMessage") or resp.get("Error", {}).get("Message", "")
+        return WireResponse(status, str(original).encode(), {}, origin="ModelError")
+    message = resp.get("Error", {}).get("Message", "")
+    body = json.dumps({"message": message, "type": code}).encode()
+    status = 429 if code in ("ThrottlingException", "Throttling") else http_status
+    retry = {"retry-after": headers["retry-after"]} if "retry-after" in headers else {}
+    return WireResponse(status, body, retry, origin=code or "SageMaker")
