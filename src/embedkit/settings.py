@@ -54,7 +54,7 @@ class Settings:
     @classmethod
     def _coerce(cls, name: str, raw: Any) -> Any:
         hint = get_type_hints(cls)[name]
-        text = str(hint)
+        text = getattr(hint, "__name__", None) or str(hint)  # "int", not "<class 'int'>"
         if raw is None:
             return None
         if "bool" in text and not isinstance(raw, bool):
