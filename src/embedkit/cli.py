@@ -17,6 +17,8 @@ from embedkit.logs import setup_logging
 COMMAND_MODULES = (
     "embedkit.commands.info",
     "embedkit.commands.encode",
+    "embedkit.commands.embed",
+    "embedkit.commands.serve",
     "embedkit.commands.invoke",
 )
 

@@ -1,0 +1,324 @@
+"""The ASGI app: routes of the container surface, the runtime surface, TEI and OpenAI.
+
+| route                                  | contract                                               |
+|----------------------------------------|--------------------------------------------------------|
+| ``GET /ping``, ``GET /health``         | 200 once loaded and warmed up, 503 before or if the worker died |
+| ``POST /invocations``                  | SageMaker container: HF ``{"inputs"}``, ``{"search_term"}``, CSV, JSON Lines, custom hooks |
+| ``POST /endpoints/{name}/invocations`` | SageMaker runtime API as boto3 calls it (errors in its rest-json shape) |
+| ``POST /embed``                        | text-embeddings-inference                               |
+| ``POST /v1/embeddings``                | OpenAI embeddings                                       |
+| ``GET /info``, ``GET /metrics``, ``GET /openapi.json`` | model and limits, Prometheus, the OpenAPI spec |
+
+>>> from embedkit.server import ServerSettings, create_app
+>>> from embedkit.settings import EngineSettings
+>>> app = create_app(EngineSettings(model="default"), ServerSettings())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from embedkit import __version__
+from embedkit.errors import InputError, NotAcceptableError
+from embedkit.server import codecs
+from embedkit.server.contracts import hf, openai, search, tei
+from embedkit.server.contracts.common import texts_request
+from embedkit.server.errors import (
+    NotFoundError,
+    UnauthorizedError,
+    body_too_large,
+    http_error,
+    runtime_error,
+    validation_error,
+)
+from embedkit.server.metrics import CONTENT_TYPE as METRICS_TYPE
+from embedkit.server.openapi import build_spec
+from embedkit.server.service import Service
+from embedkit.server.settings import ServerSettings
+from embedkit.settings import EngineSettings
+
+log = logging.getLogger("embedkit.server")
+
+JSON = codecs.JSON
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it passes ``limit`` bytes, before any parsing."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise body_too_large(limit)
+        except ValueError:
+            raise InputError("Content-Length header is not a number") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(codecs.dumps(obj), status_code=status, headers=headers, media_type=JSON)
+
+
+class EmbedServer:
+    """Routes over a :class:`Service`; ``app`` is the Starlette application."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.dlc = self.settings.hf_mode == "dlc-exact"
+        self._key = (self.settings.api_key or "").encode() or None
+        self._names = self.settings.endpoint_names
+        routes = [
+            Route("/ping", self._health, methods=["GET"]),
+            Route("/health", self._health, methods=["GET"]),
+            Route(
+                "/invocations", self._wrap("/invocations", self._invocations, dlc=self.dlc), methods=["POST"]
+            ),
+            Route("/endpoints/{name}/invocations", self._runtime, methods=["POST"]),
+            Route("/embed", self._wrap("/embed", self._tei), methods=["POST"]),
+            Route("/v1/embeddings", self._wrap("/v1/embeddings", self._openai), methods=["POST"]),
+            Route("/info", self._wrap("/info", self._info), methods=["GET"]),
+            Route("/metrics", self._wrap("/metrics", self._metrics), methods=["GET"]),
+            Route("/openapi.json", self._openapi, methods=["GET"]),
+        ]
+        self.app = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_exception},
+            lifespan=self._lifespan,
+        )
+
+    # ------------------------------------------------------------- plumbing
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette):
+        self.service.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, self.service.stop)
+            log.info("shutdown complete: %d requests answered", self.service.metrics.answered)
+
+    def _check_auth(self, request: Request) -> None:
+        if self._key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.encode(), self._key):
+            raise UnauthorizedError("missing or wrong API key; send 'Authorization: Bearer <key>'")
+
+    async def _answer(self, request: Request, fn: Handler, dlc: bool = False) -> Response:
+        try:
+            self._check_auth(request)
+            return await fn(request)
+        except Exception as exc:
+            status, body, headers = http_error(exc, dlc=dlc)
+            return json_response(body, status, headers)
+
+    def _wrap(self, route: str, fn: Handler, dlc: bool = False) -> Handler:
+        observe = self.service.metrics.observe
+
+        async def endpoint(request: Request) -> Response:
+            t0 = time.perf_counter()
+            response = await self._answer(request, fn, dlc)
+            observe(route, response.status_code, time.perf_counter() - t0)
+            return response
+
+        return endpoint
+
+    async def _http_exception(self, request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        message = (
+            "no such route" if status == 404 else f"method {request.method} not allowed on {request.url.path}"
+        )
+        code, body, headers = http_error(NotFoundError(message, status))
+        self.service.metrics.observe("unmatched", code, 0.0)
+        return json_response(body, code, headers)
+
+    # --------------------------------------------------------------- routes
+    async def _health(self, request: Request) -> Response:
+        if self.service.healthy:
+            return Response(b"", media_type=JSON)
+        status, body, headers = http_error(_not_ready(self.service))
+        return json_response(body, status, headers)
+
+    async def _invocations(self, request: Request) -> Response:
+        svc = self.service
+        batcher = svc.require_ready()
+        accept_raw = request.headers.get("accept")
+        handler = svc.handler
+        if handler is None:
+            accept = codecs.negotiate(accept_raw)
+            if self.dlc and accept != JSON:
+                raise NotAcceptableError(
+                    "token-level (dlc-exact) answers are JSON only; send Accept: application/json"
+                )
+        body = await read_body(request, self.settings.max_body_bytes)
+        ctype = request.headers.get("content-type")
+        if handler is None:
+            prediction = await self._predict(codecs.decode(body, ctype))
+            return Response(codecs.encode(prediction, accept), media_type=accept)
+        return await self._custom(handler, batcher, body, ctype, accept_raw)
+
+    async def _custom(
+        self, h: Any, batcher: Any, body: bytes, ctype: str | None, accept_raw: str | None
+    ) -> Response:
+        svc = self.service
+        accept_arg = accept_raw or JSON
+        ctype_arg = ctype or JSON
+        if h.transform_fn is not None:
+            result = await svc.call(h.transform_fn, svc.model, body, ctype_arg, accept_arg)
+            return _user_response(result, accept_arg)
+        data = await svc.call(h.input_fn, body, ctype_arg) if h.input_fn else codecs.decode(body, ctype)
+        if h.predict_fn is not None:
+            prediction = await svc.call(h.predict_fn, data, svc.model)
+        else:
+            prediction = await self._predict(data)
+        if h.output_fn is not None:
+            return _user_response(await svc.call(h.output_fn, prediction, accept_arg), accept_arg)
+        accept = codecs.negotiate(accept_raw)
+        return Response(codecs.encode(prediction, accept), media_type=accept)
+
+    async def _predict(self, payload: Any) -> Any:
+        """embedkit's default predict: route a decoded payload to its contract and embed it."""
+        limits = self.service.limits
+        if isinstance(payload, dict):
+            if "search_term" in payload:
+                req = search.parse(payload, limits)
+                vecs, _ = await self.service.embed(req)
+                return search.respond(req, vecs)
+            if "inputs" not in payload:
+                keys = sorted(payload)[:10]
+                raise InputError(
+                    f'request body needs an "inputs" field (or "search_term"); it has {keys}', field="inputs"
+                )
+            req = hf.parse(payload, limits)
+        elif isinstance(payload, (list, str)):
+            req = texts_request(payload, field="inputs", limits=limits)
+        else:
+            raise InputError(
+                f"request body must be a JSON object such as {hf.EXAMPLE}, got {type(payload).__name__}"
+            )
+        if self.dlc:
+            return hf.respond_dlc(req, await self.service.token_embeddings(req))
+        vecs, _ = await self.service.embed(req)
+        return hf.respond(req, vecs)
+
+    async def _runtime(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        name = request.path_params["name"]
+        if self._names is not None and name not in self._names:
+            status, body, headers = validation_error(
+                f"Endpoint {name} of account 000000000000 not found. This server answers "
+                f"{', '.join(sorted(self._names))} (EMBEDKIT_ENDPOINT_NAME)."
+            )
+            response = Response(body, status, headers, media_type=JSON)
+        else:
+            response = await self._answer(request, self._invocations, self.dlc)
+            if response.status_code >= 400:
+                extra = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
+                status, body, headers = runtime_error(response.status_code, response.body, extra)
+                response = Response(body, status, headers, media_type=JSON)
+            else:
+                response.headers["x-Amzn-Invoked-Production-Variant"] = "AllTraffic"
+        self.service.metrics.observe(
+            "/endpoints/{name}/invocations", response.status_code, time.perf_counter() - t0
+        )
+        return response
+
+    async def _tei(self, request: Request) -> Response:
+        self.service.require_ready()
+        payload = codecs.parse_json(await read_body(request, self.settings.max_body_bytes))
+        req = tei.parse(payload, self.service.limits)
+        vecs, _ = await self.service.embed(req)
+        return Response(codecs.dumps(tei.respond(req, vecs)), media_type=JSON)
+
+    async def _openai(self, request: Request) -> Response:
+        svc = self.service
+        svc.require_ready()
+        payload = codecs.parse_json(await read_body(request, self.settings.max_body_bytes))
+        req, fmt = openai.parse(payload, svc.limits)
+        vecs, tok = await svc.embed(req)
+        name = svc.embedder.model.name if svc.embedder is not None else "custom"
+        return Response(codecs.dumps(openai.respond(vecs, fmt, name, tok.num_tokens)), media_type=JSON)
+
+    async def _info(self, request: Request) -> Response:
+        svc = self.service
+        info: dict[str, Any] = {
+            "version": __version__,
+            "ready": svc.healthy,
+            "hf_mode": self.settings.hf_mode,
+            "max_body_bytes": self.settings.max_body_bytes,
+            "max_client_batch_size": self.settings.max_client_batch_size,
+        }
+        if svc.embedder is not None:
+            emb = svc.embedder
+            info.update(
+                model=emb.model.name,
+                dimension=emb.dimension,
+                max_seq_length=emb.max_seq_length,
+                normalize=emb.normalize,
+                precision=emb.precision,
+                device=str(emb.device),
+                content_hash=emb.content_hash,
+            )
+        return json_response(info)
+
+    async def _metrics(self, request: Request) -> Response:
+        self.service.metrics.queue_tokens.set(
+            self.service.batcher.queued_tokens if self.service.batcher else 0
+        )
+        return Response(self.service.metrics.render(), media_type=METRICS_TYPE)
+
+    async def _openapi(self, request: Request) -> Response:
+        return json_response(build_spec(self.service.limits, dlc=self.dlc, auth=self._key is not None))
+
+
+def _not_ready(service: Service) -> Exception:
+    try:
+        service.require_ready()
+    except Exception as exc:
+        return exc
+    return RuntimeError("unreachable")
+
+
+def _user_response(result: Any, accept: str) -> Response:
+    """What a user ``output_fn`` / ``transform_fn`` returned: bytes, str, or ``(body, content_type)``."""
+    ctype = accept.split(",")[0].split(";")[0].strip() or JSON
+    if isinstance(result, tuple) and len(result) == 2:
+        result, ctype = result
+    if isinstance(result, str):
+        result = result.encode("utf-8")
+    elif not isinstance(result, (bytes, bytearray, memoryview)):
+        result = codecs.dumps(result)
+    return Response(bytes(result), media_type=ctype if ctype != "*/*" else JSON)
+
+
+def create_app(
+    engine: EngineSettings,
+    server: ServerSettings,
+    *,
+    model_dir: Path | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> Starlette:
+    """The Starlette app for these settings; the model loads when the app's lifespan starts."""
+    service = Service(engine, server, model_dir=model_dir, on_fatal=on_fatal)
+    return EmbedServer(service).app

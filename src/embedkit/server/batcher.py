@@ -1,0 +1,269 @@
+"""Dynamic batching, TEI style: requests from many clients share one forward pass.
+
+Requests are tokenised on arrival (so bad and over-long inputs fail before queueing) and queued with
+their token counts. ONE inference worker thread takes whatever is queued, waits at most
+``max_wait_s`` for more while the batch is below the token budget, runs the engine once per batch
+and hands each request its rows. The queue is bounded by tokens waiting: a request that would
+overflow it is refused at once with :class:`~embedkit.errors.OverloadedError` (HTTP 429) instead of
+growing memory. The event loop never runs model compute; the worker never touches the loop except
+through one ``call_soon_threadsafe`` per batch.
+
+>>> import asyncio
+>>> from embedkit import Embedder
+>>> async def main(emb):
+...     batcher = Batcher(emb, max_queue_tokens=10_000)
+...     batcher.start(asyncio.get_running_loop())
+...     vecs = await batcher.submit(emb.tokenize(["hello world"]))
+...     batcher.stop()
+...     return vecs.shape
+>>> asyncio.run(main(Embedder("default")))  # doctest: +SKIP
+(1, 384)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from embedkit.engine import Embedder, Tokenized
+from embedkit.errors import NotReadyError, OverloadedError, PayloadTooLargeError
+
+log = logging.getLogger("embedkit.server")
+
+_STOP = object()
+
+
+class _Item:
+    __slots__ = ("future", "key", "tok", "tokens")
+
+    def __init__(self, tok: Tokenized, key: tuple[bool | None, int | None], future: asyncio.Future) -> None:
+        self.tok = tok
+        self.key = key
+        self.future = future
+        self.tokens = int(tok.lengths.sum())
+
+
+class _Job:
+    """A callable run on the worker thread between batches (custom hooks, token-level output)."""
+
+    __slots__ = ("args", "fn", "future", "tokens")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, future: asyncio.Future) -> None:
+        self.fn = fn
+        self.args = args
+        self.future = future
+        self.tokens = 0
+
+
+class Batcher:
+    """Queue + one inference worker thread over an :class:`~embedkit.Embedder`.
+
+    Args:
+        embedder: the engine; only this worker calls it once started.
+        max_batch_tokens: tokens per formed batch (default: the engine's budget).
+        max_wait_s: how long a batch below the budget waits for more requests.
+        max_queue_tokens: tokens waiting (queued or running) before new requests get 429.
+        on_batch: called on the worker with ``(texts, tokens)`` after each batch (metrics).
+    """
+
+    def __init__(
+        self,
+        embedder: Embedder | None,
+        *,
+        max_batch_tokens: int | None = None,
+        max_wait_s: float = 0.002,
+        max_queue_tokens: int = 262144,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.embedder = embedder
+        default_budget = embedder.max_batch_tokens if embedder is not None else 16384
+        self.max_batch_tokens = int(max_batch_tokens or default_budget)
+        self.max_wait_s = float(max_wait_s)
+        self.max_queue_tokens = int(max_queue_tokens)
+        self.on_batch = on_batch
+        self.queued_tokens = 0  # changed on the event loop thread only
+        self.tokens_per_s = 0.0  # moving average, for Retry-After
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------ loop side
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def _check_open(self) -> None:
+        if self.error is not None or (self._thread is not None and not self._thread.is_alive()):
+            raise NotReadyError("the inference worker has stopped; the server must be restarted")
+        if self._closing:
+            raise NotReadyError("the server is shutting down; send the request to another instance")
+
+    def submit(
+        self, tok: Tokenized, *, normalize: bool | None = None, dimensions: int | None = None
+    ) -> asyncio.Future:
+        """Queue tokenised inputs; the future resolves to their ``(n, dim)`` float32 rows.
+
+        Call on the event loop thread. Raises 429 (:class:`OverloadedError`) when the queue is full,
+        413 when the request alone is bigger than the whole queue."""
+        self._check_open()
+        loop = self._loop or asyncio.get_running_loop()
+        item = _Item(tok, (normalize, dimensions), loop.create_future())
+        if item.tokens > self.max_queue_tokens:
+            raise PayloadTooLargeError(
+                f"request holds {item.tokens} tokens, more than the server's whole queue "
+                f"({self.max_queue_tokens} tokens, max_queue_tokens); split it into smaller requests"
+            )
+        if self.queued_tokens and self.queued_tokens + item.tokens > self.max_queue_tokens:
+            rate = self.tokens_per_s or 1000.0
+            raise OverloadedError(
+                f"server busy: {self.queued_tokens} tokens already waiting; retry shortly",
+                retry_after=self.queued_tokens / rate,
+            )
+        self.queued_tokens += item.tokens
+        self._q.put(item)
+        return item.future
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Run ``fn(*args)`` on the inference worker, in order with the batches; returns a future."""
+        self._check_open()
+        loop = self._loop or asyncio.get_running_loop()
+        job = _Job(fn, args, loop.create_future())
+        self._q.put(job)
+        return job.future
+
+    def _deliver(self, results: list[tuple[asyncio.Future, Any, bool]], tokens: int) -> None:
+        self.queued_tokens -= tokens
+        for fut, value, failed in results:
+            if fut.done():
+                continue
+            if failed:
+                fut.set_exception(value)
+            else:
+                fut.set_result(value)
+
+    # ---------------------------------------------------------- lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="embedkit-infer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 25.0) -> None:
+        """Refuse new work, finish everything queued, then end the worker."""
+        self._closing = True
+        if self._thread is not None and self._thread.is_alive():
+            self._q.put(_STOP)
+            self._thread.join(timeout)
+
+    # --------------------------------------------------------- worker side
+    def _run(self) -> None:
+        carry: Any = None
+        try:
+            while True:
+                item = carry if carry is not None else self._q.get()
+                carry = None
+                if item is _STOP:
+                    return
+                if isinstance(item, _Job):
+                    self._run_job(item)
+                    continue
+                batch, carry = self._gather(item)
+                self._process(batch)
+        except BaseException as exc:  # the worker is gone: /ping turns 503
+            self.error = exc
+            log.critical("inference worker died; /ping now answers 503", exc_info=exc)
+            self._fail_pending(carry)
+
+    def _gather(self, first: _Item) -> tuple[list[_Item], Any]:
+        batch, tokens = [first], first.tokens
+        deadline = 0.0
+        while tokens < self.max_batch_tokens:
+            try:
+                nxt = self._q.get_nowait()
+            except queue.Empty:
+                if self.max_wait_s <= 0:
+                    break
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self.max_wait_s
+                if now >= deadline:
+                    break
+                try:
+                    nxt = self._q.get(timeout=deadline - now)
+                except queue.Empty:
+                    break
+            if not isinstance(nxt, _Item) or tokens + nxt.tokens > self.max_batch_tokens:
+                return batch, nxt
+            batch.append(nxt)
+            tokens += nxt.tokens
+        return batch, None
+
+    def _process(self, batch: list[_Item]) -> None:
+        t0 = time.perf_counter()
+        groups: dict[tuple, list[_Item]] = {}
+        for it in batch:
+            groups.setdefault(it.key, []).append(it)
+        results: list[tuple[asyncio.Future, Any, bool]] = []
+        tokens = texts = 0
+        fatal: BaseException | None = None
+        for (normalize, dimensions), items in groups.items():
+            tok = items[0].tok if len(items) == 1 else Tokenized.concat([it.tok for it in items])
+            texts += len(tok)
+            tokens += sum(it.tokens for it in items)
+            try:
+                vecs = self.embedder.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
+            except Exception as exc:
+                results.extend((it.future, exc, True) for it in items)
+                continue
+            except BaseException as exc:
+                results.extend((it.future, RuntimeError("inference worker stopped"), True) for it in items)
+                fatal = exc
+                break
+            start = 0
+            for it in items:
+                n = len(it.tok)
+                results.append((it.future, vecs[start : start + n], False))
+                start += n
+        handled = sum(it.tokens for it in batch)
+        self._post(results, handled)
+        elapsed = time.perf_counter() - t0
+        if elapsed > 0:
+            rate = tokens / elapsed
+            self.tokens_per_s = rate if not self.tokens_per_s else 0.8 * self.tokens_per_s + 0.2 * rate
+        if self.on_batch is not None:
+            self.on_batch(texts, tokens)
+        if fatal is not None:
+            raise fatal
+
+    def _run_job(self, job: _Job) -> None:
+        try:
+            value, failed = job.fn(*job.args), False
+        except Exception as exc:
+            value, failed = exc, True
+        self._post([(job.future, value, failed)], 0)
+
+    def _post(self, results: list[tuple[asyncio.Future, Any, bool]], tokens: int) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, results, tokens)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _fail_pending(self, carry: Any) -> None:
+        err = NotReadyError("the inference worker has stopped; the server must be restarted")
+        pending = [carry] if isinstance(carry, (_Item, _Job)) else []
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, (_Item, _Job)):
+                pending.append(item)
+        if pending:
+            self._post([(p.future, err, True) for p in pending], sum(p.tokens for p in pending))

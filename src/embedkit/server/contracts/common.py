@@ -1,0 +1,110 @@
+"""What every wire format turns into: an :class:`EmbedRequest` (texts plus per-request options).
+
+>>> req = texts_request("hello", field="inputs", limits=Limits(dimension=384))
+>>> (req.texts, req.single)
+(['hello'], True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from embedkit.errors import InputError, PayloadTooLargeError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for: the model's full dimension and the inputs-per-request cap."""
+
+    dimension: int
+    max_client_batch_size: int = 512
+
+
+@dataclass
+class EmbedRequest:
+    """Texts to embed and the options of one request (``None`` = the server's default)."""
+
+    texts: list[str]
+    single: bool = False
+    field: str = "inputs"
+    normalize: bool | None = None
+    dimensions: int | None = None
+    truncate: bool | None = None
+    prompt_name: str | None = None
+
+
+def texts_request(value: Any, *, field: str, limits: Limits) -> EmbedRequest:
+    """A string (``single``) or a non-empty list of strings, at most ``max_client_batch_size``."""
+    if isinstance(value, str):
+        if not value:
+            raise InputError(f"{field} is an empty string; give it text", field=field)
+        return EmbedRequest([value], single=True, field=field)
+    if not isinstance(value, list):
+        kind = "null" if value is None else type(value).__name__
+        raise InputError(f"{field} must be a string or a list of strings, got {kind}", field=field)
+    if not value:
+        raise InputError(f"{field} is an empty list; send at least one text", field=field)
+    if len(value) > limits.max_client_batch_size:
+        raise PayloadTooLargeError(
+            f"{field} holds {len(value)} texts, more than max_client_batch_size "
+            f"({limits.max_client_batch_size}); split it into several requests",
+            field=field,
+        )
+    return EmbedRequest(value, single=False, field=field)
+
+
+def check_bool(value: Any, name: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise InputError(f"{name} must be true or false, got {value!r}", field=name)
+
+
+def check_dimensions(value: Any, name: str, limits: Limits) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limits.dimension:
+        raise InputError(
+            f"{name} must be an integer between 1 and {limits.dimension} (the model's dimension), got {value!r}",
+            field=name,
+        )
+    return value
+
+
+def check_str(value: Any, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise InputError(f"{name} must be a string, got {type(value).__name__}", field=name)
+
+
+_PARAMETERS = {"normalize", "truncate", "truncation", "dimensions", "prompt_name"}
+
+
+def apply_parameters(
+    req: EmbedRequest, params: Any, limits: Limits, *, name: str = "parameters"
+) -> EmbedRequest:
+    """Apply the HF-style ``parameters`` object (``normalize``, ``truncate``, ``dimensions``, ``prompt_name``)."""
+    if params is None:
+        return req
+    if not isinstance(params, dict):
+        raise InputError(f"{name} must be an object, got {type(params).__name__}", field=name)
+    unknown = sorted(set(params) - _PARAMETERS)
+    if unknown:
+        raise InputError(
+            f"{name} has unknown key(s) {unknown}; allowed: normalize, truncate, dimensions, prompt_name",
+            field=name,
+        )
+    req.normalize = check_bool(params.get("normalize"), f"{name}.normalize")
+    truncate = params.get("truncate", params.get("truncation"))
+    req.truncate = check_bool(truncate, f"{name}.truncate")
+    req.dimensions = check_dimensions(params.get("dimensions"), f"{name}.dimensions", limits)
+    req.prompt_name = check_str(params.get("prompt_name"), f"{name}.prompt_name")
+    return req
+
+
+def require_object(payload: Any, example: str) -> dict:
+    if not isinstance(payload, dict):
+        raise InputError(
+            f"request body must be a JSON object such as {example}, got {type(payload).__name__}"
+        )
+    return payload

@@ -1,0 +1,261 @@
+"""The server's OpenAPI 3.0 document, written out by hand and filled with the loaded model's limits
+(dimension, inputs per request) so generated tests know what a valid request is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from embedkit import __version__
+from embedkit.server.contracts import Limits
+
+_ERROR = {
+    "type": "object",
+    "required": ["error", "error_type"],
+    "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+}
+_DLC_ERROR = {
+    "type": "object",
+    "required": ["code", "type", "message"],
+    "properties": {"code": {"type": "integer"}, "type": {"type": "string"}, "message": {"type": "string"}},
+}
+_AWS_ERROR = {
+    "type": "object",
+    "properties": {
+        "message": {"type": "string"},
+        "ErrorCode": {"type": "string"},
+        "Message": {"type": "string"},
+        "OriginalMessage": {"type": "string"},
+        "OriginalStatusCode": {"type": "integer"},
+        "LogStreamArn": {"type": "string"},
+    },
+}
+_VECTOR = {"type": "array", "items": {"type": "number"}}
+_MATRIX = {"type": "array", "items": _VECTOR}
+
+
+def _errors(schema: dict, codes: tuple[int, ...]) -> dict[str, Any]:
+    return {
+        str(c): {"description": "error", "content": {"application/json": {"schema": schema}}} for c in codes
+    }
+
+
+def build_spec(limits: Limits | None, *, dlc: bool = False, auth: bool = False) -> dict[str, Any]:
+    """The OpenAPI document; ``limits`` is ``None`` while the model loads (no bounds then)."""
+    max_items = limits.max_client_batch_size if limits else None
+    dim = limits.dimension if limits and limits.dimension else None
+    text = {"type": "string", "minLength": 1}
+    texts: dict[str, Any] = {"type": "array", "items": text, "minItems": 1}
+    if max_items:
+        texts["maxItems"] = max_items
+    one_or_many = {"oneOf": [text, texts]}
+    dims: dict[str, Any] = {"type": "integer", "minimum": 1, "nullable": True}
+    if dim:
+        dims["maximum"] = dim
+    params = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "normalize": {"type": "boolean"},
+            "truncate": {"type": "boolean"},
+            "dimensions": dims,
+        },
+    }
+    hf_req = {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {"inputs": one_or_many, "parameters": params},
+    }
+    search_req = {
+        "type": "object",
+        "required": ["search_term"],
+        "properties": {"search_term": one_or_many, "parameters": params},
+    }
+    invocation_body = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"oneOf": [hf_req, search_req]}},
+            "text/csv": {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}},
+        },
+    }
+    container_errors = _DLC_ERROR if dlc else _ERROR
+    invocation_ok = (
+        {"application/json": {"schema": {"type": "array"}}}
+        if dlc
+        else {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "embeddings": {"oneOf": [_VECTOR, _MATRIX]},
+                        "embedding": _VECTOR,
+                    },
+                }
+            },
+            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+            "text/csv": {"schema": {"type": "string"}},
+            "application/jsonlines": {"schema": {"type": "string"}},
+        }
+    )
+    tei_req = {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "inputs": one_or_many,
+            "normalize": {"type": "boolean"},
+            "truncate": {"type": "boolean"},
+            "dimensions": dims,
+        },
+    }
+    openai_req = {
+        "type": "object",
+        "required": ["input"],
+        "properties": {
+            "input": one_or_many,
+            "model": {"type": "string"},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+            "dimensions": dims,
+            "user": {"type": "string"},
+        },
+    }
+    openai_resp = {
+        "type": "object",
+        "required": ["object", "data", "model", "usage"],
+        "properties": {
+            "object": {"type": "string", "enum": ["list"]},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["object", "index", "embedding"],
+                    "properties": {
+                        "object": {"type": "string"},
+                        "index": {"type": "integer"},
+                        "embedding": {"oneOf": [_VECTOR, {"type": "string"}]},
+                    },
+                },
+            },
+            "model": {"type": "string"},
+            "usage": {
+                "type": "object",
+                "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}},
+            },
+        },
+    }
+    codes = (400, 401, 406, 413, 415, 429, 500, 503)
+    spec: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "embedkit serve",
+            "version": __version__,
+            "description": "SageMaker-compatible embedding server (container and runtime surfaces), "
+            "TEI /embed and OpenAI /v1/embeddings.",
+        },
+        "paths": {
+            "/ping": {
+                "get": {
+                    "summary": "SageMaker health check: 200 once the model is loaded and warmed up",
+                    "security": [],
+                    "responses": {"200": {"description": "ready"}, **_errors(_ERROR, (503,))},
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "same as /ping",
+                    "security": [],
+                    "responses": {"200": {"description": "ready"}, **_errors(_ERROR, (503,))},
+                }
+            },
+            "/invocations": {
+                "post": {
+                    "summary": "SageMaker container invocation",
+                    "requestBody": invocation_body,
+                    "responses": {
+                        "200": {"description": "embeddings", "content": invocation_ok},
+                        **_errors(container_errors, codes),
+                    },
+                }
+            },
+            "/endpoints/{name}/invocations": {
+                "post": {
+                    "summary": "SageMaker runtime InvokeEndpoint (what boto3 sagemaker-runtime calls)",
+                    "parameters": [
+                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "requestBody": invocation_body,
+                    "responses": {
+                        "200": {"description": "embeddings", "content": invocation_ok},
+                        **_errors(_AWS_ERROR, (400, 403, 424, 429, 503)),
+                    },
+                }
+            },
+            "/embed": {
+                "post": {
+                    "summary": "text-embeddings-inference embed",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": tei_req}}},
+                    "responses": {
+                        "200": {
+                            "description": "one vector per input",
+                            "content": {"application/json": {"schema": _MATRIX}},
+                        },
+                        **_errors(_ERROR, codes),
+                    },
+                }
+            },
+            "/v1/embeddings": {
+                "post": {
+                    "summary": "OpenAI embeddings",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": openai_req}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "embeddings",
+                            "content": {"application/json": {"schema": openai_resp}},
+                        },
+                        **_errors(_ERROR, codes),
+                    },
+                }
+            },
+            "/info": {
+                "get": {
+                    "summary": "model, limits and readiness",
+                    "responses": {
+                        "200": {
+                            "description": "info",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **_errors(_ERROR, (401,)),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(_ERROR, (401,)),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "this document",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "spec",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+        },
+    }
+    if auth:
+        spec["components"] = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
+        spec["security"] = [{"bearer": []}]
+    return spec

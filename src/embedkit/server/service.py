@@ -1,0 +1,193 @@
+"""The server's state: settings, the model (loaded in the background), the batcher, metrics, hooks.
+
+Loading happens on a thread after the socket is bound, so ``/ping`` answers 503 while the model
+loads and warms up, then 200. If loading fails, ``on_fatal`` is called (the command then exits
+with the error's exit code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from embedkit.engine import Embedder, Tokenized
+from embedkit.errors import ConfigError, NotReadyError
+from embedkit.server.batcher import Batcher
+from embedkit.server.contracts import EmbedRequest, Limits
+from embedkit.server.handlers import CustomHandler, load_handler
+from embedkit.server.metrics import ServerMetrics
+from embedkit.server.settings import ServerSettings
+from embedkit.settings import EngineSettings
+
+log = logging.getLogger("embedkit.server")
+
+# Requests with more characters than this are tokenised on a helper thread, not the event loop.
+INLINE_TOKENIZE_CHARS = 16384
+
+
+class Service:
+    """Everything the routes share. ``state`` is ``loading``, ``ready``, ``failed`` or ``stopped``."""
+
+    def __init__(
+        self,
+        engine: EngineSettings,
+        server: ServerSettings,
+        *,
+        model_dir: Path | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.engine_settings = engine
+        self.settings = server
+        self.model_dir = model_dir
+        self.on_fatal = on_fatal
+        self.metrics = ServerMetrics()
+        self.state = "loading"
+        self.embedder: Embedder | None = None
+        self.model: Any = None
+        self.handler: CustomHandler | None = None
+        self.batcher: Batcher | None = None
+        self.limits: Limits | None = None
+        self.load_error: BaseException | None = None
+        self.load_seconds = 0.0
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._thread = threading.Thread(target=self._load, args=(loop,), name="embedkit-load", daemon=True)
+        self._thread.start()
+
+    def _load(self, loop: asyncio.AbstractEventLoop) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.settings.threads:
+                torch.set_num_threads(self.settings.threads)
+            s = self.settings
+            self.handler = load_handler(s.program, s.submit_directory, self.model_dir)
+            self.model = self._build_model()
+            self.embedder = self.model if isinstance(self.model, Embedder) else None
+            if self.embedder is not None:
+                self.embedder.warmup()
+                dim = self.embedder.dimension
+            else:
+                dim = 0
+            self.limits = Limits(dimension=dim, max_client_batch_size=s.max_client_batch_size)
+            self.batcher = Batcher(
+                self.embedder,  # type: ignore[arg-type]
+                max_wait_s=s.batch_wait_ms / 1000.0,
+                max_queue_tokens=self._queue_tokens(),
+                on_batch=self.metrics.on_batch,
+            )
+            self.batcher.start(loop)
+            self.load_seconds = time.perf_counter() - t0
+            self.state = "ready"
+            self.metrics.ready.set(1)
+            log.info("model ready in %.1fs: %s", self.load_seconds, self.describe())
+        except BaseException as exc:
+            self.load_error = exc
+            self.state = "failed"
+            log.error("could not load the model: %s", exc, exc_info=not isinstance(exc, ConfigError))
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+
+    def _build_model(self) -> Any:
+        h = self.handler
+        if h is not None and h.model_fn is not None:
+            model = h.model_fn(str(h.model_dir))
+            if not isinstance(model, Embedder) and h.predict_fn is None and h.transform_fn is None:
+                raise ConfigError(
+                    f"{h.path}: model_fn returned a {type(model).__name__}, which embedkit's default "
+                    "predict_fn cannot use; define predict_fn (or transform_fn) or return an embedkit.Embedder"
+                )
+            return model
+        return self.engine_settings.build_embedder()
+
+    def _queue_tokens(self) -> int:
+        if self.settings.max_queue_tokens:
+            return self.settings.max_queue_tokens
+        longest = self.embedder.max_seq_length if self.embedder is not None else 512
+        return max(262144, self.settings.max_client_batch_size * longest)
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop(timeout=self.settings.graceful_timeout)
+        self.state = "stopped"
+        self.metrics.ready.set(0)
+
+    # ----------------------------------------------------------------- health
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ready" and self.batcher is not None and self.batcher.alive
+
+    def require_ready(self) -> Batcher:
+        if self.healthy:
+            return self.batcher  # type: ignore[return-value]
+        if self.state == "loading":
+            raise NotReadyError("the model is still loading; retry when GET /ping answers 200")
+        if self.state == "failed":
+            raise NotReadyError("the model failed to load; see the server log")
+        if self.state == "stopped":
+            raise NotReadyError("the server is shutting down")
+        self.metrics.ready.set(0)
+        raise NotReadyError("the inference worker has stopped; the server must be restarted")
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": self.state, "server": self.settings.to_dict()}
+        if self.embedder is not None:
+            out["engine"] = self.embedder.describe()
+        if self.handler is not None:
+            out["handler"] = {"path": str(self.handler.path), "hooks": self.handler.defined}
+        if self.batcher is not None:
+            out["batching"] = {
+                "max_batch_tokens": self.batcher.max_batch_tokens,
+                "max_wait_ms": self.settings.batch_wait_ms,
+                "max_queue_tokens": self.batcher.max_queue_tokens,
+            }
+        return out
+
+    # ----------------------------------------------------------------- compute
+    def _embedder(self) -> Embedder:
+        if self.embedder is None:
+            raise ConfigError("the custom model_fn did not return an embedkit.Embedder; this route needs one")
+        return self.embedder
+
+    async def tokenize(self, req: EmbedRequest) -> Tokenized:
+        emb = self._embedder()
+
+        def run() -> Tokenized:
+            return emb.tokenize(
+                req.texts, truncate=req.truncate, prompt_name=req.prompt_name, field=req.field
+            )
+
+        if sum(len(t) for t in req.texts if isinstance(t, str)) > INLINE_TOKENIZE_CHARS:
+            tok = await asyncio.get_running_loop().run_in_executor(None, run)
+        else:
+            tok = run()
+        if tok.truncated.any():
+            self.metrics.truncated.inc(int(tok.truncated.sum()))
+        self.metrics.inputs.inc(len(tok))
+        return tok
+
+    async def embed(self, req: EmbedRequest) -> tuple[Any, Tokenized]:
+        """Vectors for ``req`` through the dynamic batcher, plus its tokenisation (for usage counts)."""
+        batcher = self.require_ready()
+        tok = await self.tokenize(req)
+        vecs = await batcher.submit(tok, normalize=req.normalize, dimensions=req.dimensions)
+        return vecs, tok
+
+    async def token_embeddings(self, req: EmbedRequest) -> list:
+        """Unpooled token vectors (HF DLC exact mode), computed on the inference worker."""
+        batcher = self.require_ready()
+        emb = self._embedder()
+        await self.tokenize(req)  # validates and counts before queueing
+        return await batcher.call(lambda: emb.token_embeddings(req.texts, truncate=req.truncate))
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a user hook on the inference worker."""
+        return await self.require_ready().call(fn, *args)
