@@ -1,15 +1,21 @@
-"""``make demo``: embed the bundled sample (sentences from the Python language reference) with the
-default model, then answer a few semantic-search queries with the top-3 matches and their scores."""
+"""``make demo``: the whole path a newcomer will use, on the bundled sample (600 sentences from the
+Python language reference, two Parquet files) with the default model:
+
+1. ``embedkit embed`` the sample into ``demo-output/`` (part files, rejects, metadata.json),
+2. ``embedkit export`` it as ``.npy`` files and a FAISS index (numpy when faiss is absent),
+3. ``embedkit search`` it with a few questions.
+
+Each step prints the command it runs, so it can be copied. Reruns start over (``--overwrite``).
+"""
 
 from __future__ import annotations
 
-import time
+import importlib.util
+import os
+import sys
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
-
-from embedkit import Embedder
+from embedkit.cli import main as cli
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
 QUERIES = (
@@ -20,25 +26,41 @@ QUERIES = (
 )
 
 
-def main() -> int:
-    table = pq.read_table(sorted(SAMPLE_DIR.glob("*.parquet")))
-    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
-    emb = Embedder("default")
-    t0 = time.perf_counter()
-    vecs = emb.encode(texts)
-    dt = time.perf_counter() - t0
-    print(
-        f"embedded {len(texts)} sentences with {emb.model.name} ({emb.dimension} dims, {emb.precision}) "
-        f"in {dt:.2f}s: {len(texts) / dt:.0f} texts/s, {emb.stats.tokens / dt:.0f} tokens/s"
+def _run(argv: list[str]) -> None:
+    shown = " ".join(f'"{a}"' if " " in a else a for a in argv)
+    print(f"\n$ embedkit {shown}", flush=True)
+    rc = cli(argv)
+    if rc:
+        raise SystemExit(rc)
+
+
+def main(out: str | None = None) -> int:
+    out = out or os.environ.get("EMBEDKIT_DEMO_OUTPUT", "demo-output")
+    sample = (
+        os.path.relpath(SAMPLE_DIR) if not os.path.relpath(SAMPLE_DIR).startswith("..") else str(SAMPLE_DIR)
     )
-    q = emb.encode(list(QUERIES))
-    scores = q @ vecs.T
-    for query, row in zip(QUERIES, scores, strict=True):
-        print(f"\nquery: {query}")
-        for rank, i in enumerate(np.argsort(-row)[:3], 1):
-            print(f"  {rank}. {row[i]:.3f}  [{ids[i]}] {texts[i][:110]}")
+    _run(
+        [
+            "--log-level",
+            "WARNING",
+            "embed",
+            sample,
+            out,
+            "--id-column",
+            "id",
+            "--keep-columns",
+            "text",
+            "--overwrite",
+            "--progress",
+            "none",
+        ]
+    )
+    fmt = "faiss" if importlib.util.find_spec("faiss") else "npy"
+    _run(["--log-level", "WARNING", "export", out, "--format", fmt])
+    _run(["--log-level", "WARNING", "search", out, *QUERIES, "-k", "3"])
+    print(f"\nread the vectors: duckdb -c \"SELECT id, embedding[1:3] FROM '{out}/part-*.parquet' LIMIT 3\"")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None))

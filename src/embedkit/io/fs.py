@@ -6,10 +6,14 @@ so the same code talks to real S3, MinIO or a moto server with configuration onl
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from typing import Any
 
 import fsspec
+
+from embedkit.errors import StorageError
 
 S3_SCHEMES = ("s3://", "s3a://")
 
@@ -24,21 +28,23 @@ def s3_endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def storage_options(url: str) -> dict[str, Any]:
-    """fsspec storage options for ``url`` (endpoint for S3, nothing for local)."""
+def storage_options(url: str, region: str | None = None) -> dict[str, Any]:
+    """fsspec storage options for ``url`` (endpoint and region for S3, nothing for local).
+
+    ``region`` overrides ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (seed 003's ``--aws_region``)."""
     if str(url).startswith(S3_SCHEMES):
         opts: dict[str, Any] = {}
         endpoint = s3_endpoint_url()
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             opts.setdefault("client_kwargs", {})["region_name"] = region
         return opts
     return {}
 
 
-def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def get_fs(url: str, region: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for ``url`` and the path inside it (protocol stripped for S3)."""
     url = str(url)
     if url.startswith("file://"):
@@ -47,7 +53,7 @@ def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         protocol = url.split("://", 1)[0]
         if protocol == "s3a":
             protocol = "s3"
-        fs = fsspec.filesystem(protocol, **storage_options(url))
+        fs = fsspec.filesystem(protocol, **storage_options(url, region))
         return fs, fs._strip_protocol(url)
     return fsspec.filesystem("file"), os.path.abspath(url)
 
@@ -60,3 +66,101 @@ def join(base: str, *parts: str) -> str:
             out = out + "/" + p.strip("/")
         return out
     return os.path.join(base, *parts)
+
+
+def has_glob(url: str) -> bool:
+    """True when ``url`` holds a glob pattern (``*``, ``?`` or ``[...]``)."""
+    return any(c in str(url) for c in "*?[")
+
+
+def list_files(url: str, extensions: tuple[str, ...], region: str | None = None) -> list[tuple[str, str]]:
+    """Files under ``url`` (a file, a folder searched recursively, or a glob) whose names end in one
+    of ``extensions``, sorted, as ``(full_path_in_fs, name_relative_to_the_root)`` pairs.
+
+    Hidden and ``_``-prefixed entries (``_SUCCESS``, ``.tmp``) are skipped, as pyarrow does.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "a.parquet").write_bytes(b"")
+    0
+    >>> [rel for _, rel in list_files(str(d), (".parquet",))]
+    ['a.parquet']
+    """
+    fs, path = get_fs(url, region)
+    fs.invalidate_cache()
+    try:
+        if has_glob(path):
+            root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+            found = []
+            for p in fs.glob(path):
+                found.extend(fs.find(p) if fs.isdir(p) else [p])
+        elif fs.isfile(path):
+            return [(path, path.rsplit("/", 1)[-1])]
+        elif fs.isdir(path):
+            root = path
+            found = fs.find(path)
+        else:
+            raise StorageError(f"input {url} does not exist (no file, folder or glob match)")
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"cannot list input {url}: {exc}") from exc
+    out = []
+    root = root.rstrip("/")
+    for p in sorted(found):
+        rel = p[len(root) :].lstrip("/") if p.startswith(root) else p.rsplit("/", 1)[-1]
+        parts = rel.split("/")
+        if any(x.startswith((".", "_")) for x in parts):
+            continue
+        if rel.lower().endswith(extensions):
+            out.append((p, rel))
+    return out
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temp file then ``os.replace`` locally, a
+    single PUT (or one multipart upload, visible only when complete) on object stores."""
+    try:
+        if _is_local(fs):
+            folder = os.path.dirname(path)
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        else:
+            fs.pipe_file(path, data)
+    except Exception as exc:
+        raise StorageError(f"cannot write {path}: {exc}") from exc
+
+
+TMP_PREFIX = ".embedkit-tmp-"
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON with :func:`write_bytes` (atomic)."""
+    write_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any | None:
+    """The JSON object at ``path``, or None when it does not exist."""
+    try:
+        with fs.open(path, "rb") as fh:
+            return json.loads(fh.read())
+    except FileNotFoundError:
+        return None
+
+
+def remove(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Delete ``path`` if it exists; True when something was deleted."""
+    try:
+        fs.rm_file(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")

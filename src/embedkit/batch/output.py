@@ -1,0 +1,163 @@
+"""The job's output folder: part files, rejects, the optional single-file merge.
+
+``part-*.parquet`` hold ``id`` (string) and ``embedding`` (``fixed_size_list<float32>[dim]``, or
+float16 on request) plus pass-through columns; ``rejects/part-*.parquet`` hold ``source``, ``row``,
+``id``, ``reason`` for every row not embedded. Both are written whole (see
+:func:`embedkit.io.fs.write_bytes`) under names derived from the unit, so a rerun overwrites.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedkit.batch.state import is_remote_fs, join_fs
+from embedkit.errors import StorageError
+from embedkit.io.fs import TMP_PREFIX, remove, write_bytes
+from embedkit.io.readers import parquet_bytes
+
+log = logging.getLogger(__name__)
+
+REJECTS_DIR = "rejects"
+MERGED_NAME = "embeddings.parquet"
+REJECTS_SCHEMA = pa.schema(
+    [("source", pa.string()), ("row", pa.int64()), ("id", pa.string()), ("reason", pa.string())]
+)
+_ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def embeddings_table(
+    ids: list[str], vectors: np.ndarray, dtype: str = "float32", extra: dict[str, pa.Array] | None = None
+) -> pa.Table:
+    """``id`` + ``embedding`` (a fixed-size list, readable by pandas, polars, pyarrow and DuckDB).
+
+    >>> t = embeddings_table(["a", "b"], np.ones((2, 3), np.float32))
+    >>> str(t.schema.field("embedding").type)
+    'fixed_size_list<item: float>[3]'
+    """
+    dim = vectors.shape[1]
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.dtype(dtype)).reshape(-1), _ARROW_DTYPES[dtype])
+    cols: dict[str, pa.Array] = {
+        "id": pa.array(ids, pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+    }
+    for name, arr in (extra or {}).items():
+        cols[name] = arr
+    return pa.table(cols)
+
+
+def rejects_table(rows: list[tuple[str, int | None, str | None, str]]) -> pa.Table:
+    """Rejects as a table: ``(source, row, id, reason)`` tuples."""
+    cols = list(zip(*rows, strict=True)) if rows else [[], [], [], []]
+    return pa.Table.from_arrays(
+        [pa.array(c, f.type) for c, f in zip(cols, REJECTS_SCHEMA, strict=True)], schema=REJECTS_SCHEMA
+    )
+
+
+class OutputFolder:
+    """Paths and writes inside the output root (a path of ``fs``)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs = fs
+        self.root = root
+        self.rejects_dir = join_fs(fs, root, REJECTS_DIR)
+        self._existing: set[str] = set()
+
+    def path(self, name: str) -> str:
+        return join_fs(self.fs, self.root, name)
+
+    def rejects_path(self, name: str) -> str:
+        return join_fs(self.fs, self.rejects_dir, name)
+
+    def _ls(self, folder: str) -> list[str]:
+        self.fs.invalidate_cache(folder)
+        try:
+            return [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def scan(self) -> set[str]:
+        """Existing part and rejects files (``rejects/`` prefixed), remembered for :meth:`write_unit`."""
+        parts = {n for n in self._ls(self.root) if n.startswith("part-") and n.endswith(".parquet")}
+        rejects = {f"{REJECTS_DIR}/{n}" for n in self._ls(self.rejects_dir) if n.startswith("part-")}
+        self._existing = parts | rejects
+        return set(self._existing)
+
+    def part_names(self) -> list[str]:
+        return sorted(n for n in self.scan() if not n.startswith(REJECTS_DIR + "/"))
+
+    def remove_stale(self, plan_parts: set[str], *, all_temp: bool) -> int:
+        """Delete part/rejects files no unit of the plan writes, and leftovers of killed runs."""
+        n = 0
+        for name in sorted(self.scan()):
+            base = name.split("/", 1)[-1]
+            if base not in plan_parts and remove(self.fs, self.path(name)):
+                n += 1
+                self._existing.discard(name)
+        for folder in (self.root, self.rejects_dir):
+            for name in self._ls(folder):
+                if name.startswith(TMP_PREFIX) and (
+                    all_temp or _old(self.fs, join_fs(self.fs, folder, name))
+                ):
+                    n += remove(self.fs, join_fs(self.fs, folder, name))
+        return n
+
+    def write_unit(self, part_name: str, table: pa.Table | None, rejects: pa.Table | None) -> None:
+        """Write a unit's rejects then its part (each whole); remove a counterpart an earlier run
+        of the unit left that this run does not produce."""
+        rej_name = f"{REJECTS_DIR}/{part_name}"
+        if rejects is not None and rejects.num_rows:
+            write_bytes(self.fs, self.rejects_path(part_name), parquet_bytes(rejects))
+        elif rej_name in self._existing:
+            remove(self.fs, self.rejects_path(part_name))
+        if table is not None and table.num_rows:
+            write_bytes(self.fs, self.path(part_name), parquet_bytes(table))
+        elif part_name in self._existing:
+            remove(self.fs, self.path(part_name))
+
+    def merge(self, part_names: list[str], dest: str = MERGED_NAME) -> int:
+        """Stream ``part_names`` (in order) into one Parquet file ``dest``, whole or not at all.
+        Returns the number of rows written."""
+        if not part_names:
+            return 0
+        schemas = [pq.read_schema(self.fs.open(self.path(n), "rb")) for n in part_names]
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+        target = self.path(dest)
+        rows = 0
+        try:
+            if is_remote_fs(self.fs):
+                handle = self.fs.open(target, "wb")  # a multipart upload: visible only once complete
+                tmp = None
+            else:
+                tmp = join_fs(self.fs, self.root, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{dest}")
+                handle = open(tmp, "wb")  # noqa: SIM115 - closed by the with below
+            with (
+                handle,
+                pq.ParquetWriter(handle, schema, compression="snappy", use_dictionary=False) as writer,
+            ):
+                for name in part_names:
+                    with self.fs.open(self.path(name), "rb") as fh:
+                        for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536):
+                            tbl = pa.Table.from_batches([batch])
+                            writer.write_table(tbl.cast(schema) if tbl.schema != schema else tbl)
+                            rows += batch.num_rows
+            if tmp is not None:
+                os.replace(tmp, target)
+        except Exception as exc:
+            raise StorageError(f"cannot merge the parts into {target}: {exc}") from exc
+        return rows
+
+
+def _old(fs: fsspec.AbstractFileSystem, path: str, seconds: float = 3600) -> bool:
+    import time
+
+    try:
+        return time.time() - fs.modified(path).timestamp() > seconds
+    except Exception:
+        return False

@@ -1,0 +1,145 @@
+"""Stage 1 of a unit: read its rows, sort out the ones that cannot be embedded, tokenise the rest.
+
+Every row of the unit ends up in exactly one of ``Prepared.valid`` (to be embedded) or
+``Prepared.rejects`` (with a reason). Rows are checked here, row by row, because the engine raises
+on the first bad item while a batch job must keep going and say which rows it left out and why.
+
+Reasons (the part before ``:`` is the kind counted in ``metadata.json``): ``null text``,
+``empty text``, ``not a string: <type>``, ``too long: ...`` (with ``--no-truncate``), ``null id``,
+``invalid json: ...``, ``missing column: ...``, ``unreadable: <parser error>``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from embedkit.batch.plan import Plan, Unit
+from embedkit.engine.tokenize import Tokenized
+from embedkit.io.readers import read_rows
+
+RejectRow = tuple[str, "int | None", "str | None", str]
+
+
+@dataclass
+class Prepared:
+    """A unit read and checked: the rows to embed (tokenised) and the rows rejected."""
+
+    unit: Unit
+    rows_in: int
+    ids: list[str] = field(default_factory=list)  # one per valid row
+    tok: Tokenized | None = None
+    extra: dict[str, pa.Array] = field(default_factory=dict)  # pass-through columns, valid rows only
+    rejects: list[RejectRow] = field(default_factory=list)
+    rows_rejected: int = 0  # rows, which for a whole unreadable file can exceed len(rejects)
+    truncated: int = 0
+    read_seconds: float = 0.0
+    failed: bool = False  # the whole unit could not be read
+
+    @property
+    def num_valid(self) -> int:
+        return len(self.ids)
+
+    @property
+    def tokens(self) -> int:
+        return self.tok.num_tokens if self.tok is not None else 0
+
+
+def reason_kind(reason: str) -> str:
+    """``"null text"`` -> ``null text``; ``"unreadable: ..."`` -> ``unreadable``."""
+    return reason.split(":", 1)[0]
+
+
+def prepare_unit(
+    fs: fsspec.AbstractFileSystem, plan: Plan, unit: Unit, embedder: Any, *, truncate: bool
+) -> Prepared:
+    """Read ``unit``, reject what cannot be embedded, tokenise the rest with ``embedder``."""
+    t0 = time.perf_counter()
+    if unit.error is not None:
+        return _failed(unit, unit.error, t0)
+    id_col = plan.id_column if plan.id_column in unit.file.columns else None
+    columns = [plan.text_column, *([id_col] if id_col and id_col != plan.text_column else [])]
+    try:
+        block = read_rows(fs, unit.file, columns, unit.start, unit.stop, arrow_columns=plan.keep_columns)
+    except Exception as exc:
+        return _failed(unit, f"unreadable: {type(exc).__name__}: {exc}", t0)
+    texts = block.columns[plan.text_column]
+    raw_ids = block.columns[id_col] if id_col else None
+    src, start = unit.source, unit.start
+    out = Prepared(unit=unit, rows_in=block.num_rows)
+    keep_idx: list[int] = []
+    valid_texts: list[str] = []
+    for i, text in enumerate(texts):
+        row = start + i
+        rid = raw_ids[i] if raw_ids is not None else f"{src}:{row}"
+        sid = None if rid is None else str(rid)
+        if i in block.errors:
+            reason = block.errors[i]
+        elif text is None:
+            reason = "null text"
+        elif not isinstance(text, str):
+            reason = f"not a string: {type(text).__name__}"
+        elif not text.strip():
+            reason = "empty text"
+        elif sid is None:
+            reason = f"null id: column {id_col!r} is null"
+        else:
+            keep_idx.append(i)
+            valid_texts.append(text)
+            out.ids.append(sid)
+            continue
+        out.rejects.append((src, row, sid, reason))
+    if valid_texts:
+        tok = embedder.tokenize(valid_texts, truncate=True, field=f"{src} rows")
+        if not truncate and tok.truncated.any():
+            long_rows = np.flatnonzero(tok.truncated)
+            limit = embedder.max_seq_length
+            for j in long_rows:
+                i = keep_idx[j]
+                out.rejects.append(
+                    (
+                        src,
+                        start + i,
+                        out.ids[j],
+                        f"too long: {int(tok.original_lengths[j])} tokens, over the model's maximum of "
+                        f"{limit} (allow truncation or shorten it)",
+                    )
+                )
+            keep = np.flatnonzero(~tok.truncated)
+            tok = tok.select(keep)
+            keep_idx = [keep_idx[j] for j in keep]
+            out.ids = [out.ids[j] for j in keep]
+            out.rejects.sort(key=lambda r: r[1] if r[1] is not None else -1)
+        out.tok = tok
+        out.truncated = tok.num_truncated
+    out.rows_rejected = len(out.rejects)
+    if plan.keep_columns:
+        take = pa.array(keep_idx, pa.int64())
+        out.extra = {c: block.arrow[c].take(take) for c in plan.keep_columns}
+    out.read_seconds = time.perf_counter() - t0
+    return out
+
+
+def _failed(unit: Unit, reason: str, t0: float) -> Prepared:
+    """A unit that cannot be read. A known row range is rejected row by row; a whole file (CSV /
+    JSON Lines of unknown length, or a file missing a column) is one reject record with
+    ``row=None``, counting the file's rows when they are known."""
+    if unit.stop is not None:
+        rejects = [(unit.source, r, None, reason) for r in range(unit.start, unit.stop)]
+        rows_in = unit.stop - unit.start
+    else:
+        rejects = [(unit.source, None, None, reason)]
+        rows_in = unit.file.num_rows or 0
+    return Prepared(
+        unit=unit,
+        rows_in=rows_in,
+        rejects=rejects,
+        rows_rejected=rows_in,
+        read_seconds=time.perf_counter() - t0,
+        failed=True,
+    )

@@ -1,0 +1,203 @@
+"""Settings of the batch job: engine fields plus the job's own, from env, a YAML file and flags.
+
+Precedence: flag > ``--config`` YAML file > environment (``EMBEDKIT_<FIELD>``) > default. The seeds'
+option names (``--input-path``, ``--input_dir``, ``model_directory``, ``no_checkpoint``...) are
+accepted as aliases in the YAML file as on the command line.
+
+>>> s = JobSettings.build({"input_dir": "data/", "output_dir": "out/", "batch_size": 32})
+>>> (s.input, s.output, s.batch_size, s.resume)
+('data/', 'out/', 32, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from embedkit.errors import ConfigError
+from embedkit.settings import EngineSettings, setting
+
+# Other names for the same field: the seeds' spellings (000: --input-path..., 003: --input_dir...).
+ALIASES = {
+    "input_path": "input",
+    "input_dir": "input",
+    "output_path": "output",
+    "output_dir": "output",
+    "model_directory": "model",
+    "model_dir": "model",
+}
+# Seed 000's --no-checkpoint: process everything again (here: do not skip recorded units).
+NEGATED = {
+    "no_checkpoint": "resume",
+    "no_resume": "resume",
+    "no_normalize": "normalize",
+    "no_truncate": "truncate",
+}
+RESOURCE_CONFIG = "/opt/ml/config/resourceconfig.json"
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class JobSettings(EngineSettings):
+    """Everything ``embedkit embed`` / :func:`embedkit.batch.embed_dataset` accepts."""
+
+    input: str | None = setting(None, "input: a file, a folder, an s3:// prefix, or a glob")
+    output: str | None = setting(None, "output folder, local or s3://")
+    text_column: str | None = setting(
+        None, "text column; default the first of text, texto, caption, sentence, content"
+    )
+    id_column: str | None = setting(None, "id column; default key if present, else <file>:<row>")
+    keep_columns: tuple[str, ...] | None = setting(
+        None, "input columns copied into the output, comma-separated"
+    )
+    max_samples: int | None = setting(None, "embed only the first N rows of the dataset (testing)")
+    dtype: str = setting("float32", "embedding dtype in the output: float32 or float16")
+    resume: bool = setting(True, "skip units recorded by a previous run of the same job")
+    overwrite: bool = setting(False, "replace a job made with other settings instead of refusing")
+    num_shards: int | None = setting(
+        None, "hosts splitting the units; default from resourceconfig.json, else 1"
+    )
+    shard_index: int | None = setting(None, "this host's index in 0..num_shards-1")
+    single_file: bool = setting(False, "when complete, merge the parts into embeddings.parquet")
+    fail_fast: bool = setting(False, "stop at the first rejected row or unreadable file")
+    unit_rows: int = setting(50_000, "rows per unit of work (files larger than this are split)")
+    num_workers: int | None = setting(None, "accepted for seed 003; the local runner uses one engine")
+    aws_region: str | None = setting(None, "S3 region (seed 003's --aws_region)")
+    progress: str = setting("auto", "auto (a bar on a terminal, log lines elsewhere), bar, log, none")
+    log_every: float = setting(30.0, "seconds between progress log lines when not on a terminal")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep_columns, str):
+            self.keep_columns = tuple(c.strip() for c in self.keep_columns.split(",") if c.strip())
+        elif self.keep_columns is not None:
+            self.keep_columns = tuple(str(c) for c in self.keep_columns)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.unit_rows < 1:
+            raise ConfigError(f"unit_rows must be >= 1, got {self.unit_rows}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.progress not in ("auto", "bar", "log", "none"):
+            raise ConfigError(f"progress must be auto, bar, log or none, got {self.progress!r}")
+        for name in ("id", "embedding"):
+            if self.keep_columns and name in self.keep_columns:
+                raise ConfigError(
+                    f"keep_columns cannot hold {name!r}: the output has its own {name!r} column"
+                )
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def normalize_keys(cls, values: Mapping[str, Any], origin: str = "options") -> dict[str, Any]:
+        """Map seed aliases (``input_dir``, ``no_checkpoint``...) and dashes onto field names."""
+        names = set(cls.field_names())
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            k = str(key).replace("-", "_")
+            if k in NEGATED:
+                if value is not None:
+                    out[NEGATED[k]] = not _as_bool(value, k)
+                continue
+            k = ALIASES.get(k, k)
+            if k not in names:
+                raise ConfigError(
+                    f"{origin}: unknown option {key!r}; valid options: {', '.join(sorted(names))}"
+                )
+            out[k] = value
+        return out
+
+    @classmethod
+    def build(
+        cls,
+        options: Mapping[str, Any] | None = None,
+        *,
+        config: str | Mapping[str, Any] | None = None,
+        environ=None,
+    ) -> JobSettings:
+        """Settings from defaults < environment < ``config`` (a YAML file, or its mapping) < ``options``."""
+        merged: dict[str, Any] = {}
+        if config:
+            values = load_config(config) if isinstance(config, str) else config
+            merged.update(cls.normalize_keys(values, origin=config if isinstance(config, str) else "config"))
+        merged.update({k: v for k, v in cls.normalize_keys(options or {}).items() if v is not None})
+        return cls.from_env(environ, **merged)
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    from embedkit.settings import parse_bool
+
+    return parse_bool(value, name)
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """A flat YAML (or JSON) mapping of job options; local path or s3://."""
+    import yaml
+
+    from embedkit.io.fs import get_fs
+
+    fs, p = get_fs(path)
+    try:
+        with fs.open(p, "rb") as fh:
+            data = yaml.safe_load(fh.read())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of option: value, got {type(data).__name__}"
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """Which share of the units this host takes, and the name its metadata is written under."""
+
+    num_shards: int
+    shard_index: int
+    host: str
+    hosts: tuple[str, ...]
+
+    @property
+    def multi(self) -> bool:
+        return self.num_shards > 1
+
+
+def detect_hosts(num_shards: int | None, shard_index: int | None, environ=None) -> HostPlan:
+    """Flags first; else SageMaker's ``resourceconfig.json`` (``current_host``'s index in ``hosts``);
+    else one host. The file's path can be moved with ``EMBEDKIT_RESOURCE_CONFIG`` (tests)."""
+    environ = os.environ if environ is None else environ
+    path = environ.get("EMBEDKIT_RESOURCE_CONFIG", RESOURCE_CONFIG)
+    current, hosts = None, None
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                rc = json.load(fh)
+            current, hosts = rc["current_host"], tuple(rc["hosts"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"{path} must be JSON with current_host and hosts (as SageMaker writes it): {exc}"
+            ) from None
+    if num_shards is not None or shard_index is not None:
+        n = 1 if num_shards is None else int(num_shards)
+        i = 0 if shard_index is None else int(shard_index)
+        if n < 1 or not 0 <= i < n:
+            raise ConfigError(f"shard_index must be in 0..num_shards-1, got shard {i} of {n}")
+        host = current if hosts and len(hosts) == n and hosts.index(current) == i else f"shard-{i}"
+        return HostPlan(n, i, host, tuple(hosts) if hosts and len(hosts) == n else ())
+    if hosts:
+        if current not in hosts:
+            raise ConfigError(f"{path}: current_host {current!r} is not in hosts {list(hosts)}")
+        return HostPlan(len(hosts), hosts.index(current), current, hosts)
+    name = socket.gethostname()
+    return HostPlan(1, 0, name, (name,))
