@@ -18,6 +18,8 @@ COMMAND_MODULES = (
     "embedkit.commands.info",
     "embedkit.commands.encode",
     "embedkit.commands.embed",
+    "embedkit.commands.export",
+    "embedkit.commands.search",
     "embedkit.commands.serve",
     "embedkit.commands.invoke",
 )
