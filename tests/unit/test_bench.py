@@ -1,0 +1,205 @@
+"""The benchmark harness's own logic: FLOP arithmetic, MFU, ratios, cosine, tables, corpus, JSON.
+
+Benchmarks are not tests: nothing here asserts on timing."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from bench import corpus as bench_corpus
+from bench import report
+from bench.flops import ModelShape, corpus_flops, corpus_flops_from_sums, measure_peak, mfu
+from bench.run import done_when, parse_args, table_rows
+
+MINILM = SimpleNamespace(hidden_size=384, num_hidden_layers=6, intermediate_size=1536, num_attention_heads=12)
+
+
+def test_minilm_dense_flops_per_token_from_its_config():
+    shape = ModelShape.from_config(MINILM)
+    assert shape.linear_params == 10_637_568
+    assert shape.dense_flops_per_token == 2 * 10_637_568  # 21.3 MFLOP per token
+
+
+def test_linear_params_formula_matches_the_linear_layers_of_a_real_bert(tiny_model):
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(tiny_model))
+    counted = sum(
+        m.weight.numel() + m.bias.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.startswith("encoder.")
+    )
+    assert ModelShape.from_config(model.config).linear_params == counted
+
+
+def test_corpus_flops_adds_attention_quadratic_in_length():
+    shape = ModelShape(layers=6, hidden=384, intermediate=1536, heads=12)
+    dense = shape.dense_flops_per_token
+    assert corpus_flops(shape, [256]) == dense * 256 + 4 * 6 * 384 * 256 * 256
+    assert corpus_flops(shape, [10, 20]) == corpus_flops_from_sums(shape, 30, 100 + 400)
+    assert corpus_flops(shape, []) == 0
+
+
+def test_mfu_is_achieved_rate_over_peak():
+    assert mfu(1e9, 2.0, 1e9) == pytest.approx(0.5)
+    assert mfu(1e9, 1.0, None) is None
+    assert mfu(1e9, 0.0, 1e9) is None
+
+
+def test_measure_peak_reports_a_positive_rate_for_each_dtype():
+    assert measure_peak("fp32", n=64, reps=1, inner=1) > 0
+    assert measure_peak("bf16", n=64, reps=1, inner=1) > 0
+    int8 = measure_peak("int8", n=64, reps=1, inner=1)
+    assert int8 is None or int8 > 0
+    with pytest.raises(ValueError):
+        measure_peak("fp8", n=8)
+
+
+def test_paired_ratio_is_the_median_of_per_round_speedups():
+    # rounds: 2x, 4x, 2x -> 2x (a mean of medians would say 12/5 = 2.4x)
+    assert report.paired_ratio([2.0, 4.0, 6.0], [1.0, 1.0, 3.0]) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        report.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_cosine_stats_finds_the_worst_row():
+    ref = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)
+    cand = np.array([[2.0, 0.0], [1.0, 1.0], [1.0, 1.0]], dtype=np.float32)
+    stats = report.cosine_stats(ref, cand)
+    assert stats["min_cosine"] == pytest.approx(np.sqrt(0.5))
+    assert stats["max_abs_diff"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shape"):
+        report.cosine_stats(ref, cand[:2])
+
+
+def test_table_formats_numbers_and_shows_missing_values_as_dash():
+    rows = [
+        {"config": "baseline", "texts_per_s": 123.4, "tokens_per_s": 45_678.0, "ratio": 1.0},
+        {
+            "config": "embedkit bf16",
+            "texts_per_s": 456.0,
+            "ratio": 3.25,
+            "min_cosine": 0.999912,
+            "mfu": 0.4123,
+        },
+    ]
+    lines = report.format_table(rows).splitlines()
+    assert lines[0].split() == [
+        "config",
+        "texts/s",
+        "tokens/s",
+        "ratio",
+        "vs",
+        "engine",
+        "min",
+        "cos",
+        "MFU",
+        "RSS",
+        "MiB",
+    ]
+    assert lines[2].split() == ["baseline", "123", "45.7k", "1.00x", "-", "-", "-", "-"]
+    assert lines[3].split() == ["embedkit", "bf16", "456", "-", "3.25x", "-", "0.99991", "41.2%", "-"]
+    # columns line up: every row's second column starts where the header's does
+    start = lines[0].index("texts/s")
+    assert all(line[start - 2 : start] == "  " and line[start] != " " for line in lines[2:])
+    md = report.markdown_table(rows).splitlines()
+    assert md[0].startswith("| config |") and md[1].startswith("| --- |") and len(md) == 4
+
+
+def test_corpus_is_deterministic_mixed_and_real_text():
+    a = bench_corpus.build_corpus(n_short=50, n_long=5)
+    assert a == bench_corpus.build_corpus(n_short=50, n_long=5)
+    assert a != bench_corpus.build_corpus(n_short=50, n_long=5, seed=1)
+    long_positions = [i for i, t in enumerate(a) if len(t.split()) > 200]
+    assert len(long_positions) == 5 and long_positions != list(range(50, 55))
+    with pytest.raises(ValueError, match="available"):
+        bench_corpus.build_corpus(n_short=10**6)
+
+
+def test_cycled_short_streams_n_texts_round_the_pool():
+    it = bench_corpus.cycled_short(5, ["a", "b"])
+    assert not isinstance(it, list)
+    assert list(it) == ["a", "b", "a", "b", "a"]
+
+
+def _row(kind, precision, ratio, min_cosine=None, rate=100.0):
+    return {
+        "kind": kind,
+        "precision": precision,
+        "ratio": ratio,
+        "min_cosine": min_cosine,
+        "texts_per_s": rate,
+    }
+
+
+def test_done_when_uses_the_fastest_precision_that_meets_the_cosine_bar():
+    result = {
+        "engine": {
+            "rows": [
+                _row("baseline", "fp32", 1.0),
+                _row("embedkit", "fp32", 1.4, 1.0),
+                _row("embedkit", "bf16", 2.6, 0.9999),
+                _row("embedkit", "int8", 3.0, 0.98),
+            ]
+        },
+        "iter": {"rss_ratio": 1.05, "ok": True},
+    }
+    c = done_when(result)
+    assert c["fp32_ok"] and c["iter_ok"]
+    assert c["fastest_non_exact"]["precision"] == "int8"
+    assert c["best_non_exact_at_cosine_bar"]["precision"] == "bf16" and c["non_exact_ok"]
+    result["engine"]["rows"][2]["ratio"] = 2.4
+    assert not done_when(result)["non_exact_ok"]
+
+
+def test_table_rows_leave_out_reference_only_measurements():
+    result = {
+        "engine": {"rows": [{"config": "a"}, {"config": "ref", "reference_only": True}]},
+        "iter": {"runs": [{"config": "it"}]},
+        "job": {"row": {"config": "job"}},
+        "serve": {"skipped": "absent"},
+    }
+    assert [r["config"] for r in table_rows(result)] == ["a", "it", "job"]
+
+
+def test_quick_mode_shrinks_everything_and_sections_are_checked():
+    q = parse_args(["--quick"])
+    full = parse_args([])
+    assert q.short < full.short and q.iter_sizes[-1] < full.iter_sizes[-1] and q.long > 0
+    assert full.iter_sizes == [20_000, 200_000] and full.sections == ["engine", "iter", "job", "serve"]
+    assert parse_args(["--sections", "iter"]).sections == ["iter"]
+    with pytest.raises(SystemExit):
+        parse_args(["--sections", "engine,warp"])
+
+
+def test_results_go_to_a_timestamped_file_and_latest_but_quick_runs_never_replace_latest(tmp_path):
+    stamped, latest = report.write_results({"x": 1}, tmp_path)
+    assert latest.name == "latest.json" and stamped.name.endswith("Z.json")
+    q_stamped, q_latest = report.write_results({"x": 2}, tmp_path, quick=True)
+    assert q_latest.name == "latest-quick.json" and q_stamped.name.endswith("-quick.json")
+    assert json.loads(latest.read_text()) == {"x": 1}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_readme_block_is_replaced_between_the_markers_only():
+    from bench.readme_table import END, START, render, replace_block
+
+    result = {
+        "created_utc": "2024-01-01T00:00:00+00:00",
+        "machine": {"cpu_model": "Test CPU", "cpu_count": 2, "torch": "2.13.0", "threads": 2},
+        "table": [{"config": "embedkit fp32", "texts_per_s": 50.0, "ratio": 1.5}],
+        "summary": ["machine: ...", "done-when fp32 >= 1.3x baseline: 1.50x PASS"],
+    }
+    block = render(result)
+    assert "Test CPU (2 cores" in block and "| embedkit fp32 | 50 |" in block
+    assert "- done-when fp32 >= 1.3x baseline: 1.50x PASS" in block and "machine: ..." not in block
+    readme = f"# T\n\n## Benchmarks\n{START}\nold table\n{END}\n\n## Next\nkept\n"
+    new = replace_block(readme, block)
+    assert "old table" not in new and block in new and new.endswith("## Next\nkept\n")
+    assert replace_block(new, block) == new
+    with pytest.raises(ValueError):
+        replace_block("# no markers\n", block)
