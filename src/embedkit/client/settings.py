@@ -12,7 +12,6 @@ contract over HTTP) or ``EMBEDKIT_SAGEMAKER_ENDPOINT`` (a SageMaker endpoint nam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, get_type_hints
 
 from embedkit.errors import ConfigError
 from embedkit.settings import Settings, setting
@@ -63,18 +62,6 @@ class ClientSettings(Settings):
     retry_backoff: float = setting(0.25, "first backoff in seconds; doubles each retry, with jitter")
     retry_backoff_max: float = setting(8.0, "longest backoff between two attempts, in seconds")
     concurrency: int = setting(4, "requests in flight at once when a call is split into several")
-
-    @classmethod
-    def _coerce(cls, name: str, raw: Any) -> Any:
-        # The base class matches type names as text, which misses plain ``int``/``float`` hints.
-        hint = get_type_hints(cls)[name]
-        if hint in (int, float) and isinstance(raw, str):
-            try:
-                return hint(raw)
-            except ValueError:
-                kind = "an integer" if hint is int else "a number"
-                raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
-        return super()._coerce(name, raw)
 
     @property
     def transport(self) -> str:
