@@ -227,3 +227,19 @@ def test_entrypoint_serve_loads_opt_ml_model_answers_and_stops_cleanly(container
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_entrypoint_embed_runs_the_batch_job_in_the_processing_layout(container_env, opt_ml):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inp = opt_ml / "opt" / "ml" / "processing" / "input" / "data"
+    out = opt_ml / "opt" / "ml" / "processing" / "output"
+    inp.mkdir(parents=True)
+    texts = [f"produto número {i}" for i in range(5)]
+    pq.write_table(pa.table({"text": texts}), inp / "part-0.parquet")
+    model = container_env["SM_MODEL_DIR"]
+    proc = entrypoint("embed", str(inp), str(out), "--model", model, env=container_env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet")))
+    assert table.num_rows == 5 and len(table.column("embedding")[0]) == 32
