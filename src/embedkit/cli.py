@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "embedkit.commands.search",
     "embedkit.commands.serve",
     "embedkit.commands.invoke",
+    "embedkit.commands.sagemaker",
 )
 
 log = logging.getLogger("embedkit")

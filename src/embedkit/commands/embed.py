@@ -141,6 +141,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "6 output holds a job with other settings, 130 interrupted (state saved; rerun to resume).",
     )
     add_embed_arguments(p)
+    from embedkit.aws.remote import add_sagemaker_arguments  # --sagemaker-run yes|no|local ...
+
+    add_sagemaker_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -175,8 +178,12 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from embedkit.aws.remote import maybe_run_on_sagemaker
     from embedkit.batch import embed_dataset
 
+    remote = maybe_run_on_sagemaker(args, sys.argv[1:])  # None: --sagemaker-run no, run here
+    if remote is not None:
+        return remote
     settings = settings_from_args(args)
     try:
         summary = embed_dataset(settings=settings)
