@@ -70,7 +70,8 @@ def test_sagemaker_local_service_is_the_container_surface(compose):
 def test_consumer_waits_for_a_healthy_endpoint_and_runs_the_example(compose):
     svc = compose["services"]["consumer"]
     assert svc["depends_on"]["sagemaker-local"]["condition"] == "service_healthy"
-    assert svc["image"] == compose["services"]["sagemaker-local"]["image"]
+    endpoint = compose["services"]["sagemaker-local"]
+    assert (svc["image"], svc["build"]) == (endpoint["image"], endpoint["build"])  # the same image
     host, target, _ = svc["volumes"][0].split(":")
     assert (COMPOSE_DIR / host / "app.py").is_file() and svc["entrypoint"] == ["python", f"{target}/app.py"]
     assert "EmbeddingClient()" in (COMPOSE_DIR / host / "app.py").read_text()
