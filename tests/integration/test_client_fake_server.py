@@ -81,6 +81,17 @@ def test_split_by_input_count_keeps_order_under_concurrency(ep):
     assert sorted(t for call in ep.calls for t in call.texts) == sorted(texts)
 
 
+def test_one_client_shared_by_threads(ep):
+    from concurrent.futures import ThreadPoolExecutor
+
+    lists = [[f"thread {t} text {i}" for i in range(7)] for t in range(4)]
+    with client(ep, max_batch=2, concurrency=2) as c, ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(c.embed, lists))
+        assert c.stats.requests == 16  # 4 threads x 4 requests of <= 2 texts
+    for texts, vecs in zip(lists, results, strict=True):
+        np.testing.assert_array_equal(vecs, expected(texts))
+
+
 def test_split_by_payload_bytes_keeps_every_request_under_the_limit(ep):
     texts = [("é" * 300) + f" {i}" for i in range(12)]  # ~600 bytes each as UTF-8
     limit = 2_000

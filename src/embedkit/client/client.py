@@ -162,8 +162,11 @@ class EmbeddingClient(_Base):
         texts, ranges = self._plan(texts, options)
         if len(ranges) <= 1 or self.settings.concurrency == 1:
             return self._join([self._request(texts, s, e, options) for s, e in ranges])
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="embedkit-client")
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.settings.concurrency, thread_name_prefix="embedkit-client"
+                )
         futures = [self._pool.submit(self._request, texts, s, e, options) for s, e in ranges]
         try:
             return self._join([f.result() for f in futures])
