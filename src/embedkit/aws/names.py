@@ -16,6 +16,7 @@ from embedkit.errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 MAX_NAME = 63
+RETRY_ROOM = 4  # generated names leave room for "-r<N>" so retries keep the unique tail
 
 
 def sanitize(base: str) -> str:
@@ -29,15 +30,23 @@ def job_name(base: str, *, now: float | None = None, token: str | None = None, s
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
     token = token or secrets.token_hex(2)
     tail = f"-{stamp}-{token}{suffix}"
-    head = sanitize(base)[: MAX_NAME - len(tail)].rstrip("-") or "job"
+    head = sanitize(base)[: MAX_NAME - RETRY_ROOM - len(tail)].rstrip("-") or "job"
     return validate_job_name(head + tail)
 
 
 def retry_name(name: str, attempt: int) -> str:
-    """The name of retry ``attempt`` of job ``name``: ``<name>-r<attempt>``, cut to stay valid."""
+    """The name of retry ``attempt`` of job ``name``: ``<name>-r<attempt>`` (a name longer than
+    :func:`job_name` makes is cut at its start, keeping its unique end).
+
+    >>> retry_name("embed-20250101-000000-ab12-r1", 2)
+    'embed-20250101-000000-ab12-r2'
+    """
     suffix = f"-r{attempt}"
     base = re.sub(r"-r\d+$", "", name)
-    return validate_job_name(base[: MAX_NAME - len(suffix)].rstrip("-") + suffix)
+    over = len(base) + len(suffix) - MAX_NAME
+    if over > 0:
+        base = base[over:].lstrip("-")
+    return validate_job_name(base + suffix)
 
 
 def validate_job_name(name: str, what: str = "job name") -> str:

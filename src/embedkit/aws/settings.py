@@ -33,8 +33,11 @@ GPU_FAMILIES = ("ml.g4dn", "ml.g5", "ml.g6", "ml.g6e", "ml.p3", "ml.p4d", "ml.p4
 
 
 def is_gpu_instance(instance_type: str) -> bool:
-    """>>> is_gpu_instance("ml.g4dn.xlarge"), is_gpu_instance("ml.m5.xlarge")
-    (True, False)"""
+    """True for the GPU instance families.
+
+    >>> is_gpu_instance("ml.g4dn.xlarge"), is_gpu_instance("ml.m5.xlarge")
+    (True, False)
+    """
     return instance_type.rsplit(".", 1)[0] in GPU_FAMILIES
 
 
