@@ -5,7 +5,10 @@ data "aws_partition" "current" {}
 data "aws_caller_identity" "current" {}
 
 locals {
-  dlc_image = "763104351884.dkr.ecr.${var.aws_region}.amazonaws.com/huggingface-pytorch-inference:2.6.0-transformers4.49.0-cpu-py312-ubuntu22.04"
+  # The Hugging Face PyTorch inference DLC: its GPU build on GPU instances, else the CPU build.
+  gpu       = !var.serverless && contains(["g4dn", "g5", "g6", "g6e", "p3", "p4d", "p4de", "p5"], split(".", var.instance_type)[1])
+  dlc_tag   = local.gpu ? "2.6.0-transformers4.49.0-gpu-py312-cu124-ubuntu22.04" : "2.6.0-transformers4.49.0-cpu-py312-ubuntu22.04"
+  dlc_image = "763104351884.dkr.ecr.${var.aws_region}.amazonaws.com/huggingface-pytorch-inference:${local.dlc_tag}"
   image     = coalesce(var.image_uri, local.dlc_image)
 
   # <account>.dkr.ecr.<region>.amazonaws.com/<repository>[:tag|@digest] -> the repository's ARN.
