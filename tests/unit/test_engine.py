@@ -207,3 +207,17 @@ def test_replicas_on_several_devices_give_identical_vectors(tiny_model, tiny_emb
 def test_mixed_device_types_are_refused(tiny_model):
     with pytest.raises((ConfigError, DeviceError)):
         Embedder(str(tiny_model), device="cpu,cuda:0")
+
+
+def test_cpu_fusion_replaces_linear_layers_and_keeps_vectors(tiny_model, monkeypatch):
+    from embedkit.engine.cpu_fusion import FusedLinear
+
+    fused = Embedder(str(tiny_model), device="cpu")
+    assert fused.fused_modules > 0
+    assert any(isinstance(m, FusedLinear) for m in fused._transformer.modules())
+    monkeypatch.setenv("EMBEDKIT_CPU_FUSION", "0")
+    plain = Embedder(str(tiny_model), device="cpu")
+    assert plain.fused_modules == 0
+    assert not any(isinstance(m, FusedLinear) for m in plain._transformer.modules())
+    texts = ["hello world", "the cat sat on the mat " * 5, "a"]
+    assert np.abs(fused.encode(texts) - plain.encode(texts)).max() <= 1e-5

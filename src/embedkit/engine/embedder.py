@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from embedkit.engine.batching import pad_batch, plan_batches
+from embedkit.engine.cpu_fusion import fuse_for_cpu
 from embedkit.engine.device import (
     auto_batch_tokens,
     inference_context,
@@ -185,6 +186,7 @@ class Embedder:
                 tr = quantize_dynamic(tr, {torch.nn.Linear}, dtype=torch.qint8)
         else:
             tr = tr.to(device=self.device, dtype=torch_dtype(self.precision, self.device))
+        self.fused_modules = fuse_for_cpu(tr) if self.device.type == "cpu" and self.precision != "int8" else 0
         self._transformer = tr.eval()
         self._dense = [layer.to(self.device).float().eval() for layer in self.model.dense]
         # Extra devices get their own replica; batches are spread over all of them.
@@ -256,6 +258,7 @@ class Embedder:
             "pooling": self.model.pooling,
             "truncate": self.truncate,
             "threads": torch.get_num_threads(),
+            "cpu_fusion": self.fused_modules,
         }
 
     # -------------------------------------------------------------- stage: pre
