@@ -4,12 +4,38 @@
 >>> emb = embedkit.Embedder("default")
 >>> emb.encode(["hello world"]).shape
 (1, 384)
+
+The engine (and torch) load on first use of :class:`Embedder`, so ``import embedkit.client`` in a
+consumer application stays light.
 """
 
-from embedkit.engine import Embedder, EncodeResult
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from embedkit.errors import EmbedkitError
-from embedkit.models import ModelInfo, resolve_model
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Embedder": "embedkit.engine",
+    "EncodeResult": "embedkit.engine",
+    "ModelInfo": "embedkit.models",
+    "resolve_model": "embedkit.models",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from embedkit.engine import Embedder, EncodeResult
+    from embedkit.models import ModelInfo, resolve_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'embedkit' has no attribute {name!r}")
+
 
 __all__ = ["Embedder", "EmbedkitError", "EncodeResult", "ModelInfo", "__version__", "resolve_model"]

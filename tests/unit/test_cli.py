@@ -29,3 +29,12 @@ def test_encode_prints_vectors(tiny_model, capsys):
 def test_encode_bad_flag_value_exits_2(tiny_model, capsys):
     assert main(["encode", "--model", str(tiny_model), "--precision", "fp8", "x"]) == 2
     assert "precision" in capsys.readouterr().err
+
+
+def test_importing_the_client_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, embedkit.client; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
