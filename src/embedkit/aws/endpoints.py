@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -133,14 +134,33 @@ def _versioned(name: str, stamp: str) -> str:
     return sanitize(name)[: MAX_NAME - len(tail)].rstrip("-") + tail
 
 
-def _exists(sm: Any, name: str) -> bool:
+def _current_config(sm: Any, name: str) -> str | None:
+    """The endpoint config an existing endpoint runs, or None when there is no such endpoint."""
     try:
-        sm.describe_endpoint(EndpointName=name)
-        return True
+        return sm.describe_endpoint(EndpointName=name)["EndpointConfigName"]
     except sm.exceptions.ClientError as exc:
         if exc.response.get("Error", {}).get("Code") == "ValidationException":  # no such endpoint
-            return False
+            return None
         raise
+
+
+def _remove_config(sm: Any, config: str, keep_models: set[str]) -> list[str]:
+    """Delete a replaced endpoint config and its models (best effort); returns what was deleted."""
+    removed = []
+    try:
+        models = [
+            v["ModelName"]
+            for v in sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
+        ]
+        sm.delete_endpoint_config(EndpointConfigName=config)
+        removed.append(config)
+        for m in models:
+            if m not in keep_models:
+                sm.delete_model(ModelName=m)
+                removed.append(m)
+    except sm.exceptions.ClientError as exc:
+        log.warning("could not remove the replaced endpoint config %s: %s", config, exc)
+    return removed
 
 
 def wait_in_service(
@@ -182,7 +202,7 @@ def deploy(
             "EMBEDKIT_SAGEMAKER_ROLE); the Terraform module infra/terraform/sagemaker-endpoint creates one"
         )
     sm = client("sagemaker", spec.region)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
     model_name = config_name = _versioned(spec.name, stamp)
     model = model_request(spec, model_name)
     config = endpoint_config_request(
@@ -197,7 +217,8 @@ def deploy(
     try:
         sm.create_model(**model)
         sm.create_endpoint_config(**config)
-        if _exists(sm, spec.name):
+        previous = _current_config(sm, spec.name)
+        if previous is not None:
             sm.update_endpoint(EndpointName=spec.name, EndpointConfigName=config_name)
             action = "updated"
         else:
@@ -206,9 +227,13 @@ def deploy(
     except sm.exceptions.ClientError as exc:
         raise EmbedkitError(f"SageMaker refused the deployment of {spec.name}: {exc}") from exc
     log.info("endpoint %s %s with config %s", spec.name, action, config_name)
-    status = "Creating"
+    status = "Creating" if action == "created" else "Updating"
+    removed: list[str] = []
     if wait:
-        status = wait_in_service(sm, spec.name, timeout=timeout, poll_seconds=poll_seconds)["EndpointStatus"]
+        desc = wait_in_service(sm, spec.name, timeout=timeout, poll_seconds=poll_seconds)
+        status = desc["EndpointStatus"]
+        if previous and previous != config_name and desc["EndpointConfigName"] == config_name:
+            removed = _remove_config(sm, previous, keep_models={model_name})
     return {
         "endpoint": spec.name,
         "action": action,
@@ -216,6 +241,7 @@ def deploy(
         "endpoint_config": config_name,
         "status": status,
         "image": model["PrimaryContainer"]["Image"],
+        "removed": removed,
     }
 
 
