@@ -335,3 +335,40 @@ def test_processing_main_ships_script_modules_and_rewrites_paths(tmp_path, s3_bu
         boto3.client("s3").get_object(Bucket=s3_bucket, Key=code_prefix + "job.json")["Body"].read()
     )
     assert manifest["pythonpath"] == ["deps/my-module"] and manifest["single_host_view"] is False
+
+
+def test_local_output_folder_is_staged_in_the_default_bucket_and_downloaded_after(
+    tmp_path, moto_server, sagemaker_calls
+):
+    import hashlib
+
+    data = tmp_path / "texts.jsonl"
+    data.write_text('{"text": "one"}\n{"text": "two"}\n')
+    out = tmp_path / "emb"
+    bucket = "sagemaker-us-east-1-123456789012"  # the SageMaker SDK's default bucket, created if absent
+    digest = hashlib.sha1(str(out).encode()).hexdigest()[:12]
+    remote = f"embedkit/outputs/{digest}/output"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    # what the job would have uploaded (moto runs nothing)
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"{remote}/part-x.parquet", Body=b"PAR1")
+    code = cli(
+        [
+            "embed",
+            str(data),
+            str(out),
+            "--sagemaker-run",
+            "yes",
+            "--sagemaker-role",
+            ROLE,
+            "--sagemaker-log-poll",
+            "0.01",
+        ]
+    )
+    assert code == 0
+    [req] = _sent(sagemaker_calls)
+    [output] = req["ProcessingOutputConfig"]["Outputs"]
+    assert output["S3Output"]["S3Uri"] == f"s3://{bucket}/{remote}/"
+    data_in = next(i for i in req["ProcessingInputs"] if i["InputName"] == "data")["S3Input"]
+    assert data_in["S3Uri"] == f"s3://{bucket}/embedkit/{req['ProcessingJobName']}/inputs/data/texts.jsonl"
+    assert req["AppSpecification"]["ContainerArguments"][2] == "/opt/ml/processing/input/data/texts.jsonl"
+    assert (out / "part-x.parquet").read_bytes() == b"PAR1"  # downloaded once the job completed
