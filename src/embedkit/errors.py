@@ -54,6 +54,28 @@ class InputTooLongError(InputError):
     """An input is longer than the model's maximum and truncation is off."""
 
 
+class InvalidImageError(InputError):
+    """An image that cannot be embedded. ``kind`` is what a batch job counts in its rejects:
+    ``missing image``, ``not an image``, ``truncated image``, ``undecodable image``,
+    ``image too large``, ``oversized image``, ``fetch failed``."""
+
+    def __init__(self, kind: str, detail: str, **context: Any) -> None:
+        super().__init__(f"{kind}: {detail}", **context)
+        self.kind = kind
+        self.detail = detail
+
+    @property
+    def reason(self) -> str:
+        """``"<kind>: <detail>"``, the text a batch job writes in its rejects."""
+        return f"{self.kind}: {self.detail}"
+
+    def at(self, field: str, index: int) -> InvalidImageError:
+        """The same error naming where it happened: ``images[3]: truncated image: ...``."""
+        err = InvalidImageError(self.kind, self.detail, field=field, index=index)
+        err.message = f"{field}[{index}]: {self.reason}"
+        return err
+
+
 class PayloadTooLargeError(EmbedkitError):
     """A request body or input count over the configured limit."""
 

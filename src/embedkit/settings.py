@@ -141,9 +141,15 @@ class EngineSettings(Settings):
     prompt_name: str | None = setting(None, "prompt from the model's config to prepend to every text")
 
     def build_embedder(self):
-        """The :class:`~embedkit.Embedder` these settings describe."""
+        """The :class:`~embedkit.Embedder` these settings describe (an
+        :class:`~embedkit.engine.image.ImageEmbedder` for a CLIP-family model)."""
         from embedkit.engine import Embedder
+        from embedkit.models.clip import is_clip_spec
 
+        if is_clip_spec(self.model):
+            from embedkit.engine.image import ImageEmbedder
+
+            Embedder = ImageEmbedder  # same arguments; embeds images as well as texts
         return Embedder(
             self.model,
             device=self.device,

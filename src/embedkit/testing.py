@@ -96,3 +96,138 @@ def build_tiny_bert(
     elif layout != "hf":
         raise ValueError(f"layout must be 'sentence-transformers' or 'hf', got {layout!r}")
     return out
+
+
+_CLIP_WORDS = (
+    "a photo of the cat dog red blue green car tree house sun moon on in and with small big picture "
+    "image drawing"
+).split()
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes (GPT-2 / CLIP ``bytes_to_unicode``)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A small CLIP BPE vocabulary: every byte (alone and word-final), merges that build a few whole
+    words, and the two special tokens, so any text tokenises."""
+    vocab: dict[str, int] = {}
+    for sym in _byte_symbols():
+        vocab[sym] = len(vocab)
+    for sym in _byte_symbols():
+        vocab[sym + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in _CLIP_WORDS:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:  # merge left to right: w o r d</w> -> wo r d</w> -> wor d</w> -> word</w>
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+                vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = [pair[0] + pair[1], *pieces[2:]]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def build_tiny_clip(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 32,
+    projection_dim: int = 16,
+    image_size: int = 32,
+    patch_size: int = 8,
+    max_seq_length: int = 24,
+    seed: int = 0,
+) -> Path:
+    """Write a random tiny CLIP model (2-layer text and vision towers) with a real CLIP BPE tokenizer
+    (vocab.json + merges.txt written here, no download) and a CLIP image processor configuration
+    (``preprocessor_config.json``: resize the short side to ``image_size``, center crop, normalise) to
+    ``out_dir``. Returns the directory.
+
+    >>> import tempfile
+    >>> from embedkit.engine.image import ImageEmbedder
+    >>> emb = ImageEmbedder(str(build_tiny_clip(tempfile.mkdtemp())), device="cpu")
+    >>> emb.encode(["a photo of a cat"]).shape
+    (1, 16)
+    """
+    import torch
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    from embedkit.models.text import _quiet_transformers
+
+    _quiet_transformers()  # no progress bars from save_pretrained
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _clip_vocab_and_merges()
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": max_seq_length,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+            }
+        )
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    tokenizer.save_pretrained(str(out))  # adds tokenizer.json (the fast tokenizer) beside
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "do_resize": True,
+                "size": {"shortest_edge": image_size},
+                "resample": 3,
+                "do_center_crop": True,
+                "crop_size": {"height": image_size, "width": image_size},
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "do_convert_rgb": True,
+            },
+            indent=2,
+        )
+    )
+    eos, bos = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": hidden_size,
+            "intermediate_size": hidden_size * 2,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": max_seq_length,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+        },
+        vision_config={
+            "hidden_size": hidden_size,
+            "intermediate_size": hidden_size * 2,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).eval().save_pretrained(str(out))
+    return out
