@@ -128,24 +128,36 @@ def embed_dataset(
     started = time.time()
     t0 = time.perf_counter()
     hosts = detect_hosts(settings.num_shards, settings.shard_index)
-    if settings.num_workers:
+    if settings.num_workers and settings.engine == "local":
         log.info(
             "num_workers=%d accepted; the local runner drives one engine using %s threads",
             settings.num_workers,
             _threads(),
         )
+    if embedder is None and settings.engine == "ray":
+        from embedkit.batch.ray_runner import driver_embedder
+
+        embedder = driver_embedder(settings)  # on the driver's CPU; the workers load their own
     if embedder is None:
         embedder = settings.build_embedder()
-    plan = make_plan(
-        settings.input,
-        text_column=settings.text_column,
-        id_column=settings.id_column,
-        keep_columns=settings.keep_columns or (),
-        unit_rows=settings.unit_rows,
-        max_samples=settings.max_samples,
-        fail_fast=settings.fail_fast,
-        region=settings.aws_region,
-    )
+    modality = "text"
+    if settings.modality != "text":  # images: img2dataset shards or URL lists, a CLIP model
+        from embedkit.batch.images import make_image_plan, resolve_modality
+
+        modality = resolve_modality(settings, embedder)
+    if modality == "image":
+        plan = make_image_plan(settings)
+    else:
+        plan = make_plan(
+            settings.input,
+            text_column=settings.text_column,
+            id_column=settings.id_column,
+            keep_columns=settings.keep_columns or (),
+            unit_rows=settings.unit_rows,
+            max_samples=settings.max_samples,
+            fail_fast=settings.fail_fast,
+            region=settings.aws_region,
+        )
     out_fs, out_root = get_fs(settings.output, settings.aws_region)
     state = JobState(out_fs, out_root, _fingerprint(settings, embedder, plan))
     replaced = state.check(overwrite=settings.overwrite)
@@ -184,7 +196,12 @@ def embed_dataset(
         embedder.device,
         extra={"event": "plan", "units_total": len(plan.units), "units_todo": len(todo)},
     )
-    runner = _Runner(settings, embedder, plan, state, folder, hosts, todo, progress_stream, stop_event)
+    runner_cls: Any = _Runner
+    if settings.engine == "ray":
+        from embedkit.batch.ray_runner import RayRunner as runner_cls
+    if modality == "image":
+        from embedkit.batch.images import ImageRunner as runner_cls
+    runner = runner_cls(settings, embedder, plan, state, folder, hosts, todo, progress_stream, stop_event)
     runner.run()
     summary = _finish(settings, embedder, plan, state, folder, hosts, mine, runner, started, t0)
     if runner.interrupted:
@@ -222,6 +239,7 @@ def _fingerprint(settings: JobSettings, embedder: Any, plan: Plan) -> dict[str, 
         "keep_columns": list(plan.keep_columns),
         "unit_rows": settings.unit_rows,
         "max_samples": settings.max_samples,
+        **getattr(plan, "fingerprint_extra", {}),  # image jobs: modality, captions, size cap
     }
 
 
@@ -237,8 +255,9 @@ class _Runner:
         self.hosts: HostPlan = hosts
         self.todo: list[Unit] = todo
         self.stop = stop_event or threading.Event()
+        known = all(u.rows is not None for u in todo)  # CSV / JSON Lines files: length unknown
         self.progress = Progress(
-            sum(u.rows or 0 for u in todo) or None,
+            sum(u.rows or 0 for u in todo) if known else None,
             len(todo),
             mode=settings.progress,
             log_every=settings.log_every,
@@ -392,7 +411,12 @@ def _finish(settings, embedder, plan, state, folder, hosts, mine, runner, starte
         write_json(
             folder.fs,
             path,
-            _metadata(settings, embedder, plan, state, hosts, my_markers, summary, base, "host", len(mine)),
+            {
+                **_metadata(
+                    settings, embedder, plan, state, hosts, my_markers, summary, base, "host", len(mine)
+                ),
+                **_runner_info(runner),
+            },
         )
         summary.metadata_path = join_fs(folder.fs, settings.output, f"metadata-{hosts.host}.json")
     if complete:
@@ -404,9 +428,17 @@ def _finish(settings, embedder, plan, state, folder, hosts, mine, runner, starte
             settings, embedder, plan, state, hosts, markers, summary, base, "job", len(plan.units)
         )
         meta["layout"]["single_file"] = single
+        meta.update(_runner_info(runner))
         write_json(folder.fs, folder.path("metadata.json"), meta)
         summary.metadata_path = join_fs(folder.fs, settings.output, "metadata.json")
     return summary
+
+
+def _runner_info(runner: Any) -> dict[str, Any]:
+    """``{"runner": ...}`` for metadata.json when the runner describes itself (the Ray engine:
+    address, pool sizing, per-worker counts of this run)."""
+    describe = getattr(runner, "describe", None)
+    return {"runner": describe()} if describe else {}
 
 
 def _merge(state: JobState, folder: OutputFolder, plan: Plan, markers: list[dict[str, Any]]) -> str:
@@ -475,4 +507,5 @@ def _metadata(settings, embedder, plan, state, hosts, markers, summary, timings,
         "engine": embedder.describe(),
         "versions": versions(),
         "fingerprint_id": state.fp_id,
+        **getattr(plan, "metadata_extra", {}),  # image jobs: modality, layouts, fetch settings
     }
