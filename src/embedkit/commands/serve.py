@@ -13,6 +13,23 @@ from embedkit.settings import EngineSettings
 log = logging.getLogger("embedkit.server")
 
 
+class _Server:
+    """uvicorn's server, minus re-raising SIGTERM after the graceful shutdown (SageMaker wants exit 0)."""
+
+    def __new__(cls, config):
+        import signal
+
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                super().handle_exit(sig, frame)
+                if sig == signal.SIGTERM:
+                    self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+        return Server(config)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from embedkit.server.settings import ServerSettings
 
@@ -67,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(server.graceful_timeout),
         timeout_keep_alive=75,
     )
-    userver = uvicorn.Server(config)
+    userver = _Server(config)
     userver.run()
     if failure:
         exc = failure[0]

@@ -30,12 +30,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from embedkit.engine import Embedder, Tokenized
 from embedkit.errors import NotReadyError, OverloadedError, PayloadTooLargeError
 
 log = logging.getLogger("embedkit.server")
 
 _STOP = object()
+# What one extra forward pass costs, in padded tokens' worth of compute (kernel launches, Python
+# overhead, pooling). Length groups are split only where the padding saved is worth more.
+FORWARD_COST_TOKENS = 96
 
 
 class _Item:
@@ -100,10 +105,10 @@ class Batcher:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     def _check_open(self) -> None:
-        if self.error is not None or (self._thread is not None and not self._thread.is_alive()):
-            raise NotReadyError("the inference worker has stopped; the server must be restarted")
         if self._closing:
             raise NotReadyError("the server is shutting down; send the request to another instance")
+        if self.error is not None or (self._thread is not None and not self._thread.is_alive()):
+            raise NotReadyError("the inference worker has stopped; the server must be restarted")
 
     def submit(
         self, tok: Tokenized, *, normalize: bool | None = None, dimensions: int | None = None
@@ -217,7 +222,7 @@ class Batcher:
             texts += len(tok)
             tokens += sum(it.tokens for it in items)
             try:
-                vecs = self.embedder.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
+                vecs = self._embed(tok, alone=len(items) == 1, normalize=normalize, dimensions=dimensions)
             except Exception as exc:
                 results.extend((it.future, exc, True) for it in items)
                 continue
@@ -230,8 +235,7 @@ class Batcher:
                 n = len(it.tok)
                 results.append((it.future, vecs[start : start + n], False))
                 start += n
-        handled = sum(it.tokens for it in batch)
-        self._post(results, handled)
+        self._post(results, sum(it.tokens for it in batch))
         elapsed = time.perf_counter() - t0
         if elapsed > 0:
             rate = tokens / elapsed
@@ -241,11 +245,36 @@ class Batcher:
         if fatal is not None:
             raise fatal
 
+    def _embed(
+        self, tok: Tokenized, *, alone: bool, normalize: bool | None, dimensions: int | None
+    ) -> np.ndarray:
+        """One request alone is embedded exactly as ``Embedder.encode`` would (same batches, so the
+        same bits); requests merged from many clients are first split into length groups so short
+        texts are not padded to a long neighbour (see :func:`length_groups`)."""
+        emb = self.embedder
+        assert emb is not None
+        if alone or len(tok) == 1:
+            return emb.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
+        groups = length_groups(tok.lengths, self.max_batch_tokens, FORWARD_COST_TOKENS)
+        if len(groups) == 1:
+            return emb.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
+        out: np.ndarray | None = None
+        for idx in groups:
+            part = emb.embed_tokenized(tok.select(idx), normalize=normalize, dimensions=dimensions)
+            if out is None:
+                out = np.empty((len(tok), part.shape[1]), dtype=np.float32)
+            out[idx] = part
+        assert out is not None
+        return out
+
     def _run_job(self, job: _Job) -> None:
         try:
             value, failed = job.fn(*job.args), False
         except Exception as exc:
             value, failed = exc, True
+        except BaseException:  # SystemExit from a hook and the like: the worker ends, the caller hears
+            self._post([(job.future, NotReadyError("the inference worker has stopped"), True)], 0)
+            raise
         self._post([(job.future, value, failed)], 0)
 
     def _post(self, results: list[tuple[asyncio.Future, Any, bool]], tokens: int) -> None:
@@ -267,3 +296,39 @@ class Batcher:
                 pending.append(item)
         if pending:
             self._post([(p.future, err, True) for p in pending], sum(p.tokens for p in pending))
+
+
+def length_groups(
+    lengths: np.ndarray, max_tokens: int, forward_cost: int = FORWARD_COST_TOKENS
+) -> list[np.ndarray]:
+    """Split texts into groups that minimise padded tokens plus ``forward_cost`` per group.
+
+    Texts are sorted by length (longest first) and cut into consecutive runs by dynamic programming:
+    a run of ``n`` texts whose longest has ``L`` tokens costs ``forward_cost + n * L`` and may not
+    exceed ``max_tokens`` padded tokens. Returns index arrays into ``lengths``.
+
+    >>> [g.tolist() for g in length_groups(np.array([12, 250, 10, 11, 240]), 16384, 96)]
+    [[1, 4], [0, 3, 2]]
+    """
+    lengths = np.asarray(lengths)
+    n = len(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    s = np.maximum(lengths[order], 1).astype(np.int64)
+    best = np.zeros(n + 1, dtype=np.int64)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        i = np.arange(j)
+        cost = best[:j] + forward_cost + (j - i) * s[:j]
+        fits = (j - i) * s[:j] <= max_tokens
+        fits[j - 1] = True  # a single text always forms a group
+        cost = np.where(fits, cost, np.iinfo(np.int64).max)
+        k = int(np.argmin(cost))
+        best[j] = cost[k]
+        cut[j] = k
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = int(cut[j])
+    groups.reverse()
+    return groups

@@ -1,0 +1,119 @@
+"""The dynamic batcher on a real tiny model: merged requests, bounded queue, dead worker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from embedkit.errors import InputError, NotReadyError, OverloadedError, PayloadTooLargeError
+from embedkit.server.batcher import Batcher
+
+
+def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(tiny_embedder):
+    texts = [f"text number {i} " + "word " * (i % 9) for i in range(40)]  # lengths vary
+    texts[5] = "a long one " * 40  # truncated to the model's 32 tokens
+    seen: list[int] = []
+
+    async def main():
+        b = Batcher(
+            tiny_embedder, max_wait_s=0.05, max_queue_tokens=100_000, on_batch=lambda n, t: seen.append(n)
+        )
+        b.start(asyncio.get_running_loop())
+        futs = [b.submit(tiny_embedder.tokenize([t])) for t in texts]
+        out = await asyncio.gather(*futs)
+        b.stop()
+        return out, b
+
+    out, b = asyncio.run(main())
+    expected = tiny_embedder.encode(texts)
+    got = np.concatenate(out)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert max(seen) > 1, "requests queued together must share a batch"
+    assert b.queued_tokens == 0
+
+
+def test_a_request_alone_gets_exactly_the_engine_vectors(tiny_embedder):
+    texts = ["short", "a bit longer text here", "the cat sat on the mat and the dog ran in the park"]
+
+    async def main():
+        b = Batcher(tiny_embedder, max_wait_s=0.0)
+        b.start(asyncio.get_running_loop())
+        vecs = await b.submit(tiny_embedder.tokenize(texts), normalize=False, dimensions=8)
+        b.stop()
+        return vecs
+
+    vecs = asyncio.run(main())
+    assert np.array_equal(vecs, tiny_embedder.encode(texts, normalize=False, dimensions=8))
+
+
+def test_full_queue_answers_429_at_once_and_oversized_requests_413(tiny_embedder):
+    async def main():
+        b = Batcher(tiny_embedder, max_queue_tokens=10)  # each of the two texts is 6 tokens
+        loop = asyncio.get_running_loop()
+        first = b.submit(tiny_embedder.tokenize(["hello world the cat"]))  # queued, worker not started
+        with pytest.raises(OverloadedError) as busy:
+            b.submit(tiny_embedder.tokenize(["another one with words"]))
+        assert busy.value.retry_after > 0
+        with pytest.raises(PayloadTooLargeError, match="max_queue_tokens"):
+            b.submit(tiny_embedder.tokenize(["the cat " * 10]))
+        b.start(loop)  # the queued request is still served once the worker runs
+        vec = await first
+        b.stop()
+        return vec
+
+    assert asyncio.run(main()).shape == (1, 32)
+
+
+def test_errors_in_one_group_fail_only_those_requests(tiny_embedder):
+    async def main():
+        b = Batcher(tiny_embedder, max_wait_s=0.05)
+        b.start(asyncio.get_running_loop())
+        tok = tiny_embedder.tokenize(["fine text"])
+        bad = b.submit(tok, dimensions=999)  # the engine refuses it in the worker
+        good = b.submit(tok)
+        results = await asyncio.gather(bad, good, return_exceptions=True)
+        alive = b.alive
+        b.stop()
+        return results, alive
+
+    (bad, good), alive = asyncio.run(main())
+    assert isinstance(bad, InputError) and good.shape == (1, 32) and alive
+
+
+def test_a_dead_worker_refuses_work_with_503(tiny_embedder):
+    def die():
+        raise SystemExit("a hook called sys.exit()")
+
+    async def main():
+        b = Batcher(tiny_embedder)
+        b.start(asyncio.get_running_loop())
+        job = b.call(die)
+        for _ in range(200):
+            if not b.alive:
+                break
+            await asyncio.sleep(0.01)
+        alive = b.alive
+        with pytest.raises(NotReadyError, match="worker has stopped"):
+            b.submit(tiny_embedder.tokenize(["x"]))
+        err = await asyncio.gather(job, return_exceptions=True)
+        return alive, err
+
+    alive, err = asyncio.run(main())
+    assert alive is False
+    assert isinstance(err[0], NotReadyError)
+
+
+def test_stop_drains_queued_work_then_refuses_new_work(tiny_embedder):
+    async def main():
+        b = Batcher(tiny_embedder)
+        loop = asyncio.get_running_loop()
+        futs = [b.submit(tiny_embedder.tokenize([f"text {i}"])) for i in range(10)]
+        b.start(loop)
+        await loop.run_in_executor(None, b.stop)
+        with pytest.raises(NotReadyError, match="shutting down"):
+            b.submit(tiny_embedder.tokenize(["late"]))
+        return await asyncio.gather(*futs)
+
+    assert len(asyncio.run(main())) == 10
