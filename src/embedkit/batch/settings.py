@@ -40,6 +40,7 @@ NEGATED = {
 }
 RESOURCE_CONFIG = "/opt/ml/config/resourceconfig.json"
 DTYPES = ("float32", "float16")
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -66,7 +67,19 @@ class JobSettings(EngineSettings):
     single_file: bool = setting(False, "when complete, merge the parts into embeddings.parquet")
     fail_fast: bool = setting(False, "stop at the first rejected row or unreadable file")
     unit_rows: int = setting(50_000, "rows per unit of work (files larger than this are split)")
-    num_workers: int | None = setting(None, "accepted for seed 003; the local runner uses one engine")
+    num_workers: int | None = setting(
+        None, "ray engine: actors in the pool (default one per GPU, else one per node); local: logged only"
+    )
+    engine: str = setting("local", "local (one engine in this process) or ray (an actor pool on Ray Data)")
+    ray_address: str | None = setting(
+        None,
+        "ray engine: the cluster to join (ray://host:10001, host:6379); unset: start a local Ray",
+        env=("RAY_ADDRESS",),
+    )
+    cpus_per_worker: float | None = setting(
+        None, "ray engine: CPUs each actor reserves (default: its share, leaving some free)"
+    )
+    gpus_per_worker: float = setting(0.0, "ray engine: GPUs each actor reserves (0: run on CPUs)")
     aws_region: str | None = setting(None, "S3 region (seed 003's --aws_region)")
     progress: str = setting("auto", "auto (a bar on a terminal, log lines elsewhere), bar, log, none")
     log_every: float = setting(30.0, "seconds between progress log lines when not on a terminal")
@@ -82,6 +95,8 @@ class JobSettings(EngineSettings):
             raise ConfigError(f"unit_rows must be >= 1, got {self.unit_rows}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.progress not in ("auto", "bar", "log", "none"):
             raise ConfigError(f"progress must be auto, bar, log or none, got {self.progress!r}")
         for name in ("id", "embedding"):

@@ -83,7 +83,31 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--pooling", help="override pooling: mean, cls, max, lasttoken")
     eng.add_argument("--prompt-name", dest="prompt_name", help="prompt from the model's config to prepend")
     eng.add_argument(
-        "--num-workers", "--num_workers", dest="num_workers", type=int, help="accepted for seed 003 (logged)"
+        "--num-workers",
+        "--num_workers",
+        dest="num_workers",
+        type=int,
+        help="--engine ray: actors (default one per GPU, else one per node); local engine: logged only",
+    )
+    ray = p.add_argument_group("scale out (--engine ray)")
+    ray.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        help="local: one engine in this process (default); ray: an actor pool on Ray Data",
+    )
+    ray.add_argument(
+        "--ray-address",
+        dest="ray_address",
+        help="Ray cluster to join (also RAY_ADDRESS); unset: start a local Ray and stop it at the end",
+    )
+    ray.add_argument(
+        "--cpus-per-worker",
+        dest="cpus_per_worker",
+        type=float,
+        help="CPUs each actor reserves (default: its share of the cores, leaving some free)",
+    )
+    ray.add_argument(
+        "--gpus-per-worker", dest="gpus_per_worker", type=float, help="GPUs each actor reserves (default 0)"
     )
     job = p.add_argument_group("job")
     job.add_argument(

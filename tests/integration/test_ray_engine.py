@@ -1,0 +1,204 @@
+"""``embedkit embed --engine ray``: the same dataset as the local engine, resumable across engines,
+exactly once when the driver is killed, and a clear error (not a hang) when the cluster is too small.
+
+One local Ray (2 CPUs, no GPU) is shared by the module (starting Ray and its actors costs seconds);
+the killed driver joins it with ``--ray-address``, so killing it leaves no Ray processes behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embedkit.batch import embed_dataset
+from embedkit.batch.ray_runner import size_workers
+from embedkit.cli import main as cli
+from embedkit.errors import ConfigError, InterruptedJobError
+from tests.integration.batch_data import (
+    count_markers,
+    read_metadata,
+    read_parts,
+    read_rejects,
+    sentence,
+    with_working_tokenizer,
+    write_parquet_dataset,
+)
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'embedkit[ray]')")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model, tmp_path_factory):
+    return with_working_tokenizer(tiny_model, tmp_path_factory.mktemp("tiny-worded"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray for the module (starting one costs seconds); yields its address."""
+    ctx = ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=0,
+        object_store_memory=128 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
+def _same_dataset(out, ref) -> None:
+    ids, vecs, parts = read_parts(out)
+    ref_ids, ref_vecs, ref_parts = read_parts(ref)
+    assert len(ids) == len(set(ids)), "duplicate ids"
+    assert ids == ref_ids and parts == ref_parts
+    assert vecs.shape == ref_vecs.shape and float(np.abs(vecs - ref_vecs).max()) <= 1e-6
+    key = lambda r: (r["source"], r["row"])  # noqa: E731
+    assert sorted(read_rejects(out), key=key) == sorted(read_rejects(ref), key=key)
+    meta, ref_meta = read_metadata(out), read_metadata(ref)
+    assert meta["complete"] and meta["rows"] == ref_meta["rows"] and meta["units"] == ref_meta["units"]
+
+
+# ------------------------------------------------------------------------------ sizing (no Ray)
+def test_workers_on_two_cores_reserve_fractions_that_leave_cpu_free():
+    two = size_workers([{"CPU": 2}], 2)
+    assert (two.cpus_per_worker, two.threads) == (0.75, 1)  # 1.5 of 2 reserved: never every core
+    one = size_workers([{"CPU": 2}], 1)
+    assert (one.cpus_per_worker, one.threads) == (1.5, 2)  # one worker uses both cores, like local
+    # two nodes of 4: three workers cannot get 2.5 CPUs each (only one fits per node), 2.0 can
+    three = size_workers([{"CPU": 4}, {"CPU": 4}], 3)
+    assert three.cpus_per_worker == 2.0 and three.num_workers == 3
+    gpus = size_workers([{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}], gpus_per_worker=1)
+    assert (gpus.num_workers, gpus.cpus_per_worker, gpus.gpus_per_worker) == (4, 1.0, 1.0)
+
+
+def test_requests_the_cluster_cannot_hold_fail_fast_naming_what_it_has():
+    with pytest.raises(ConfigError, match=r"has no GPU .*2 CPU, 0 GPU.*--gpus-per-worker 0"):
+        size_workers([{"name": "n1", "CPU": 2}], 1, gpus_per_worker=1)
+    with pytest.raises(ConfigError, match=r"3 worker\(s\) x 1.0 CPU cannot be placed.*room for 2"):
+        size_workers([{"CPU": 2}], 3, cpus_per_worker=1)
+    with pytest.raises(ConfigError, match=r"room for 2 such worker"):
+        size_workers([{"CPU": 16, "GPU": 2}], 3, gpus_per_worker=1)
+    with pytest.raises(ConfigError, match="fraction below 1 or a whole number"):
+        size_workers([{"CPU": 16, "GPU": 4}], 1, gpus_per_worker=1.5)
+
+
+# ------------------------------------------------------------------------------ on a local Ray
+def test_ray_engine_with_two_workers_gives_the_local_engines_dataset(
+    tmp_path, model_dir, ray_cluster, capsys
+):
+    inp = tmp_path / "in"
+    write_parquet_dataset(str(inp), files=2, rows=60, row_group_size=10)
+    col = [sentence(i) for i in range(30)]
+    col[4], col[7] = None, "  "  # rejected rows go to rejects/ with either engine
+    pq.write_table(pa.table({"text": col}), inp / "with-bad-rows.parquet", row_group_size=10)
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    embed_dataset(str(inp), str(local), model=model_dir, device="cpu", unit_rows=10, progress="none")
+
+    argv = ["embed", str(inp), str(on_ray), "--model", model_dir, "--unit-rows", "10", "--progress", "none"]
+    assert cli([*argv, "--engine", "ray", "--num-workers", "2"]) == 0
+    _same_dataset(on_ray, local)
+    assert count_markers(on_ray) == count_markers(local) == 15
+    assert {r["reason"] for r in read_rejects(on_ray)} == {"null text", "empty text"}
+    runner = read_metadata(on_ray)["runner"]
+    assert runner["engine"] == "ray" and runner["sizing"]["num_workers"] == 2
+    assert runner["sizing"]["cpus_per_worker"] == 0.75 and runner["worker_engine"]["threads"] == 1
+    assert 1 <= len(runner["workers"]) <= 2
+    assert sum(w["units"] for w in runner["workers"].values()) == 15
+    assert sum(w["rows"] for w in runner["workers"].values()) == 148
+
+    # either engine resumes the other's job: everything is recorded, nothing is recomputed
+    summary = embed_dataset(
+        str(inp), str(on_ray), model=model_dir, device="cpu", unit_rows=10, progress="none"
+    )
+    assert summary.complete and summary.units_processed == 0 and summary.units_skipped == 15
+    _same_dataset(on_ray, local)
+
+
+def test_sigkilled_ray_driver_then_stopped_ray_rerun_then_local_engine_give_the_uninterrupted_dataset(
+    tmp_path, model_dir, ray_cluster
+):
+    inp, out, ref = str(tmp_path / "in"), str(tmp_path / "out"), str(tmp_path / "ref")
+    write_parquet_dataset(inp, files=3, rows=100, row_group_size=10)
+    args = ["--unit-rows", "10", "--max-batch-tokens", "32", "--engine", "ray", "--num-workers", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.path.join(ROOT, "src"))
+    cmd = [sys.executable, "-m", "embedkit", "embed", inp, out, "--model", model_dir, "--progress", "log"]
+    proc = subprocess.Popen(
+        [*cmd, *args, "--ray-address", ray_cluster],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while count_markers(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the job ended before the kill: {proc.stderr.read()}"
+        assert count_markers(out) >= 3, "no unit recorded in time"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        proc.stderr.close()
+    killed_at = count_markers(out)
+    assert killed_at < 30
+
+    # rerun on Ray: it skips what the killed run recorded; stop it (as SIGTERM does) after 2 more units
+    stop = threading.Event()
+
+    def stop_after_two_more() -> None:
+        deadline = time.monotonic() + 120
+        while count_markers(out) < killed_at + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+
+    watcher = threading.Thread(target=stop_after_two_more, daemon=True)
+    watcher.start()
+    opts = {"model": model_dir, "unit_rows": 10, "progress": "none", "max_batch_tokens": 32}
+    with pytest.raises(InterruptedJobError) as info:
+        embed_dataset(inp, out, engine="ray", num_workers=2, stop_event=stop, **opts)
+    watcher.join(timeout=5)
+    assert info.value.exit_code == 130 and "Rerun the same command to resume" in str(info.value)
+    assert info.value.summary.units_skipped == killed_at and read_metadata(out) is None
+    stopped_at = count_markers(out)
+    assert killed_at + 2 <= stopped_at < 30
+
+    # then the local engine finishes the job: the same dataset as one uninterrupted run
+    summary = embed_dataset(inp, out, device="cpu", **opts)
+    assert summary.complete and summary.units_skipped == stopped_at
+    embed_dataset(inp, ref, model=model_dir, device="cpu", unit_rows=10, progress="none")
+    _same_dataset(out, ref)
+    assert [n for n in os.listdir(out) if n.startswith(".")] == []  # temp files of the killed run cleaned
+
+
+def test_cli_refuses_a_pool_the_cluster_cannot_hold_instead_of_hanging(
+    tmp_path, model_dir, ray_cluster, capsys
+):
+    inp = tmp_path / "in"
+    write_parquet_dataset(str(inp), files=1, rows=20)
+    base = ["embed", str(inp), str(tmp_path / "out"), "--model", model_dir, "--engine", "ray"]
+    assert cli([*base, "--num-workers", "2", "--gpus-per-worker", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "has no GPU" in err and "--gpus-per-worker 0" in err
+    assert cli([*base, "--num-workers", "3", "--cpus-per-worker", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "3 worker(s) x 1.0 CPU cannot be placed" in err and "room for 2" in err
+    assert count_markers(tmp_path / "out") == 0
