@@ -344,3 +344,15 @@ def test_sagemaker_processing_layout_with_seed_000_arguments(tmp_path, tiny_mode
     assert meta["hosts"]["processed_by"] == ["algo-1", "algo-2"]
     ids, _, parts = read_parts(str(out))
     assert len(ids) == len(set(ids)) == 40 and len(parts) == 4
+
+
+def test_an_output_holding_someone_elses_part_files_is_refused(tmp_path, tiny_embedder):
+    write_parquet_dataset(str(tmp_path / "in"), files=1, rows=5)
+    (tmp_path / "out").mkdir()
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "out" / "part-00000.parquet")  # e.g. a Spark output
+    with pytest.raises(JobStateError, match="no embedkit job recorded"):
+        _run(tmp_path / "in", tmp_path / "out", tiny_embedder)
+    assert sorted(os.listdir(tmp_path / "out")) == ["part-00000.parquet"]  # untouched
+    _run(tmp_path / "in", tmp_path / "out", tiny_embedder, overwrite=True)
+    (part,) = read_parts(tmp_path / "out")[2]
+    assert part.startswith("part-shard-00-")  # the foreign file was replaced

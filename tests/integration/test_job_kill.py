@@ -99,7 +99,6 @@ def _kill_at_random_points(inp: str, out: str, ref: str, model: str, seed: int, 
         proc.stdout.close()
         proc.stderr.close()
     assert killed >= 1, "the job always finished before the kill: make the dataset larger"
-    assert count_markers(out) < total or killed < kills
     summary = embed_dataset(inp, out, embedder=emb, unit_rows=10, progress="none")
     assert summary.complete and summary.units_skipped > 0
     _same_dataset(out, ref)

@@ -147,6 +147,9 @@ def test_hosts_from_sagemaker_resourceconfig_and_flags(tmp_path):
     )
     with pytest.raises(ConfigError, match="shard_index"):
         detect_hosts(2, 2, env)
+    # ShardedByS3Key: each host sees its own files, so it takes all it sees (--num-shards 1)
+    h = detect_hosts(1, None, env)
+    assert (h.num_shards, h.host, h.multi, h.sees_everything) == (1, "algo-2", True, False)
 
 
 def test_settings_precedence_flag_over_yaml_over_env(tmp_path):

@@ -33,7 +33,7 @@ from embedkit.batch.prepare import Prepared, prepare_unit, reason_kind
 from embedkit.batch.report import JobSummary, Progress, totals, versions
 from embedkit.batch.settings import HostPlan, JobSettings, detect_hosts
 from embedkit.batch.state import FORMAT, JobState, join_fs
-from embedkit.errors import ConfigError, InputError, InterruptedJobError
+from embedkit.errors import ConfigError, InputError, InterruptedJobError, JobStateError
 from embedkit.io.fs import get_fs, remove, write_json
 
 log = logging.getLogger("embedkit.batch")
@@ -128,6 +128,11 @@ def embed_dataset(
     started = time.time()
     t0 = time.perf_counter()
     hosts = detect_hosts(settings.num_shards, settings.shard_index)
+    if settings.single_file and not hosts.sees_everything:
+        raise ConfigError(
+            f"--single-file needs every host to see the whole input (hosts {list(hosts.hosts)} each see "
+            f"their own files with --num-shards 1); drop --single-file, or let the hosts split the units"
+        )
     if settings.num_workers and settings.engine == "local":
         log.info(
             "num_workers=%d accepted; the local runner drives one engine using %s threads",
@@ -160,8 +165,13 @@ def embed_dataset(
         )
     out_fs, out_root = get_fs(settings.output, settings.aws_region)
     state = JobState(out_fs, out_root, _fingerprint(settings, embedder, plan))
-    replaced = state.check(overwrite=settings.overwrite)
     folder = OutputFolder(out_fs, out_root)
+    if not settings.overwrite and not state.exists() and folder.scan():
+        raise JobStateError(
+            f"{settings.output} already holds part files that no embedkit job recorded "
+            f"(e.g. {sorted(folder.scan())[0]}); choose an empty output folder, or --overwrite to replace them"
+        )
+    replaced = state.check(overwrite=settings.overwrite)
     if replaced:
         state.clear_merged()
         for name in ("metadata.json", MERGED_NAME):
@@ -302,6 +312,12 @@ class _Runner:
                     else:
                         pending_write.result()
             finally:
+                if pending_write is not None and not pending_write.done():
+                    # an error stopped the loop: let the unit already embedded be recorded
+                    try:
+                        pending_write.result(timeout=STOP_GRACE_SECONDS)
+                    except Exception:
+                        log.debug("the last unit's write failed after an earlier error", exc_info=True)
                 reader.close()
                 writer.close()
                 self.progress.close()
@@ -419,7 +435,7 @@ def _finish(settings, embedder, plan, state, folder, hosts, mine, runner, starte
             },
         )
         summary.metadata_path = join_fs(folder.fs, settings.output, f"metadata-{hosts.host}.json")
-    if complete:
+    if complete and hosts.sees_everything:
         single = None
         if settings.single_file:
             single = _merge(state, folder, plan, markers)

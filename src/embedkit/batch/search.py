@@ -11,6 +11,8 @@ settings recorded in ``metadata.json``, so query and corpus vectors match.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -113,9 +115,6 @@ def _faiss_search(out: JobOutput, info: dict, q: np.ndarray, k: int):
     except ImportError:
         log.info("faiss not installed: searching the .npy export with numpy")
         return None, None
-    import os
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "index.faiss")
         out.fs.get_file(join_fs(out.fs, out.root, EXPORT_DIR, "index.faiss"), local)

@@ -185,7 +185,14 @@ class HostPlan:
 
     @property
     def multi(self) -> bool:
-        return self.num_shards > 1
+        """Several hosts write into one output: each writes ``metadata-<host>.json``."""
+        return self.num_shards > 1 or len(self.hosts) > 1
+
+    @property
+    def sees_everything(self) -> bool:
+        """This host plans the whole dataset (False with SageMaker's ``ShardedByS3Key``: several
+        hosts, ``--num-shards 1``, each seeing only its own files)."""
+        return self.num_shards > 1 or len(self.hosts) <= 1
 
 
 def detect_hosts(num_shards: int | None, shard_index: int | None, environ=None) -> HostPlan:
@@ -193,26 +200,26 @@ def detect_hosts(num_shards: int | None, shard_index: int | None, environ=None) 
     else one host. The file's path can be moved with ``EMBEDKIT_RESOURCE_CONFIG`` (tests)."""
     environ = os.environ if environ is None else environ
     path = environ.get("EMBEDKIT_RESOURCE_CONFIG", RESOURCE_CONFIG)
-    current, hosts = None, None
+    current, hosts = None, ()
     if os.path.exists(path):
         try:
             with open(path, encoding="utf-8") as fh:
                 rc = json.load(fh)
-            current, hosts = rc["current_host"], tuple(rc["hosts"])
+            current, hosts = str(rc["current_host"]), tuple(str(h) for h in rc["hosts"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(
                 f"{path} must be JSON with current_host and hosts (as SageMaker writes it): {exc}"
             ) from None
+        if current not in hosts:
+            raise ConfigError(f"{path}: current_host {current!r} is not in hosts {list(hosts)}")
     if num_shards is not None or shard_index is not None:
         n = 1 if num_shards is None else int(num_shards)
         i = 0 if shard_index is None else int(shard_index)
         if n < 1 or not 0 <= i < n:
             raise ConfigError(f"shard_index must be in 0..num_shards-1, got shard {i} of {n}")
-        host = current if hosts and len(hosts) == n and hosts.index(current) == i else f"shard-{i}"
-        return HostPlan(n, i, host, tuple(hosts) if hosts and len(hosts) == n else ())
+        host = current or (f"shard-{i}" if n > 1 else socket.gethostname())
+        return HostPlan(n, i, host, hosts)
     if hosts:
-        if current not in hosts:
-            raise ConfigError(f"{path}: current_host {current!r} is not in hosts {list(hosts)}")
         return HostPlan(len(hosts), hosts.index(current), current, hosts)
     name = socket.gethostname()
     return HostPlan(1, 0, name, (name,))

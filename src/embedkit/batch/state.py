@@ -52,6 +52,12 @@ class JobState:
         self.units_dir = join_fs(fs, self.dir, "units")
 
     # ------------------------------------------------------------- the job
+    def exists(self) -> bool:
+        """True when the output already holds a job's state (``job.json`` or unit markers)."""
+        return read_json(self.fs, join_fs(self.fs, self.dir, "job.json")) is not None or bool(
+            self._marker_names()
+        )
+
     def check(self, *, overwrite: bool) -> bool:
         """Compare with the recorded job; record this one. Returns True when the output already
         held a job with other settings (and ``overwrite`` allowed replacing it)."""
