@@ -40,7 +40,8 @@ def test_bad_json_is_a_400_never_an_exception_of_another_kind(body):
 
 def test_csv_is_one_text_per_line_with_commas_kept_and_quotes_honoured():
     body = b'first text\nsecond, with a comma\n"quoted, ""inner"" text"\n\n'
-    assert codecs.decode(body, "text/csv") == ["first text", "second, with a comma", 'quoted, "inner" text']
+    texts = ["first text", "second, with a comma", 'quoted, "inner" text']
+    assert codecs.decode(body, "text/csv") == {"inputs": texts}
     with pytest.raises(InputError, match="no text"):
         codecs.decode(b"\n\n", "text/csv")
     with pytest.raises(InputError, match="UTF-8"):
@@ -49,7 +50,7 @@ def test_csv_is_one_text_per_line_with_commas_kept_and_quotes_honoured():
 
 def test_jsonlines_accepts_strings_and_objects_and_names_the_bad_line():
     body = b'"plain"\n{"inputs": "obj"}\n\n{"text": "t"}\n'
-    assert codecs.decode(body, "application/jsonlines") == ["plain", "obj", "t"]
+    assert codecs.decode(body, "application/jsonlines") == {"inputs": ["plain", "obj", "t"]}
     with pytest.raises(InputError, match="line 2"):
         codecs.decode(b'"ok"\n{"inputs": 3}\n', "application/jsonlines")
     with pytest.raises(InputError, match="line 1 is not valid JSON"):

@@ -79,7 +79,7 @@ def test_tei_defaults_are_normalize_true_truncate_false():
 
 
 def test_openai_base64_is_little_endian_float32():
-    req, fmt = openai.parse({"input": ["a", "b"], "encoding_format": "base64", "model": "m"}, LIMITS)
+    _req, fmt = openai.parse({"input": ["a", "b"], "encoding_format": "base64", "model": "m"}, LIMITS)
     vecs = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     out = openai.respond(vecs, fmt, "m", 7)
     assert out["usage"] == {"prompt_tokens": 7, "total_tokens": 7} and out["object"] == "list"

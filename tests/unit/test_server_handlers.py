@@ -38,12 +38,12 @@ def test_sagemaker_program_in_submit_directory(tmp_path):
 
 
 def test_missing_program_file_is_a_config_error_naming_it(tmp_path):
-    with pytest.raises(ConfigError, match="nope.py"):
+    with pytest.raises(ConfigError, match=r"nope\.py"):
         load_handler("nope.py", str(tmp_path), None)
 
 
 def test_remote_submit_directory_is_refused_with_what_to_do(tmp_path):
-    with pytest.raises(ConfigError, match="model.tar.gz"):
+    with pytest.raises(ConfigError, match=r"model\.tar\.gz"):
         load_handler("inference.py", "s3://bucket/code.tar.gz", tmp_path)
 
 

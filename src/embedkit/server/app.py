@@ -191,13 +191,13 @@ class EmbedServer:
         if h.predict_fn is not None:
             prediction = await svc.call(h.predict_fn, data, svc.model)
         else:
-            prediction = await self._predict(data)
+            prediction = await self._predict(data, from_user=h.input_fn is not None)
         if h.output_fn is not None:
             return _user_response(await svc.call(h.output_fn, prediction, accept_arg), accept_arg)
         accept = codecs.negotiate(accept_raw)
         return Response(codecs.encode(prediction, accept), media_type=accept)
 
-    async def _predict(self, payload: Any) -> Any:
+    async def _predict(self, payload: Any, from_user: bool = False) -> Any:
         """embedkit's default predict: route a decoded payload to its contract and embed it."""
         limits = self.service.limits
         if isinstance(payload, dict):
@@ -211,7 +211,7 @@ class EmbedServer:
                     f'request body needs an "inputs" field (or "search_term"); it has {keys}', field="inputs"
                 )
             req = hf.parse(payload, limits)
-        elif isinstance(payload, (list, str)):
+        elif from_user and isinstance(payload, (list, str)):  # what a custom input_fn may return
             req = texts_request(payload, field="inputs", limits=limits)
         else:
             raise InputError(

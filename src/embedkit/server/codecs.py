@@ -4,7 +4,7 @@ negotiation. Tiny pure functions, tested on their own.
 >>> decode(b'{"inputs": "hi"}', None)
 {'inputs': 'hi'}
 >>> decode(b'first text\\nsecond, with a comma\\n', "text/csv")
-['first text', 'second, with a comma']
+{'inputs': ['first text', 'second, with a comma']}
 >>> negotiate("text/csv;q=0.5, application/x-npy")
 'application/x-npy'
 """
@@ -49,16 +49,17 @@ def parse_json(body: bytes) -> Any:
 
 
 def decode(body: bytes, content_type: str | None) -> Any:
-    """Decode a request body by its content type: JSON -> the parsed value, CSV / JSON Lines -> list of texts."""
+    """Decode a request body by its content type: JSON -> the parsed value, CSV / JSON Lines ->
+    ``{"inputs": [texts]}`` (so they are answered like the HF contract)."""
     kind = media_type(content_type)
     if kind in _JSON_IN:
         if kind != JSON and body.lstrip()[:1] not in (b"{", b"["):
             raise UnsupportedMediaTypeError(_unsupported(content_type))
         return parse_json(body)
     if kind == CSV:
-        return _decode_csv(body)
+        return {"inputs": _decode_csv(body)}
     if kind in _JSONLINES_IN:
-        return _decode_jsonlines(body)
+        return {"inputs": _decode_jsonlines(body)}
     raise UnsupportedMediaTypeError(_unsupported(content_type))
 
 

@@ -49,7 +49,8 @@ def parse(payload: Any, limits: Limits) -> tuple[EmbedRequest, str]:
             field="input",
         )
     req = texts_request(value, field="input", limits=limits)
-    fmt = body.get("encoding_format") or "float"
+    fmt = body.get("encoding_format")
+    fmt = "float" if fmt is None else fmt
     if fmt not in ("float", "base64"):
         raise InputError(f"encoding_format must be 'float' or 'base64', got {fmt!r}", field="encoding_format")
     req.dimensions = check_dimensions(body.get("dimensions"), "dimensions", limits)
