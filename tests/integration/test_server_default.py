@@ -1,0 +1,139 @@
+"""`embedkit serve` with the real default model: seed 002's curl smoke test, seed 004's boto3 snippet,
+the `openai` client, and golden parity of every contract against `Embedder.encode`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.contract.serving import ServerProcess
+from tests.parity_texts import parity_texts
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ServerProcess(["--model", "default"], log_dir=tmp_path_factory.mktemp("serve-default")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    """Dummy credentials: boto3 signs every request, and no real AWS is ever reached."""
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def f32(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+TEXTS = [t for t in parity_texts() if t.strip()][:40]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_seed_002_smoke_test_with_curl(server):
+    ping = subprocess.run(
+        ["curl", "-s", "-i", server.url + "/ping"], capture_output=True, text=True, timeout=30
+    )
+    assert ping.stdout.startswith("HTTP/1.1 200")
+    out = subprocess.run(
+        ["curl", "-s", "-w", "\n%{http_code}", "-X", "POST", server.url + "/invocations",
+         "-d", '{"search_term": "geladeira frost free 375 litros"}'],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    body, status = out.stdout.rsplit("\n", 1)
+    assert status == "200"
+    embedding = json.loads(body)["embedding"]
+    assert len(embedding) == 384 and all(isinstance(x, float) for x in embedding)
+
+
+# Seed 004's "Python Example", character for character, except the added endpoint_url argument.
+SEED_004 = """
+import boto3
+import json
+
+client = boto3.client('sagemaker-runtime', region_name='us-east-1', endpoint_url=ENDPOINT_URL)
+
+response = client.invoke_endpoint(
+    EndpointName='alex-embedding-endpoint',
+    ContentType='application/json',
+    Body=json.dumps({
+        "inputs": "Hello, this is a sample text for embedding generation."
+    })
+)
+
+result = json.loads(response['Body'].read().decode())
+embeddings = result['embeddings']  # 384-dimensional vector
+"""
+
+
+def test_seed_004_snippet_verbatim_except_endpoint_url(server, aws_env, default_embedder):
+    namespace = {"ENDPOINT_URL": server.url}
+    exec(SEED_004, namespace)
+    embeddings = namespace["embeddings"]
+    assert len(embeddings) == 384
+    expected = default_embedder.encode("Hello, this is a sample text for embedding generation.")
+    assert np.array_equal(f32(embeddings), expected)
+
+
+def test_openai_client_embeddings_create(server, default_embedder):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    texts = ["a cat sits on the mat", "ein Hund im Park"]
+    res = client.embeddings.create(model="default", input=texts)  # the client asks for base64
+    got = f32([d.embedding for d in res.data])
+    assert np.array_equal(got, default_embedder.encode(texts))
+    assert res.usage.prompt_tokens == default_embedder.tokenize(texts).num_tokens
+    res = client.embeddings.create(model="default", input="one", encoding_format="float", dimensions=64)
+    assert np.array_equal(f32(res.data[0].embedding), default_embedder.encode("one", dimensions=64))
+
+
+def test_golden_parity_every_contract_equals_the_engine(server, default_embedder):
+    expected = default_embedder.encode(TEXTS)
+    one = default_embedder.encode(TEXTS[3])
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        got = {
+            "hf list": c.post("/invocations", json={"inputs": TEXTS}).json()["embeddings"],
+            "search list": c.post("/invocations", json={"search_term": TEXTS}).json()["embeddings"],
+            "tei": c.post("/embed", json={"inputs": TEXTS, "truncate": True}).json(),
+            "openai float": [
+                d["embedding"]
+                for d in c.post("/v1/embeddings", json={"input": TEXTS, "model": "m"}).json()["data"]
+            ],
+            "runtime": c.post("/endpoints/any/invocations", json={"inputs": TEXTS}).json()["embeddings"],
+            "jsonlines": c.post(
+                "/invocations",
+                content="\n".join(json.dumps(t) for t in TEXTS).encode(),
+                headers={"Content-Type": "application/jsonlines"},
+            ).json()["embeddings"],
+        }
+        b64 = c.post("/v1/embeddings", json={"input": TEXTS, "encoding_format": "base64"}).json()["data"]
+        got["openai base64"] = [np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in b64]
+        npy = c.post("/invocations", json={"inputs": TEXTS}, headers={"Accept": "application/x-npy"})
+        got["npy"] = np.load(io.BytesIO(npy.content), allow_pickle=False)
+        csv_texts = [t for t in TEXTS if "\n" not in t and '"' not in t and "," not in t and t == t.strip()]
+        csv = c.post(
+            "/invocations", content="\n".join(csv_texts).encode(), headers={"Content-Type": "text/csv"}
+        )
+        hf_one = c.post("/invocations", json={"inputs": TEXTS[3]}).json()["embeddings"]
+        search_one = c.post("/invocations", json={"search_term": TEXTS[3]}).json()["embedding"]
+    for name, vecs in got.items():
+        assert np.array_equal(f32(vecs), expected), name
+    assert np.array_equal(f32(csv.json()["embeddings"]), default_embedder.encode(csv_texts))
+    assert np.array_equal(f32(hf_one), one) and np.array_equal(f32(search_one), one)
