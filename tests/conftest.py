@@ -38,6 +38,21 @@ def tiny_embedder(tiny_model):
 
 
 @pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random CLIP model + processor (projection dim 16, 32x32 images, max 24 tokens)."""
+    from embedkit.testing import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def clip_embedder(tiny_clip):
+    from embedkit.engine.image import ImageEmbedder
+
+    return ImageEmbedder(str(tiny_clip), device="cpu")
+
+
+@pytest.fixture(scope="session")
 def default_embedder():
     """The real default model (all-MiniLM-L6-v2) in fp32 on CPU."""
     from embedkit import Embedder

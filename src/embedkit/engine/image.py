@@ -68,7 +68,7 @@ def decode_image(
     except Image.DecompressionBombError as exc:
         raise InvalidImageError("image too large", str(exc)) from None
     except Exception as exc:
-        raise InvalidImageError("undecodable image", f"{type(exc).__name__}: {exc}") from None
+        raise InvalidImageError(_failure_kind(exc), f"{type(exc).__name__}: {exc}") from None
     width, height = img.size
     if width * height > max_pixels:
         raise InvalidImageError(
@@ -78,17 +78,21 @@ def decode_image(
         raise InvalidImageError("undecodable image", f"{width}x{height} pixels")
     try:
         img.load()
-    except OSError as exc:
-        msg = str(exc)
-        kind = "truncated image" if "truncated" in msg or "broken data stream" in msg else "undecodable image"
-        raise InvalidImageError(kind, msg) from None
     except Exception as exc:
-        raise InvalidImageError("undecodable image", f"{type(exc).__name__}: {exc}") from None
+        detail = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        raise InvalidImageError(_failure_kind(exc), detail) from None
     try:
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # a damaged EXIF block: keep the pixels as stored
         pass
     return to_rgb(img)
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """``truncated image`` when Pillow says the data ended early, else ``undecodable image``."""
+    msg = str(exc).lower()
+    cut = isinstance(exc, (OSError, EOFError)) and ("truncated" in msg or "broken data stream" in msg)
+    return "truncated image" if cut or isinstance(exc, EOFError) else "undecodable image"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
