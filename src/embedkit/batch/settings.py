@@ -83,6 +83,14 @@ class JobSettings(EngineSettings):
     aws_region: str | None = setting(None, "S3 region (seed 003's --aws_region)")
     progress: str = setting("auto", "auto (a bar on a terminal, log lines elsewhere), bar, log, none")
     log_every: float = setting(30.0, "seconds between progress log lines when not on a terminal")
+    modality: str = setting(
+        "auto", "auto (from the data), text, or image (img2dataset shards, URL lists; a CLIP model)"
+    )
+    embed_captions: bool = setting(False, "image jobs: also embed captions (caption_embedding column)")
+    fetch_workers: int = setting(16, "image URL lists: URLs fetched at once")
+    fetch_timeout: float = setting(10.0, "image URL lists: seconds per fetch try")
+    fetch_retries: int = setting(2, "image URL lists: retries of a fetch that timed out or got 429/5xx")
+    max_image_bytes: int = setting(20 * 2**20, "image jobs: images over this many bytes are rejected")
 
     def __post_init__(self) -> None:
         if isinstance(self.keep_columns, str):
@@ -97,6 +105,12 @@ class JobSettings(EngineSettings):
             raise ConfigError(f"max_samples must be >= 1, got {self.max_samples}")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.modality not in ("auto", "text", "image"):
+            raise ConfigError(f"modality must be auto, text or image, got {self.modality!r}")
+        if self.fetch_workers < 1 or self.fetch_timeout <= 0 or self.fetch_retries < 0:
+            raise ConfigError("fetch_workers must be >= 1, fetch_timeout > 0 and fetch_retries >= 0")
+        if self.max_image_bytes < 1:
+            raise ConfigError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
         if self.progress not in ("auto", "bar", "log", "none"):
             raise ConfigError(f"progress must be auto, bar, log or none, got {self.progress!r}")
         for name in ("id", "embedding"):

@@ -46,6 +46,23 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
         help="merge into embeddings.parquet when complete",
     )
     io.add_argument("--aws-region", "--aws_region", dest="aws_region", help="S3 region")
+    img = p.add_argument_group("images (img2dataset shards and URL lists, with a CLIP model)")
+    img.add_argument(
+        "--modality", choices=("auto", "text", "image"), help="auto (default): detected from the data"
+    )
+    img.add_argument(
+        "--embed-captions",
+        dest="embed_captions",
+        action="store_const",
+        const=True,
+        help="also embed each caption with the CLIP text tower (caption_embedding column)",
+    )
+    img.add_argument("--fetch-workers", dest="fetch_workers", type=int, help="URLs fetched at once (16)")
+    img.add_argument("--fetch-timeout", dest="fetch_timeout", type=float, help="seconds per fetch try (10)")
+    img.add_argument("--fetch-retries", dest="fetch_retries", type=int, help="retries on timeout/429/5xx (2)")
+    img.add_argument(
+        "--max-image-bytes", dest="max_image_bytes", type=int, help="reject larger images (20 MiB)"
+    )
     eng = p.add_argument_group("model and engine")
     eng.add_argument(
         "--model",

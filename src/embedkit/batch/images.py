@@ -1,0 +1,422 @@
+"""Image datasets in the batch job: img2dataset shards and URL lists, embedded with a CLIP model.
+
+Same job as for text (units, part files, rejects, ``metadata.json``, resume, shards): only reading
+and embedding a unit differ. A unit is one webdataset shard (``NNNNN.tar`` with its ``NNNNN.parquet``),
+or a row range of a parquet holding image bytes or of a URL list. The reader thread reads unit
+*k+1* (fetching URLs ``fetch_workers`` at a time) while the engine embeds unit *k*, decoding images
+on its decode pool ahead of the model. Rows that cannot be embedded go to ``rejects/`` with the
+reason: ``download failed: <img2dataset error_message>``, ``missing image``, ``fetch failed``,
+``oversized image``, ``not an image``, ``truncated image``, ``undecodable image``,
+``image too large``.
+
+Output rows keep ``key``, ``caption``, ``url`` and img2dataset's metadata columns; with
+``embed_captions`` a ``caption_embedding`` column holds the caption's CLIP text vector (null when
+the row has no caption).
+
+>>> from embedkit.batch import embed_dataset
+>>> embed_dataset("s3://bucket/laion-shards/", "s3://bucket/out/", model="./clip")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from embedkit.batch.job import _Runner
+from embedkit.batch.plan import Plan, Unit, _describe_all, _ranges
+from embedkit.batch.prepare import Prepared, _failed
+from embedkit.batch.settings import JobSettings
+from embedkit.errors import ConfigError, InputError
+from embedkit.io.fs import get_fs, is_remote, list_files
+from embedkit.io.images import (
+    META_COLUMNS,
+    Fetcher,
+    FetchSettings,
+    ImageRecord,
+    image_column,
+    meta_arrays,
+    read_index,
+    read_webdataset,
+    records_from_rows,
+)
+from embedkit.io.readers import EXTENSIONS, FileInfo, describe_file, read_rows
+
+log = logging.getLogger("embedkit.batch")
+
+MODALITIES = ("auto", "text", "image")
+IMAGE_UNIT_ROWS = 2048  # rows per unit at most: a unit's images are held (compressed) in memory
+_TEXT_ONLY_COLUMNS = ("text", "texto", "sentence", "content")
+
+
+# ------------------------------------------------------------------------------ modality
+def detect_modality(input_url: str, region: str | None = None) -> tuple[str, str]:
+    """``("image" | "text", why)`` from the data: webdataset ``.tar`` shards, a parquet with an image
+    bytes column, or a URL list (a ``url`` column and no text column but ``caption``) are images."""
+    listed = list_files(input_url, (*EXTENSIONS, ".tar"), region)
+    tars = [rel for _p, rel in listed if rel.lower().endswith(".tar")]
+    if tars:
+        return "image", f"webdataset shards ({tars[0]}...)"
+    fs, _ = get_fs(input_url, region)
+    for path, rel in listed[:3]:
+        info = describe_file(fs, path, rel)
+        if info.error:
+            continue
+        col = image_column(info.columns)
+        if col:
+            return "image", f"{rel} has an image bytes column {col!r}"
+        if "url" in info.columns and not any(c in info.columns for c in _TEXT_ONLY_COLUMNS):
+            return "image", f"{rel} is a URL list (url column, no text column)"
+        return "text", f"{rel} has no image column"
+    return "text", "no image dataset layout found"
+
+
+def resolve_modality(settings: JobSettings, embedder: Any) -> str:
+    """The modality the job runs: ``--modality``, or detected; checks the model can do it."""
+    from embedkit.engine.image import ImageEmbedder
+
+    is_clip = isinstance(embedder, ImageEmbedder)
+    wanted = settings.modality
+    if wanted == "text":
+        if settings.embed_captions:
+            raise ConfigError(
+                "--embed-captions applies to image datasets; with --modality text captions are the text"
+            )
+        return "text"
+    if wanted == "image":
+        why = "--modality image"
+    else:
+        wanted, why = detect_modality(settings.input, settings.aws_region)  # type: ignore[arg-type]
+    if wanted == "text":
+        if settings.embed_captions:
+            raise ConfigError(f"--embed-captions applies to image datasets; {settings.input} is text ({why})")
+        return "text"
+    if not is_clip:
+        url_list = "URL list" in why
+        if url_list and settings.modality == "auto":
+            log.warning(
+                "%s looks like an image URL list (%s) but %s is a text model: embedding its captions as "
+                "text. Use a CLIP model (--model ./clip-dir) to embed the images",
+                settings.input,
+                why,
+                embedder.model.name,
+            )
+            return "text"
+        raise ConfigError(
+            f"{settings.input} is an image dataset ({why}) but {embedder.model.name} is a text model; embed "
+            f"it with a CLIP-family model (--model ./clip-dir or s3://.../model.tar.gz)"
+            + ("" if settings.modality == "image" else ", or pass --modality text to embed captions")
+        )
+    log.info("modality: image (%s)", why)
+    return "image"
+
+
+# ---------------------------------------------------------------------------------- plan
+@dataclass
+class ShardInfo(FileInfo):
+    """An input file of an image dataset and its layout (``webdataset``, ``bytes``, ``urls``)."""
+
+    layout: str = "urls"
+    index_path: str | None = None  # the parquet beside a webdataset tar
+    image_column: str | None = None
+
+
+@dataclass
+class ImagePlan(Plan):
+    """A plan over image units; adds the job's image options to its fingerprint and metadata."""
+
+    embed_captions: bool = False
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    modality: str = "image"
+
+    @property
+    def fingerprint_extra(self) -> dict[str, Any]:
+        return {
+            "modality": "image",
+            "embed_captions": self.embed_captions,
+            "max_image_bytes": self.fetch.max_bytes,
+        }
+
+    @property
+    def metadata_extra(self) -> dict[str, Any]:
+        layouts = Counter(f.layout for f in self.files if isinstance(f, ShardInfo))
+        return {
+            "modality": "image",
+            "images": {
+                "layouts": dict(layouts),
+                "embed_captions": self.embed_captions,
+                "caption_column": "caption_embedding" if self.embed_captions else None,
+                "fetch": dataclasses.asdict(self.fetch),
+            },
+        }
+
+
+def make_image_plan(settings: JobSettings) -> ImagePlan:
+    """List an image dataset and cut it into units (one per webdataset shard, row ranges of
+    parquet-with-bytes files and URL lists)."""
+    keep = tuple(settings.keep_columns or ())
+    extra = [c for c in keep if c not in META_COLUMNS]
+    if extra:
+        raise ConfigError(
+            f"--keep-columns {', '.join(extra)}: image jobs keep img2dataset's metadata columns "
+            f"({', '.join(META_COLUMNS)}) and no others"
+        )
+    if settings.id_column and settings.id_column not in META_COLUMNS:
+        raise ConfigError(f"--id-column for image datasets must be one of {', '.join(META_COLUMNS)}")
+    region = settings.aws_region
+    fs, _ = get_fs(settings.input, region)  # type: ignore[arg-type]
+    listed = list_files(settings.input, (*EXTENSIONS, ".tar"), region)  # type: ignore[arg-type]
+    if not listed:
+        raise InputError(f"no input files under {settings.input} (looked for .tar, .parquet, .jsonl, .csv)")
+    paths = {p for p, _ in listed}
+    tables = [(p, r) for p, r in listed if not r.lower().endswith(".tar")]
+    indexes: dict[str, str] = {}  # tar path -> its parquet
+    for path, _rel in listed:
+        if path.lower().endswith(".tar"):
+            sibling = path[:-4] + ".parquet"
+            if sibling in paths or fs.exists(sibling):
+                indexes[path] = sibling
+    index_paths = set(indexes.values())
+    infos = _describe_all(fs, [(p, r) for p, r in tables if p not in index_paths])
+    by_path = {i.path: i for i in infos}
+    files: list[ShardInfo] = []
+    for path, rel in listed:
+        if path in index_paths:
+            continue
+        if path.lower().endswith(".tar"):
+            files.append(_tar_info(fs, path, rel, indexes.get(path)))
+        else:
+            files.append(_table_info(by_path[path]))
+    files.sort(key=lambda f: f.source)
+    rows = min(settings.unit_rows, IMAGE_UNIT_ROWS)
+    units: list[Unit] = []
+    budget = settings.max_samples
+    for info in files:
+        if budget is not None and budget <= 0:
+            break
+        if info.error is not None:
+            if settings.fail_fast:
+                raise InputError(f"{info.source}: {info.error} (--fail-fast)", file=info.source)
+            units.append(Unit(info.source, 0, None, info, error=info.error))
+            continue
+        spans = [(0, info.num_rows)] if info.layout == "webdataset" else _ranges(info, rows)
+        for start, stop in spans:
+            if budget is not None:
+                stop = start + budget if stop is None else min(stop, start + budget)
+                budget -= stop - start
+            units.append(Unit(info.source, start, stop, info))
+            if budget is not None and budget <= 0:
+                break
+    fetch = FetchSettings(
+        workers=settings.fetch_workers,
+        timeout=settings.fetch_timeout,
+        retries=settings.fetch_retries,
+        max_bytes=settings.max_image_bytes,
+    )
+    id_col = settings.id_column or "key"
+    return ImagePlan(
+        input=settings.input,  # type: ignore[arg-type]
+        units=units,
+        files=files,  # type: ignore[arg-type]
+        text_column="caption",
+        id_column=id_col,
+        keep_columns=(),
+        fs=fs,
+        embed_captions=settings.embed_captions,
+        fetch=fetch,
+    )
+
+
+def _tar_info(fs: Any, path: str, rel: str, index: str | None) -> ShardInfo:
+    info = ShardInfo(
+        path, rel, "webdataset", layout="webdataset", index_path=index, columns=list(META_COLUMNS)
+    )
+    if index is not None:
+        meta = describe_file(fs, index, rel[:-4] + ".parquet")
+        if meta.error:
+            info.error = f"unreadable: {meta.error} (the parquet beside the tar)"
+        else:
+            info.num_rows = meta.num_rows
+    return info
+
+
+def _table_info(info: FileInfo) -> ShardInfo:
+    out = ShardInfo(**{f.name: getattr(info, f.name) for f in dataclasses.fields(FileInfo)})
+    if info.error is not None:
+        out.error = f"unreadable: {info.error}"
+        return out
+    col = image_column(info.columns)
+    if col:
+        out.layout, out.image_column = "bytes", col
+    elif "url" in info.columns:
+        out.layout = "urls"
+    else:
+        out.error = (
+            f"not an image dataset file: no jpg/png/webp column, no url column and no .tar beside it "
+            f"(columns: {', '.join(info.columns)})"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------- prepare
+@dataclass
+class ImagePrepared(Prepared):
+    """A unit read: its records with image bytes (one per valid row, aligned with ``ids``)."""
+
+    records: list[ImageRecord] = field(default_factory=list)
+
+
+def prepare_image_unit(plan: ImagePlan, unit: Unit, fetcher: Fetcher) -> ImagePrepared:
+    """Read ``unit``'s rows and their image bytes (fetching URLs); rows without usable bytes are
+    rejected with their reason. Decoding happens later, on the engine's decode pool."""
+    t0 = time.perf_counter()
+    if unit.error is not None:
+        return _as_image(_failed(unit, unit.error, t0))
+    info: ShardInfo = unit.file  # type: ignore[assignment]
+    fs = plan.fs
+    try:
+        if info.layout == "webdataset":
+            index = read_index(fs, info.index_path) if info.index_path else None
+            records = read_webdataset(fs, info.path, info.source, index)
+            records = [r for r in records if r.row >= unit.start and (unit.stop is None or r.row < unit.stop)]
+        else:
+            cols = [c for c in META_COLUMNS if c in info.columns]
+            img_col = info.image_column
+            block = read_rows(fs, info, [*cols, *([img_col] if img_col else [])], unit.start, unit.stop)
+            metas = [
+                dict(zip(cols, vals, strict=True))
+                for vals in zip(*(block.columns[c] for c in cols), strict=True)
+            ]
+            if not cols:
+                metas = [{} for _ in range(block.num_rows)]
+            records = records_from_rows(
+                metas, block.columns[img_col] if img_col else None, unit.start, img_col
+            )
+            if info.layout == "urls":
+                _fetch(records, fetcher, _base_of(fs, info.path))
+    except Exception as exc:
+        return _as_image(_failed(unit, f"unreadable: {type(exc).__name__}: {exc}", t0))
+    cap = plan.fetch.max_bytes
+    out = ImagePrepared(unit=unit, rows_in=len(records))
+    id_col = plan.id_column or "key"
+    for rec in records:
+        rid = rec.meta.get(id_col)
+        sid = str(rid) if rid is not None else f"{unit.source}:{rec.row}"
+        if rec.error is None and rec.data is not None and len(rec.data) > cap:
+            rec.error = f"oversized image: {len(rec.data)} bytes, over the limit of {cap} (--max-image-bytes)"
+        if rec.error is not None:
+            out.rejects.append((unit.source, rec.row, sid, rec.error))
+        else:
+            out.ids.append(sid)
+            out.records.append(rec)
+    out.rows_rejected = len(out.rejects)
+    out.read_seconds = time.perf_counter() - t0
+    return out
+
+
+def _fetch(records: list[ImageRecord], fetcher: Fetcher, base: str) -> None:
+    todo = [r for r in records if r.error is None]
+    blobs = fetcher.fetch_many([r.meta.get("url") for r in todo], base=base)
+    for rec, blob in zip(todo, blobs, strict=True):
+        if isinstance(blob, bytes):
+            rec.data = blob
+        else:
+            rec.error = blob.reason
+
+
+def _base_of(fs: Any, path: str) -> str:
+    folder = posixpath.dirname(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return folder
+    url = fs.unstrip_protocol(folder)
+    return url if is_remote(url) else folder
+
+
+def _as_image(p: Prepared) -> ImagePrepared:
+    return ImagePrepared(**{f.name: getattr(p, f.name) for f in dataclasses.fields(Prepared)})
+
+
+# -------------------------------------------------------------------------------- runner
+class ImageRunner(_Runner):
+    """The job's pipeline with image units: read + fetch on the reader thread, decode on the
+    engine's pool, the model on the calling thread, writes on the writer thread."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fetcher = Fetcher(self.plan.fetch)  # type: ignore[attr-defined]
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.fetcher.close()
+
+    def _prepare(self, unit: Unit) -> ImagePrepared:  # type: ignore[override]
+        return prepare_image_unit(self.plan, unit, self.fetcher)  # type: ignore[arg-type]
+
+    def _embed(self, p: Prepared) -> np.ndarray | None:
+        emb = self.embedder
+        assert isinstance(p, ImagePrepared)
+        if not p.records:
+            p.extra = meta_arrays([]) if p.num_valid == 0 else p.extra
+            if self.plan.embed_captions:  # type: ignore[attr-defined]
+                p.extra["caption_embedding"] = _caption_column(np.empty((0, emb.dimension), np.float32), [])
+            return np.empty((0, emb.dimension), np.float32)
+        t0 = time.perf_counter()
+        result = emb.embed_encoded(
+            (r.data for r in p.records),
+            stop=self.stop.is_set,
+            on_batch=lambda n: self.progress.add(rows=n),
+        )
+        if result is None:
+            return None
+        src = p.unit.source
+        for i, err in sorted(result.failures.items()):
+            p.rejects.append((src, p.records[i].row, p.ids[i], err.reason))
+        if result.failures:
+            p.rejects.sort(key=lambda r: r[1] if r[1] is not None else -1)
+            self.progress.add(rejects=len(result.failures))
+            if self.s.fail_fast:
+                self._check_fail_fast(p)
+        kept = [p.records[i] for i in result.ok]
+        p.ids = [p.ids[i] for i in result.ok]
+        p.rows_rejected = len(p.rejects)
+        p.extra = meta_arrays(kept)
+        if self.plan.embed_captions:  # type: ignore[attr-defined]
+            p.extra["caption_embedding"] = self._captions(kept)
+        p.records = []  # the bytes are not needed any more; the writer holds only the table
+        self.embed_seconds += time.perf_counter() - t0
+        return result.vectors
+
+    def _captions(self, records: list[ImageRecord]) -> pa.Array:
+        """The captions' CLIP text vectors (null where a row has no caption)."""
+        emb = self.embedder
+        texts = [r.meta.get("caption") for r in records]
+        idx = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+        vecs = np.empty((0, emb.dimension), np.float32)
+        if idx:
+            tok = emb.tokenize([texts[i] for i in idx], truncate=True, field="caption")
+            vecs = emb.embed_tokenized(tok)
+        return _caption_column(vecs, idx, len(records), self.s.dtype)
+
+
+def _caption_column(vecs: np.ndarray, idx: list[int], n: int = 0, dtype: str = "float32") -> pa.Array:
+    dim = vecs.shape[1]
+    full = np.zeros((n, dim), dtype=np.dtype(dtype))
+    valid = np.zeros(n, dtype=bool)
+    if idx:
+        full[idx] = vecs
+        valid[idx] = True
+    values = pa.array(full.reshape(-1), pa.float32() if dtype == "float32" else pa.float16())
+    arr = pa.FixedSizeListArray.from_arrays(values, dim)
+    if n and not valid.all():
+        arr = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
+    return arr
