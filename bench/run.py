@@ -9,6 +9,7 @@ Sections (``--sections``, default all):
   (A B C A B C ...) and each number is the median of ``--reps`` rounds.
 * ``iter``: ``encode_iter`` over 20k and 200k short texts: peak RSS must stay within 1.2x.
 * ``job``, ``serve``: ``bench/bench_job.py`` / ``bench/bench_serve.py`` if present.
+* ``ray``: ``bench/bench_ray.py``: the job on the local engine vs ``--engine ray`` (1 and 2 workers).
 
 The machine's peak matmul rate (torch.mm 2048^2 per dtype, same threads) is measured first, giving
 model FLOP utilisation (see :mod:`bench.flops`). Prints a table and writes
@@ -41,10 +42,10 @@ from bench import report
 from bench.flops import PEAK_DTYPE, mfu
 from bench.procs import Worker, WorkerError, run_once
 
-SECTIONS = ("engine", "iter", "job", "serve")
+SECTIONS = ("engine", "iter", "job", "serve", "ray")
 # Optional sections written beside the harness: ``run(texts, precision, workdir)`` for the job and
 # ``run(texts, precision)`` for the server, each returning a dict with ``seconds`` (or ``texts_per_s``).
-DOOR_MODULES = {"job": "bench.bench_job", "serve": "bench.bench_serve"}
+DOOR_MODULES = {"job": "bench.bench_job", "serve": "bench.bench_serve", "ray": "bench.bench_ray"}
 COSINE_BAR = 0.99
 BASELINE = "naive ST fp32 bs=32"
 TIMEOUT = 1800.0
@@ -308,7 +309,16 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"done-when encode_iter peak RSS ratio <= 1.2: {c['iter_rss_ratio']:.3f} ({runs}) "
             f"{'PASS' if c['iter_ok'] else 'FAIL'}"
         )
-    for section in ("iter", "job", "serve"):
+    ray = (result.get("ray") or {}).get("result")
+    if ray:
+        ok = ray["ray1_vs_local"] >= 0.85
+        lines.append(
+            f"ray engine vs local job ({ray['texts']} texts, {ray['units']} units): 1 worker "
+            f"{ray['ray1_vs_local']:.2f}x, 2 workers {ray['ray2_vs_local']:.2f}x (actor start and model "
+            f"load included; ray.init {ray['ray_init_s']:.0f}s not); done-when 1 worker within 15%: "
+            f"{'PASS' if ok else 'FAIL'}"
+        )
+    for section in ("iter", "job", "serve", "ray"):
         note = (result.get(section) or {}).get("skipped")
         if note:
             lines.append(f"{section}: skipped ({note})")
@@ -318,7 +328,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [r for r in (result.get("engine") or {}).get("rows") or [] if not r.get("reference_only")]
     rows += (result.get("iter") or {}).get("runs") or []
-    rows += [result[s]["row"] for s in ("job", "serve") if "row" in (result.get(s) or {})]
+    rows += [result[s]["row"] for s in ("job", "serve", "ray") if "row" in (result.get(s) or {})]
     return rows
 
 
@@ -339,7 +349,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--long", type=int, default=None, help="long passages in the corpus (0 = all)")
     p.add_argument("--iter-sizes", default=None, help="encode_iter sizes, e.g. 20000,200000")
     p.add_argument("--iter-precision", default="auto")
-    p.add_argument("--door-precision", default="auto", help="precision for the job/serve sections")
+    p.add_argument("--door-precision", default="auto", help="precision for the job/serve/ray sections")
     p.add_argument("--peak-reps", type=int, default=None)
     p.add_argument("--results-dir", default=str(report.RESULTS_DIR))
     p.add_argument("--no-write", action="store_true", help="print only, write no JSON")

@@ -191,7 +191,7 @@ def door(args: argparse.Namespace, ch: Channel) -> None:
         ch.send(ok=False, skipped=f"{module} could not be imported: {exc}")
         return
     texts = bench_corpus.load(args.corpus)
-    if args.section == "job":
+    if args.section in ("job", "ray"):
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         out = mod.run(texts, args.precision, args.workdir)
     else:

@@ -1,0 +1,216 @@
+"""The actors' side of the Ray engine: the engine each actor builds (and the driver's stand-in for
+it), and the actor that runs units with the local engine's own code."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from embedkit import errors
+from embedkit.batch.job import _Runner
+from embedkit.batch.plan import Plan, Unit
+from embedkit.batch.settings import HostPlan, JobSettings
+from embedkit.errors import ConfigError, EmbedkitError
+from embedkit.settings import EngineSettings
+
+log = logging.getLogger("embedkit.batch")
+
+INSTALL_HINT = "pip install 'embedkit[ray]'"
+
+
+def require_ray() -> None:
+    """Fail with an install hint when Ray Data is missing."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"--engine ray needs Ray Data, which is not installed ({exc}): {INSTALL_HINT}"
+        ) from None
+
+
+class _WorkersEngine:
+    """The driver's stand-in for the workers' engine when they run on GPUs: the model loaded on the
+    driver's CPU (for its hash, dimension, pooling...), reporting the workers' device and precision
+    (a Ray head node often has no GPU, and the driver must not take the workers' GPU memory)."""
+
+    def __init__(self, embedder: Any, precision: str, device: str) -> None:
+        self._e = embedder
+        self.precision = precision
+        self.device = device
+        self.devices = [device]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._e, name)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self._e.describe(), "device": self.device, "precision": self.precision, "threads": None}
+
+
+def worker_device(settings: JobSettings) -> str:
+    """The device the actors run on: a GPU where they reserve one, else the CPU."""
+    device = (settings.device or "auto").strip().lower()
+    gpus = settings.gpus_per_worker or 0
+    if device == "auto":
+        return "cuda" if gpus > 0 else "cpu"
+    if device.startswith("cuda") and gpus <= 0:
+        raise ConfigError(f"--device {device} with --engine ray needs --gpus-per-worker (e.g. 1)")
+    return device
+
+
+def driver_embedder(settings: JobSettings) -> Any:
+    """The engine the driver fingerprints the job with, loaded on the driver's CPU."""
+    from embedkit.engine.device import _ALIASES
+
+    require_ray()
+    device = worker_device(settings)
+    if device == "cpu":
+        return dataclasses.replace(settings, device="cpu").build_embedder()
+    precision = _ALIASES.get((settings.precision or "fp32").strip().lower())
+    if precision is None:
+        raise ConfigError(f"precision {settings.precision!r} is not one of fp32, bf16, fp16, int8")
+    cpu_engine = dataclasses.replace(settings, device="cpu", precision="fp32").build_embedder()
+    return _WorkersEngine(cpu_engine, precision, device)
+
+
+def worker_engine_settings(embedder: Any, device: str) -> dict[str, Any]:
+    """EngineSettings fields that rebuild ``embedder`` (the driver's) inside an actor."""
+    return {
+        "model": embedder.spec,
+        "device": device,
+        "precision": embedder.precision,
+        "max_batch_tokens": 0 if embedder.auto_budget else int(embedder.max_batch_tokens),
+        "batch_size": embedder.max_batch_size or 0,
+        "normalize": embedder.normalize,
+        "dimensions": embedder.dimensions,
+        "truncate": embedder.truncate,
+        "pooling": embedder.model.pooling,
+        "prompt_name": embedder.prompt_name,
+    }
+
+
+@dataclass
+class WorkerJob:
+    """Everything an actor needs, shipped once per actor."""
+
+    settings: JobSettings
+    engine: dict[str, Any]
+    plan: Plan
+    state: Any  # JobState
+    folder: Any  # OutputFolder
+    hosts: HostPlan
+    todo: list[Unit]
+    fingerprint: dict[str, Any]
+    threads: int
+    version: str
+
+
+def _error_record(exc: BaseException, worker: str, unit: Unit | None = None) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "worker": worker,
+        "unit": None if unit is None else f"{unit.source} rows {unit.start}..{unit.stop or 'end'}",
+        "traceback": None if isinstance(exc, EmbedkitError) else traceback.format_exc(),
+    }
+
+
+def _rebuild_error(rec: dict[str, Any]) -> EmbedkitError:
+    cls = getattr(errors, rec["type"], None)
+    if isinstance(cls, type) and issubclass(cls, EmbedkitError):
+        return cls(rec["message"])
+    if rec.get("traceback"):
+        log.error("ray worker %s failed on %s:\n%s", rec["worker"], rec["unit"], rec["traceback"])
+    return EmbedkitError(
+        f"ray worker {rec['worker']} failed on {rec['unit']}: {rec['type']}: {rec['message']}"
+    )
+
+
+class UnitWorker:
+    """A Ray Data actor: loads the model once, then prepares, embeds, writes and records units.
+
+    An error is returned as a record (and raised again by the driver), not thrown inside Ray, so the
+    user sees embedkit's own message (a missing model, a storage error, ``--fail-fast``)."""
+
+    def __init__(self, job: WorkerJob) -> None:
+        t0 = time.perf_counter()
+        self.job = job
+        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self.error: dict[str, Any] | None = None
+        self.first = True
+        try:
+            self.runner = self._open(job)
+        except Exception as exc:
+            self.error = _error_record(exc, self.id)
+        self.load_seconds = time.perf_counter() - t0
+
+    @staticmethod
+    def _open(job: WorkerJob) -> _Runner:
+        import torch
+
+        from embedkit import __version__
+
+        torch.set_num_threads(job.threads)
+        if __version__ != job.version:
+            raise ConfigError(
+                f"Ray worker {socket.gethostname()} runs embedkit {__version__}, the driver {job.version}: "
+                f"install the same version on every node"
+            )
+        embedder = EngineSettings(**job.engine).build_embedder()
+        got = {
+            "model_hash": embedder.content_hash,
+            "precision": embedder.precision,
+            "dimension": embedder.dimension,
+            "normalize": embedder.normalize,
+            "pooling": embedder.model.pooling,
+            "prompt_name": embedder.prompt_name,
+        }
+        diff = {k: (job.fingerprint.get(k), v) for k, v in got.items() if job.fingerprint.get(k) != v}
+        if diff:
+            raise ConfigError(
+                f"the engine on Ray worker {socket.gethostname()} differs from the driver's "
+                f"({'; '.join(f'{k}: {a!r} vs {b!r}' for k, (a, b) in diff.items())}): every node must "
+                f"see the same model files and support the same precision"
+            )
+        settings = dataclasses.replace(job.settings, progress="none")
+        return _Runner(settings, embedder, job.plan, job.state, job.folder, job.hosts, [], None, None)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [self._unit(int(k)) for k in batch["i"]]
+        return {"i": np.asarray(batch["i"]), "result": np.array(results, dtype=object)}
+
+    def _unit(self, k: int) -> str:
+        if self.error is not None:
+            return json.dumps(self.error)
+        unit = self.job.todo[k]
+        runner = self.runner
+        before = runner.embed_seconds
+        try:
+            prepared = runner._prepare(unit)
+            runner._check_fail_fast(prepared)
+            vectors = runner._embed(prepared)  # the actor's stop flag is never set: always vectors
+            runner._write(prepared, vectors)  # part + rejects durable, then the marker
+            marker = runner.markers.pop()
+        except Exception as exc:
+            return json.dumps(_error_record(exc, self.id, unit))
+        out = {
+            "ok": True,
+            "marker": marker,
+            "worker": self.id,
+            "node": socket.gethostname(),
+            "embed_seconds": runner.embed_seconds - before,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+        if self.first:
+            self.first = False
+            out["engine"] = runner.embedder.describe()
+        return json.dumps(out, default=str)
