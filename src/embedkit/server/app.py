@@ -182,7 +182,9 @@ class EmbedServer:
         self, h: Any, batcher: Any, body: bytes, ctype: str | None, accept_raw: str | None
     ) -> Response:
         svc = self.service
-        accept_arg = accept_raw or JSON
+        accept_arg = (
+            JSON if not accept_raw or accept_raw.strip() == "*/*" else accept_raw
+        )  # as the toolkits do
         ctype_arg = ctype or JSON
         if h.transform_fn is not None:
             result = await svc.call(h.transform_fn, svc.model, body, ctype_arg, accept_arg)
