@@ -47,7 +47,7 @@ from embedkit.io.images import (
     read_webdataset,
     records_from_rows,
 )
-from embedkit.io.readers import EXTENSIONS, FileInfo, describe_file, read_rows
+from embedkit.io.readers import EXTENSIONS, FileInfo, count_rows, describe_file, read_rows
 
 log = logging.getLogger("embedkit.batch")
 
@@ -84,11 +84,7 @@ def resolve_modality(settings: JobSettings, embedder: Any) -> str:
 
     is_clip = isinstance(embedder, ImageEmbedder)
     wanted = settings.modality
-    if wanted == "text":
-        if settings.embed_captions:
-            raise ConfigError(
-                "--embed-captions applies to image datasets; with --modality text captions are the text"
-            )
+    if wanted == "text":  # (JobSettings refuses --embed-captions with --modality text)
         return "text"
     if wanted == "image":
         why = "--modality image"
@@ -98,6 +94,13 @@ def resolve_modality(settings: JobSettings, embedder: Any) -> str:
         if settings.embed_captions:
             raise ConfigError(f"--embed-captions applies to image datasets; {settings.input} is text ({why})")
         return "text"
+    engine = getattr(settings, "engine", "local")
+    if engine != "local" and (is_clip or settings.modality == "image" or "URL list" not in why):
+        raise ConfigError(
+            f"{settings.input} is an image dataset ({why}); --engine {engine} runs text datasets only. "
+            f"Use --engine local (one engine; fetching and decoding overlap the model), and --num-shards "
+            f"to spread the units over several hosts"
+        )
     if not is_clip:
         url_list = "URL list" in why
         if url_list and settings.modality == "auto":
@@ -206,6 +209,14 @@ def make_image_plan(settings: JobSettings) -> ImagePlan:
                 raise InputError(f"{info.source}: {info.error} (--fail-fast)", file=info.source)
             units.append(Unit(info.source, 0, None, info, error=info.error))
             continue
+        if info.layout == "urls" and info.num_rows is None:  # a CSV / JSON Lines URL list
+            try:
+                count_rows(fs, info)
+            except Exception as exc:
+                units.append(
+                    Unit(info.source, 0, None, info, error=f"unreadable: {type(exc).__name__}: {exc}")
+                )
+                continue
         spans = [(0, info.num_rows)] if info.layout == "webdataset" else _ranges(info, rows)
         for start, stop in spans:
             if budget is not None:
@@ -365,10 +376,7 @@ class ImageRunner(_Runner):
     def _embed(self, p: Prepared) -> np.ndarray | None:
         emb = self.embedder
         assert isinstance(p, ImagePrepared)
-        if not p.records:
-            p.extra = meta_arrays([]) if p.num_valid == 0 else p.extra
-            if self.plan.embed_captions:  # type: ignore[attr-defined]
-                p.extra["caption_embedding"] = _caption_column(np.empty((0, emb.dimension), np.float32), [])
+        if not p.records:  # nothing to embed: the unit writes rejects only
             return np.empty((0, emb.dimension), np.float32)
         t0 = time.perf_counter()
         result = emb.embed_encoded(

@@ -107,6 +107,10 @@ class JobSettings(EngineSettings):
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.modality not in ("auto", "text", "image"):
             raise ConfigError(f"modality must be auto, text or image, got {self.modality!r}")
+        if self.modality == "text" and self.embed_captions:
+            raise ConfigError(
+                "--embed-captions applies to image datasets; with --modality text the captions are the text"
+            )
         if self.fetch_workers < 1 or self.fetch_timeout <= 0 or self.fetch_retries < 0:
             raise ConfigError("fetch_workers must be >= 1, fetch_timeout > 0 and fetch_retries >= 0")
         if self.max_image_bytes < 1:
