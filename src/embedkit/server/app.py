@@ -33,8 +33,8 @@ from starlette.routing import Route
 
 from embedkit import __version__
 from embedkit.errors import InputError, NotAcceptableError
-from embedkit.server import codecs
-from embedkit.server.contracts import hf, openai, search, tei
+from embedkit.server import codecs, images
+from embedkit.server.contracts import hf, image, openai, search, tei
 from embedkit.server.contracts.common import texts_request
 from embedkit.server.errors import (
     NotFoundError,
@@ -173,6 +173,9 @@ class EmbedServer:
                 )
         body = await read_body(request, self.settings.max_body_bytes)
         ctype = request.headers.get("content-type")
+        if handler is None and image.is_image_type(ctype):  # a CLIP model: the body is an image
+            prediction = await images.predict_body(self.service, body)
+            return Response(codecs.encode(prediction, accept), media_type=accept)
         if handler is None:
             prediction = await self._predict(codecs.decode(body, ctype))
             return Response(codecs.encode(prediction, accept), media_type=accept)
@@ -212,6 +215,8 @@ class EmbedServer:
                 raise InputError(
                     f'request body needs an "inputs" field (or "search_term"); it has {keys}', field="inputs"
                 )
+            if image.wants_images(payload):  # {"inputs": {"image": <base64>}} (a CLIP model)
+                return await images.predict_json(self.service, payload)
             req = hf.parse(payload, limits)
         elif from_user and isinstance(payload, (list, str)):  # what a custom input_fn may return
             req = texts_request(payload, field="inputs", limits=limits)
@@ -281,6 +286,7 @@ class EmbedServer:
                 precision=emb.precision,
                 device=str(emb.device),
                 content_hash=emb.content_hash,
+                modality="image+text" if hasattr(emb, "encode_images") else "text",
             )
         return json_response(info)
 

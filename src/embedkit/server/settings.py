@@ -49,6 +49,11 @@ class ServerSettings(Settings):
         "directory holding the custom handler; default <model dir>/code",
         env=("SAGEMAKER_SUBMIT_DIRECTORY",),
     )
+    allow_image_urls: bool = setting(
+        False,
+        'CLIP models: let /invocations fetch {"inputs": {"url": ...}}; a risk: any caller can then make '
+        "the server reach any address it can (internal services, cloud metadata); trusted callers only",
+    )
     threads: int = setting(0, "torch intra-op threads for the inference worker; 0 = torch's default")
     graceful_timeout: float = setting(25.0, "seconds to finish in-flight requests after SIGTERM")
 
