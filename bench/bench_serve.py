@@ -3,8 +3,9 @@
 :func:`run` starts ``embedkit serve`` (default model) in a subprocess on a random loopback port,
 drives it from a *separate* client process (a raw asyncio HTTP/1.1 keep-alive client, so the client
 costs as little CPU as possible on a small machine), and measures the engine's offline throughput
-on the same texts in the same call, before and after the server phase, so the ratio compares like
-with like on a noisy machine. Bounded: at most ``max_texts`` texts per phase and a deadline each.
+on the same texts in the same call, before and after the server phase (in a fresh process with the
+server's environment, ``OMP_WAIT_POLICY=PASSIVE`` included), so the ratio compares like with like
+on a noisy machine. Bounded: at most ``max_texts`` texts per phase and a deadline each.
 
     python -m bench.bench_serve --precision bf16            # prints a table and the JSON result
     python -m bench.bench_serve --max-texts 200 --quick     # smoke run
@@ -35,7 +36,19 @@ CONCURRENCY = 32
 
 
 # ----------------------------------------------------------------------------- offline
-def offline_rate(texts: list[str], precision: str, model: str = "default") -> float:
+def offline_rate(texts: list[str], precision: str, model: str, tmp: Path) -> float:
+    """texts/s of ``Embedder.encode`` on ``texts`` in a fresh process with the server's environment."""
+    path = tmp / "offline-texts.json"
+    path.write_text(json.dumps(texts))
+    cmd = [sys.executable, "-m", "bench.bench_serve", "offline", "--texts", str(path)]
+    cmd += ["--precision", precision, "--model", model]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"offline measurement failed: {out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _offline_in_process(texts: list[str], precision: str, model: str = "default") -> float:
     """texts/s of ``Embedder.encode`` on ``texts`` (after one warm-up batch), in this process."""
     from embedkit import Embedder
 
@@ -57,6 +70,7 @@ def _free_port() -> int:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what `embedkit serve` runs with; offline gets the same
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -207,9 +221,9 @@ def run(
     sample = list(texts[:max_texts])
     if not sample:
         raise ValueError("no texts to benchmark")
-    offline_before = offline_rate(sample, precision, model)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp_name:
         tmp = Path(tmp_name)
+        offline_before = offline_rate(sample, precision, model, tmp)
         port = _free_port()
         proc = start_server(model, precision, port, tmp / "server.log")
         try:
@@ -220,7 +234,7 @@ def run(
             after = server_batches(port)
         finally:
             exit_code = stop_server(proc)
-    offline_after = offline_rate(sample, precision, model)
+        offline_after = offline_rate(sample, precision, model, tmp)
     offline = (offline_before + offline_after) / 2
     rate = c32["requests_per_s"]
     batches = after["batches"] - before["batches"]
@@ -250,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["client"]:
         return client_main(argv[1:])
+    if argv[:1] == ["offline"]:
+        p = argparse.ArgumentParser(prog="python -m bench.bench_serve offline")
+        p.add_argument("--texts", required=True)
+        p.add_argument("--precision", default="fp32")
+        p.add_argument("--model", default="default")
+        a = p.parse_args(argv[1:])
+        print(_offline_in_process(json.loads(Path(a.texts).read_text()), a.precision, a.model))
+        return 0
     p = argparse.ArgumentParser(prog="python -m bench.bench_serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--precision", default="fp32")
     p.add_argument("--model", default="default")
