@@ -8,7 +8,8 @@ Sections (``--sections``, default all):
   untimed warm-up batch, then timed encodes of the whole corpus); rounds are interleaved
   (A B C A B C ...) and each number is the median of ``--reps`` rounds.
 * ``iter``: ``encode_iter`` over 20k and 200k short texts: peak RSS must stay within 1.2x.
-* ``job``, ``serve``: ``bench/bench_job.py`` / ``bench/bench_serve.py`` if present.
+* ``job``, ``serve``: ``bench/bench_job.py`` / ``bench/bench_serve.py`` if present: the batch job
+  and the HTTP server on the same corpus ("vs engine": their own same-call ratio to the engine).
 * ``ray``: ``bench/bench_ray.py``: the job on the local engine vs ``--engine ray`` (1 and 2 workers).
 
 The machine's peak matmul rate (torch.mm 2048^2 per dtype, same threads) is measured first, giving
@@ -44,8 +45,12 @@ from bench.procs import Worker, WorkerError, run_once
 
 SECTIONS = ("engine", "iter", "job", "serve", "ray")
 # Optional sections written beside the harness: ``run(texts, precision, workdir)`` for the job and
-# ``run(texts, precision)`` for the server, each returning a dict with ``seconds`` (or ``texts_per_s``).
+# the Ray job, ``run(texts, precision)`` for the server. Each returns a dict with ``seconds`` or
+# ``texts_per_s`` (and ``texts`` when it used a sample), optionally ``tokens`` and ``vectors`` (in
+# input order, for the cosine check), and anything else it wants kept in the JSON.
 DOOR_MODULES = {"job": "bench.bench_job", "serve": "bench.bench_serve", "ray": "bench.bench_ray"}
+# A door's own ratio to the engine measured in the same call (steadier than across sections).
+SAME_CALL_RATIO = {"job": "vs_engine_same_call", "serve": "vs_offline"}
 COSINE_BAR = 0.99
 BASELINE = "naive ST fp32 bs=32"
 TIMEOUT = 1800.0
@@ -218,6 +223,8 @@ def door_section(ctx: Context, section: str) -> dict[str, Any]:
         return {"skipped": msg["skipped"]}
     res = msg["result"]
     n = int(res.get("texts") or ctx.n_texts)
+    if not res.get("texts_per_s") and not res.get("seconds"):
+        return {"skipped": f"{module}.run returned neither 'seconds' nor 'texts_per_s'", "result": res}
     if res.get("texts_per_s"):
         rate = float(res["texts_per_s"])
         seconds = n / rate
@@ -225,20 +232,25 @@ def door_section(ctx: Context, section: str) -> dict[str, Any]:
         seconds = float(res["seconds"])
         rate = n / seconds
     same_corpus = n == ctx.n_texts
+    tokens = res.get("tokens") or (ctx.calib["tokens"] if same_corpus else None)
     row: dict[str, Any] = {
-        "config": f"{section} ({precision})",
+        "config": f"{section} ({precision})" + ("" if same_corpus else f" {n} texts"),
         "kind": section,
         "precision": precision,
+        "texts": n,
         "median_s": seconds,
         "texts_per_s": rate,
-        "tokens_per_s": (res.get("tokens") or (ctx.calib["tokens"] if same_corpus else None) or 0) / seconds
-        or None,
+        "tokens_per_s": tokens / seconds if tokens else None,
         "mfu": mfu(ctx.calib["corpus_flops"], seconds, ctx.peak(precision)) if same_corpus else None,
         "peak_rss_mib": msg["rss"]["peak"],
-        "vs_engine": rate / _engine_reference(ctx, precision),
     }
+    own = res.get(SAME_CALL_RATIO.get(section, ""))
+    if own is not None:
+        row["vs_engine"], row["vs_engine_from"] = float(own), f"{section}'s own same-call measurement"
+    elif same_corpus:
+        row["vs_engine"], row["vs_engine_from"] = rate / _engine_reference(ctx, precision), "engine section"
     base = next((r for r in ctx.engine_rows if r["kind"] == "baseline"), None)
-    if base:
+    if base and same_corpus:
         row["ratio"] = rate / base["texts_per_s"]
     if msg.get("has_vectors") and ctx.baseline_vectors is not None and same_corpus:
         row.update(report.cosine_stats(ctx.baseline_vectors, np.load(vec)))
@@ -309,6 +321,19 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"done-when encode_iter peak RSS ratio <= 1.2: {c['iter_rss_ratio']:.3f} ({runs}) "
             f"{'PASS' if c['iter_ok'] else 'FAIL'}"
         )
+    job = (result.get("job") or {}).get("result")
+    if job and job.get("vs_engine_same_call") is not None:
+        rss = job.get("rss") or {}
+        lines.append(
+            f"job vs in-memory engine (same call): {job['vs_engine_same_call']:.2f}x"
+            + (f"; job peak RSS 10x/1x rows: {rss['ratio']:.2f}" if "ratio" in rss else "")
+        )
+    serve = (result.get("serve") or {}).get("result")
+    if serve and serve.get("vs_offline") is not None:
+        lines.append(
+            f"serve, 1 text per request at concurrency 32 vs offline engine (same call): "
+            f"{serve['vs_offline']:.2f}x; p50 at concurrency 1: {serve.get('p50_ms_c1', float('nan')):.1f} ms"
+        )
     ray = (result.get("ray") or {}).get("result")
     if ray:
         ok = ray["ray1_vs_local"] >= 0.85
@@ -318,7 +343,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"load included; ray.init {ray['ray_init_s']:.0f}s not); done-when 1 worker within 15%: "
             f"{'PASS' if ok else 'FAIL'}"
         )
-    for section in ("iter", "job", "serve", "ray"):
+    for section in ("iter", *DOOR_MODULES):
         note = (result.get(section) or {}).get("skipped")
         if note:
             lines.append(f"{section}: skipped ({note})")
@@ -328,7 +353,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [r for r in (result.get("engine") or {}).get("rows") or [] if not r.get("reference_only")]
     rows += (result.get("iter") or {}).get("runs") or []
-    rows += [result[s]["row"] for s in ("job", "serve", "ray") if "row" in (result.get(s) or {})]
+    rows += [result[s]["row"] for s in DOOR_MODULES if "row" in (result.get(s) or {})]
     return rows
 
 
@@ -362,7 +387,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.long = (
         args.long if args.long is not None else (bench_corpus.QUICK_LONG if q else bench_corpus.FULL_LONG)
     )
-    sizes = args.iter_sizes or ("5000,20000" if q else "20000,200000")
+    sizes = args.iter_sizes or ("5000,10000" if q else "20000,200000")
     args.iter_sizes = [int(s) for s in sizes.split(",")]
     args.peak_reps = args.peak_reps or (2 if q else 5)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]

@@ -9,7 +9,8 @@ stderr). Modes:
   ``run`` line on stdin times one encode of the whole corpus (``time.perf_counter`` around the
   call only) and answers its seconds. The first run's vectors are saved for the cosine check.
 * ``iter``: stream ``n`` short texts through ``Embedder.encode_iter`` and report peak RSS.
-* ``door``: call ``bench.bench_job.run`` or ``bench.bench_serve.run`` and report what it returns.
+* ``door``: call ``run`` of ``bench.bench_job`` / ``bench_ray`` (``texts, precision, workdir``) or
+  ``bench.bench_serve`` (``texts, precision``) and report what it returns.
 
 Run by hand: ``python -m bench.worker calibrate --corpus /tmp/corpus.json --threads 2``.
 """
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-reps", type=int, default=5)
     p.add_argument("--n", type=int, default=20000)
     p.add_argument("--chunk-size", type=int, default=4096)
-    p.add_argument("--section", choices=["job", "serve"], default="job")
+    p.add_argument("--section", choices=["job", "serve", "ray"], default="job")
     p.add_argument("--module", default="", help="door module (default bench.bench_<section>)")
     p.add_argument("--workdir", default="")
     args = p.parse_args(argv)

@@ -52,6 +52,8 @@ def test_bench_run_on_a_tiny_model_computes_ratios_cosine_and_mfu_from_its_timin
         "3",
         "--reps",
         "2",
+        "--sections",
+        "engine,iter,job,serve",
         "--precisions",
         "fp32",
         "--peak-reps",
