@@ -157,6 +157,7 @@ def test_apply_against_moto_creates_a_least_privilege_role_and_a_serverless_endp
         workdir,
         "plan",
         "-no-color",
+        "-refresh=false",  # the state was just written by apply
         "-out=realtime.tfplan",
         f"-var=name={name}",
         "-var=iam_propagation_seconds=1",

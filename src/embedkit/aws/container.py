@@ -61,7 +61,9 @@ else
     "$PY" -m pip install --no-cache-dir --disable-pip-version-check -r "$CODE/requirements.txt"
   fi
   if ls "$CODE"/dist/*.whl >/dev/null 2>&1; then
+    # the dependencies the image lacks, then exactly this embedkit (even over a baked-in copy)
     "$PY" -m pip install --no-cache-dir --disable-pip-version-check "$CODE"/dist/*.whl
+    "$PY" -m pip install --no-cache-dir --disable-pip-version-check --no-deps --force-reinstall "$CODE"/dist/*.whl
   fi
 fi
 exec "$PY" -m embedkit.aws.container "$@"

@@ -77,11 +77,11 @@ def embed_program(args: argparse.Namespace) -> RemoteProgram:
         log.warning("--num-shards/--shard-index are ignored on SageMaker: the instances split the work")
     arguments: list[str | Ref] = [Ref("input", "data"), Ref("output", "output")]
     inputs = [InputSpec("data", job.input, shardable=True)]
-    model = job.model
-    if model and not model.startswith("s3://") and os.path.exists(model):
+    model = _model_source(job.model)
+    if model != job.model or os.path.exists(model):
         inputs.append(InputSpec("model", model))
         arguments += ["--model", Ref("input", "model")]
-    elif model:
+    else:
         arguments += ["--model", model]
     defaults = {f.name: f.default for f in dataclasses.fields(JobSettings)}
     for f in dataclasses.fields(JobSettings):
@@ -108,6 +108,17 @@ def embed_program(args: argparse.Namespace) -> RemoteProgram:
         base_job_name="embedkit-embed",
         single_host_view=True,
     )
+
+
+def _model_source(spec: str) -> str:
+    """What the container needs to load ``spec``: the spec itself when it resolves anywhere (the
+    default model ships with embedkit's dependencies; ``s3://`` is read by the job), else the local
+    folder it resolves to here (a local path, or a hub id found in this machine's cache), staged."""
+    from embedkit.models.resolve import DEFAULT_MODEL_ALIASES, resolve_model
+
+    if not spec or spec.lower() in DEFAULT_MODEL_ALIASES or "://" in spec or os.path.exists(spec):
+        return spec
+    return str(resolve_model(spec))  # raises ModelNotFoundError saying how to provide it
 
 
 def run_program(program: RemoteProgram, settings: sm_settings.SageMakerSettings) -> int:
