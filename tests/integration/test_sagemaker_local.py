@@ -35,7 +35,6 @@ def test_local_run_embeds_s3_to_s3_two_hosts_cover_every_unit_once_and_a_rerun_r
     printed = capfd.readouterr().out
     assert code == 0
     assert "host algo-1 of 2" in printed and "host algo-2 of 2" in printed
-    assert "inputs are sharded by S3 key; algo-1 embeds all the files it received" in printed
     ids, vecs, parts = read_parts(out)
     assert len(ids) == len(texts) == 120 and len(set(ids)) == 120  # every row once
     assert vecs.shape == (120, 32)
@@ -46,6 +45,15 @@ def test_local_run_embeds_s3_to_s3_two_hosts_cover_every_unit_once_and_a_rerun_r
         by_host.setdefault(m["host"], set()).add(m["source"].rsplit("/", 1)[-1])
     # ShardedByS3Key: host i got objects i, i+2, ... in key order, and embedded all of them
     assert by_host == {"algo-1": {"shard-00.parquet", "shard-02.parquet"}, "algo-2": {"shard-01.parquet"}}
+    s3 = boto3.client("s3")
+    names = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="out/")["Contents"]}
+    # each host accounts for its own files; no host saw the whole input to write the job's metadata
+    assert {
+        "out/metadata-algo-1.json",
+        "out/metadata-algo-2.json",
+    } <= names and "out/metadata.json" not in names
+    host1 = json.loads(s3.get_object(Bucket=s3_bucket, Key="out/metadata-algo-1.json")["Body"].read())
+    assert host1["rows"]["embedded"] == 80
 
     # A rerun (as a relaunch after a failure would be) brings the state back and skips every unit.
     code = cli([*argv, "--sagemaker-run", "local"])
@@ -56,6 +64,9 @@ def test_local_run_embeds_s3_to_s3_two_hosts_cover_every_unit_once_and_a_rerun_r
     ids2, vecs2, parts2 = read_parts(out)
     assert ids2 == ids and parts2 == parts
     assert (vecs2 == vecs).all()
+    # the one-host rerun saw everything recorded: it writes the job's metadata
+    meta = json.loads(s3.get_object(Bucket=s3_bucket, Key="out/metadata.json")["Body"].read())
+    assert meta["complete"] is True and meta["rows"]["embedded"] == 120
 
 
 SCRIPT = textwrap.dedent(

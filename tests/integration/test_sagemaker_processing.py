@@ -112,6 +112,8 @@ def test_remote_embed_stages_inputs_model_and_code_and_sends_a_valid_request(
         "float16",
         "--sagemaker-run",
         "no",
+        "--num-shards",  # ShardedByS3Key: each host embeds every file it received
+        "1",
     ]
     assert req["ProcessingResources"] == {
         "ClusterConfig": {"InstanceCount": 2, "InstanceType": "ml.g4dn.xlarge", "VolumeSizeInGB": 60}
@@ -160,7 +162,6 @@ def test_remote_embed_stages_inputs_model_and_code_and_sends_a_valid_request(
         assert expected in rel, expected
     s3 = boto3.client("s3")
     manifest = json.loads(s3.get_object(Bucket=s3_bucket, Key=prefix + "code/job.json")["Body"].read())
-    assert manifest["single_host_view"] is True
     assert manifest["resume"] == [
         {
             "from": "/opt/ml/processing/input/embedkit-resume-output",
@@ -334,7 +335,7 @@ def test_processing_main_ships_script_modules_and_rewrites_paths(tmp_path, s3_bu
     manifest = json.loads(
         boto3.client("s3").get_object(Bucket=s3_bucket, Key=code_prefix + "job.json")["Body"].read()
     )
-    assert manifest["pythonpath"] == ["deps/my-module"] and manifest["single_host_view"] is False
+    assert manifest["pythonpath"] == ["deps/my-module"]
 
 
 def test_local_output_folder_is_staged_in_the_default_bucket_and_downloaded_after(

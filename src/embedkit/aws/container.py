@@ -4,12 +4,11 @@ SageMaker starts ``bash /opt/ml/processing/input/embedkit-code/bootstrap.sh ARGS
 sources the optional configuration script and command, installs the optional requirements file and
 the staged embedkit wheel, then execs ``python -m embedkit.aws.container ARGS...``, which:
 
-1. reads ``job.json`` from the code channel (what to resume, which inputs are sharded, extra
-   ``PYTHONPATH`` folders) and, if the arguments did not fit SageMaker's limits, ``arguments.json``;
+1. reads ``job.json`` from the code channel (what to resume, extra ``PYTHONPATH`` folders) and, if
+   the arguments did not fit SageMaker's limits, ``arguments.json``;
 2. copies the previous run's job state (a resume input) into the output folder, so a retried job
    skips the units already uploaded;
-3. points embedkit at ``/opt/ml/config/resourceconfig.json`` (with ``ShardedByS3Key`` each host holds
-   only its own files, so the job sees a one-host view and embeds all of them);
+3. points embedkit at ``/opt/ml/config/resourceconfig.json`` (under the local root in local runs);
 4. runs the program: ``embedkit ...`` in this process, or a staged Python script as ``__main__``.
 
 ``--sagemaker-run local`` runs this same bootstrap and entrypoint with ``EMBEDKIT_SM_ROOT`` set to a
@@ -24,7 +23,6 @@ import os
 import runpy
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 
 log = logging.getLogger("embedkit.sagemaker")
@@ -115,28 +113,10 @@ def _restore_state(manifest: dict, root: str) -> None:
             print(f"embedkit: restored {n} state file(s) of the previous run into {item['to']}", flush=True)
 
 
-def _resource_view(manifest: dict, root: str) -> str | None:
-    """The resourceconfig.json the program should read (a one-host view for sharded inputs)."""
+def _resource_config(root: str) -> str | None:
+    """The resourceconfig.json of this host, when there is one."""
     path = host_path(RESOURCE_CONFIG, root)
-    if not os.path.exists(path):
-        return None
-    if not manifest.get("single_host_view"):
-        return path
-    with open(path, encoding="utf-8") as fh:
-        rc = json.load(fh)
-    if len(rc.get("hosts", [])) <= 1:
-        return path
-    current = rc["current_host"]
-    view = {**rc, "hosts": [current], "embedkit_all_hosts": rc["hosts"]}
-    fd, tmp = tempfile.mkstemp(prefix="resourceconfig-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(view, fh)
-    print(
-        f"embedkit: inputs are sharded by S3 key; {current} embeds all the files it received "
-        f"({len(rc['hosts'])} hosts)",
-        flush=True,
-    )
-    return tmp
+    return path if os.path.exists(path) else None
 
 
 def _write_exit_message(root: str, message: str) -> None:
@@ -188,9 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, folder)
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH", "")) if p)
     _restore_state(manifest, root)
-    view = _resource_view(manifest, root)
-    if view:
-        os.environ["EMBEDKIT_RESOURCE_CONFIG"] = view
+    rc = _resource_config(root)
+    if rc:
+        os.environ["EMBEDKIT_RESOURCE_CONFIG"] = rc
     try:
         code = _run_program(args, code_dir)
     except BaseException as exc:

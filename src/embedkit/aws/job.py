@@ -84,7 +84,8 @@ class RemoteProgram:
     outputs: list[OutputSpec] = field(default_factory=list)
     dependencies: dict[str, str] = field(default_factory=dict)
     base_job_name: str = "embedkit"
-    single_host_view: bool = False  # the program splits work by resourceconfig.json by itself
+    # added when an input is split across instances by S3 key (each host then sees only its files)
+    sharded_arguments: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -189,14 +190,13 @@ def default_staging(program: RemoteProgram, settings: SageMakerSettings) -> str:
     return f"s3://{bucket}/embedkit"
 
 
-def _manifest(program: RemoteProgram, resume: list[dict], sharded: bool, args_file: bool) -> bytes:
+def _manifest(program: RemoteProgram, resume: list[dict], args_file: bool) -> bytes:
     pythonpath = [f"deps/{k}" for k in program.dependencies]
     doc = {
         "format": MANIFEST_FORMAT,
         "program": program.program if program.program == "embedkit" else "script",
         "pythonpath": pythonpath,
         "resume": resume,
-        "single_host_view": bool(program.single_host_view and sharded),
         "arguments_file": ARGUMENTS_FILE if args_file else None,
     }
     return (json.dumps(doc, indent=2) + "\n").encode()
@@ -267,6 +267,8 @@ def prepare(program: RemoteProgram, settings: SageMakerSettings, *, local: bool 
     arguments = head + [
         container_paths[(a.kind, a.name)] if isinstance(a, Ref) else str(a) for a in program.arguments
     ]
+    if sharded:
+        arguments += program.sharded_arguments
     args_file = not arguments_fit(arguments)
     if args_file:
         log.warning(
@@ -277,7 +279,7 @@ def prepare(program: RemoteProgram, settings: SageMakerSettings, *, local: bool 
         )
         code_files[ARGUMENTS_FILE] = json.dumps(arguments).encode()
         arguments = []
-    code_files[MANIFEST] = _manifest(program, resume, sharded, args_file)
+    code_files[MANIFEST] = _manifest(program, resume, args_file)
     for attr, target in (("requirements", "requirements.txt"), ("configuration_script", "configure.sh")):
         path = getattr(settings, attr)
         if path:

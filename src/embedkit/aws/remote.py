@@ -6,7 +6,8 @@ here as usual) and the exit code otherwise.
 
 Remote runs resolve the job's settings here (flags, ``--config`` file and ``EMBEDKIT_*`` environment)
 and send them as explicit flags, so the container runs exactly this job: the input becomes the
-``data`` channel (``ShardedByS3Key`` across instances), a local model folder the ``model`` channel,
+``data`` channel (``ShardedByS3Key`` across instances, with ``--num-shards 1`` so each host embeds
+every file it received and writes ``metadata-<host>.json``), a local model the ``model`` channel,
 the output the ``output`` channel (``S3UploadMode=Continuous``) whose ``_state/`` a relaunch
 restores so the job resumes.
 """
@@ -106,7 +107,8 @@ def embed_program(args: argparse.Namespace) -> RemoteProgram:
         inputs=inputs,
         outputs=[OutputSpec("output", job.output, resume_subdir=STATE_SUBDIR)],
         base_job_name="embedkit-embed",
-        single_host_view=True,
+        # with ShardedByS3Key each host embeds all the files it received, writing metadata-<host>.json
+        sharded_arguments=["--num-shards", "1"],
     )
 
 
