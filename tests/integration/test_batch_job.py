@@ -356,3 +356,22 @@ def test_an_output_holding_someone_elses_part_files_is_refused(tmp_path, tiny_em
     _run(tmp_path / "in", tmp_path / "out", tiny_embedder, overwrite=True)
     (part,) = read_parts(tmp_path / "out")[2]
     assert part.startswith("part-shard-00-")  # the foreign file was replaced
+
+
+def test_a_large_jsonl_file_is_counted_cut_into_units_and_read_once(tmp_path, tiny_embedder, monkeypatch):
+    import embedkit.batch.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "SPLIT_BYTES", 1000)  # "large" here: over 1 kB
+    inp = tmp_path / "in"
+    inp.mkdir()
+    texts = [sentence(i) for i in range(230)]
+    (inp / "big.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (inp / "small.csv").write_text("text\nshort one\n")
+    s = _run(inp, tmp_path / "out", tiny_embedder, unit_rows=50)
+    assert s.units_processed == 5 + 1 and s.rows_embedded == 231
+    ids, vecs, parts = read_parts(tmp_path / "out")
+    assert len(parts) == 6 and len(ids) == len(set(ids)) == 231
+    got = dict(zip(ids, vecs, strict=True))
+    np.testing.assert_allclose(
+        np.stack([got[f"big.jsonl:{i}"] for i in range(230)]), tiny_embedder.encode(texts), atol=1e-5
+    )

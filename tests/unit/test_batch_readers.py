@@ -142,3 +142,25 @@ def test_list_files_recurses_sorts_and_skips_hidden(tmp_path):
 
 def test_metadata_like_json_is_not_an_input():
     assert format_of("metadata.json") is None
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_consecutive_ranges_reuse_one_open_stream_and_a_jump_back_reopens(tmp_path, fmt):
+    from embedkit.io.readers import StreamCache
+
+    rows = [f"text {i}" for i in range(50)]
+    path = tmp_path / f"a.{fmt}"
+    if fmt == "csv":
+        path.write_text("text\n" + "".join(f"{r}\n" for r in rows))
+    else:
+        path.write_text("".join(f'{{"text": "{r}"}}\n\n' for r in rows))  # blank lines are not rows
+    fs, info = _info(path)
+    cache = StreamCache()
+    got, streams = [], set()
+    for start in range(0, 50, 15):
+        got += read_rows(fs, info, ["text"], start, min(start + 15, 50), streams=cache).texts("text")
+        streams.add(id(cache._stream))
+    assert got == rows and len(streams) == 1  # the file was opened and parsed once
+    assert read_rows(fs, info, ["text"], 5, 7, streams=cache).texts("text") == ["text 5", "text 6"]
+    assert read_rows(fs, info, ["text"], 40, None, streams=cache).texts("text") == rows[40:]
+    cache.close()

@@ -35,6 +35,7 @@ from embedkit.batch.settings import HostPlan, JobSettings, detect_hosts
 from embedkit.batch.state import FORMAT, JobState, join_fs
 from embedkit.errors import ConfigError, InputError, InterruptedJobError, JobStateError
 from embedkit.io.fs import get_fs, remove, write_json
+from embedkit.io.readers import StreamCache
 
 log = logging.getLogger("embedkit.batch")
 
@@ -274,6 +275,7 @@ class _Runner:
             stream=stream,
         )
         self.markers: list[dict[str, Any]] = []
+        self.streams = StreamCache()  # the reader's open CSV / JSON Lines file, reused unit to unit
         self.units_done = 0
         self.embed_seconds = 0.0
         self.interrupted = False
@@ -320,11 +322,14 @@ class _Runner:
                         log.debug("the last unit's write failed after an earlier error", exc_info=True)
                 reader.close()
                 writer.close()
+                self.streams.close()
                 self.progress.close()
         self.interrupted = self.stop.is_set() and self.units_done < len(self.todo)
 
     def _prepare(self, unit: Unit) -> Prepared:
-        return prepare_unit(self.plan.fs, self.plan, unit, self.embedder, truncate=self.s.truncate)
+        return prepare_unit(
+            self.plan.fs, self.plan, unit, self.embedder, truncate=self.s.truncate, streams=self.streams
+        )
 
     def _check_fail_fast(self, p: Prepared) -> None:
         if self.s.fail_fast and p.rejects:

@@ -174,14 +174,19 @@ def make_plan(
 
 def _describe_all(fs: fsspec.AbstractFileSystem, listed: list[tuple[str, str]]) -> list[FileInfo]:
     """Read every file's footer / header, a few at a time (object stores answer in parallel)."""
-    sizes: dict[str, int | None] = {}
-    for path, _rel in listed:
-        try:
-            sizes[path] = int(fs.size(path)) if format_of(path) != "parquet" else None
-        except Exception:
-            sizes[path] = None
+
+    def one(item: tuple[str, str]) -> FileInfo:
+        path, rel = item
+        size = None
+        if format_of(path) != "parquet":  # CSV / JSON Lines: the size decides whether to split
+            try:
+                size = int(fs.size(path))
+            except Exception:
+                size = None
+        return describe_file(fs, path, rel, size=size)
+
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="embedkit-plan") as pool:
-        return list(pool.map(lambda pr: describe_file(fs, pr[0], pr[1], size=sizes[pr[0]]), listed))
+        return list(pool.map(one, listed))
 
 
 def _resolve_text_column(infos: list[FileInfo], text_column: str | None) -> str:

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from embedkit.batch.plan import Plan, Unit
 from embedkit.engine.tokenize import Tokenized
-from embedkit.io.readers import read_rows
+from embedkit.io.readers import StreamCache, read_rows
 
 RejectRow = tuple[str, "int | None", "str | None", str]
 
@@ -56,7 +56,13 @@ def reason_kind(reason: str) -> str:
 
 
 def prepare_unit(
-    fs: fsspec.AbstractFileSystem, plan: Plan, unit: Unit, embedder: Any, *, truncate: bool
+    fs: fsspec.AbstractFileSystem,
+    plan: Plan,
+    unit: Unit,
+    embedder: Any,
+    *,
+    truncate: bool,
+    streams: StreamCache | None = None,
 ) -> Prepared:
     """Read ``unit``, reject what cannot be embedded, tokenise the rest with ``embedder``."""
     t0 = time.perf_counter()
@@ -65,7 +71,9 @@ def prepare_unit(
     id_col = plan.id_column if plan.id_column in unit.file.columns else None
     columns = [plan.text_column, *([id_col] if id_col and id_col != plan.text_column else [])]
     try:
-        block = read_rows(fs, unit.file, columns, unit.start, unit.stop, arrow_columns=plan.keep_columns)
+        block = read_rows(
+            fs, unit.file, columns, unit.start, unit.stop, arrow_columns=plan.keep_columns, streams=streams
+        )
     except Exception as exc:
         return _failed(unit, f"unreadable: {type(exc).__name__}: {exc}", t0)
     texts = block.columns[plan.text_column]

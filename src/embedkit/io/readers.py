@@ -172,16 +172,35 @@ def read_rows(
     stop: int | None,
     *,
     arrow_columns: tuple[str, ...] = (),
+    streams: StreamCache | None = None,
 ) -> RowBlock:
     """Rows ``[start, stop)`` of ``info`` (``stop=None``: to the end).
 
     ``columns`` come back as Python lists (``block.columns``), ``arrow_columns`` as Arrow arrays
-    keeping their type (``block.arrow``, for pass-through). Raises whatever the parser raises on a
+    keeping their type (``block.arrow``, for pass-through). CSV / JSON Lines are read from an open
+    stream kept in ``streams`` when the range continues where the previous one of that file ended
+    (so consecutive units of a large file read it once). Raises whatever the parser raises on a
     corrupt file."""
     wanted = list(dict.fromkeys([*columns, *arrow_columns]))
-    if info.fmt == "jsonl":
-        return _read_jsonl(fs, info, wanted, columns, start, stop, arrow_columns)
-    table = _concat(list(_arrow_batches(fs, info, wanted, start, stop)), wanted)
+    if info.fmt == "parquet":
+        table = _concat(list(_parquet_batches(fs, info, wanted, start, stop)), wanted)
+        return _block(info, start, table, columns, arrow_columns)
+    cache = streams if streams is not None else StreamCache()
+    try:
+        stream = cache.seek(fs, info, wanted, start)
+        if info.fmt == "jsonl":
+            return _read_jsonl(stream, info, wanted, columns, start, stop, arrow_columns)
+        table = _concat(stream.take_batches(stop), wanted)
+        return _block(info, start, table, columns, arrow_columns)
+    except BaseException:
+        cache.close()  # a stream that failed mid-way is not reused
+        raise
+    finally:
+        if streams is None:
+            cache.close()
+
+
+def _block(info: FileInfo, start: int, table: pa.Table, columns: list[str], arrow_columns) -> RowBlock:
     block = RowBlock(
         source=info.source,
         start=start,
@@ -193,41 +212,108 @@ def read_rows(
     return block
 
 
+class _Stream:
+    """An open CSV / JSON Lines file and the row its next read starts at."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, info: FileInfo, columns: list[str]) -> None:
+        self.key = (info.path, tuple(columns))
+        self.fh = _open(fs, info.path, info.fmt)
+        self.row = 0
+        self.pending: pa.RecordBatch | None = None
+        if info.fmt == "jsonl":
+            self.lines = iter(self.fh)
+        else:
+            self.batches = iter(
+                pacsv.open_csv(
+                    self.fh,
+                    parse_options=_csv_parse(info.fmt),
+                    convert_options=pacsv.ConvertOptions(
+                        include_columns=columns,
+                        column_types=dict.fromkeys(columns, pa.string()),
+                        strings_can_be_null=False,
+                    ),
+                )
+            )
+
+    def next_line(self) -> bytes | None:
+        """The next non-blank line (a JSON Lines row), or None at the end."""
+        for raw in self.lines:
+            if raw.strip():
+                return raw
+        return None
+
+    def take_batches(self, stop: int | None, start: int | None = None) -> list[pa.RecordBatch]:
+        """CSV batches from the current row up to ``stop`` (rows before ``start`` skipped)."""
+        out: list[pa.RecordBatch] = []
+        while stop is None or self.row < stop:
+            if self.pending is None:
+                self.pending = next(self.batches, None)
+                if self.pending is None:
+                    break
+            batch = self.pending
+            lo = max((start or 0) - self.row, 0)
+            hi = batch.num_rows if stop is None else min(batch.num_rows, stop - self.row)
+            if hi > lo and lo < batch.num_rows:
+                out.append(batch.slice(lo, hi - lo))
+            taken = min(max(hi, lo), batch.num_rows)
+            self.row += taken
+            self.pending = batch.slice(taken) if taken < batch.num_rows else None
+        return out
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class StreamCache:
+    """Keeps the last CSV / JSON Lines file open between reads, positioned after the rows read,
+    so a reader that takes a file's units in order parses the file once."""
+
+    def __init__(self) -> None:
+        self._stream: _Stream | None = None
+
+    def seek(self, fs: fsspec.AbstractFileSystem, info: FileInfo, columns: list[str], start: int) -> _Stream:
+        s = self._stream
+        if s is None or s.key != (info.path, tuple(columns)) or s.row > start:
+            self.close()
+            s = self._stream = _Stream(fs, info, columns)
+        if s.row < start:  # skip to the range: rows before it are parsed, not kept
+            if info.fmt == "jsonl":
+                while s.row < start and s.next_line() is not None:
+                    s.row += 1
+            else:
+                s.take_batches(start, start)
+        return s
+
+    def close(self) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.close()
+            finally:
+                self._stream = None
+
+
 def _concat(batches: list[pa.RecordBatch], columns: list[str]) -> pa.Table:
     if not batches:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     return pa.Table.from_batches(batches)
 
 
-def _arrow_batches(
+def _parquet_batches(
     fs: fsspec.AbstractFileSystem, info: FileInfo, columns: list[str], start: int, stop: int | None
 ) -> Iterator[pa.RecordBatch]:
-    if info.fmt == "parquet":
-        # Only the row groups overlapping [start, stop) are read.
-        groups, first_row, offset = [], None, 0
-        for i, n in enumerate(info.row_groups):
-            if offset + n > start and (stop is None or offset < stop):
-                groups.append(i)
-                first_row = offset if first_row is None else first_row
-            offset += n
-        if not groups:
-            return
-        with fs.open(info.path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            it = pf.iter_batches(batch_size=_READ_BATCH, row_groups=groups, columns=columns)
-            yield from _slice(it, int(first_row or 0), start, stop)
+    """Only the row groups overlapping ``[start, stop)`` are read."""
+    groups, first_row, offset = [], None, 0
+    for i, n in enumerate(info.row_groups):
+        if offset + n > start and (stop is None or offset < stop):
+            groups.append(i)
+            first_row = offset if first_row is None else first_row
+        offset += n
+    if not groups:
         return
-    with _open(fs, info.path, info.fmt) as fh:
-        reader = pacsv.open_csv(
-            fh,
-            parse_options=_csv_parse(info.fmt),
-            convert_options=pacsv.ConvertOptions(
-                include_columns=columns,
-                column_types=dict.fromkeys(columns, pa.string()),
-                strings_can_be_null=False,
-            ),
-        )
-        yield from _slice(reader, 0, start, stop)
+    with fs.open(info.path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        it = pf.iter_batches(batch_size=_READ_BATCH, row_groups=groups, columns=columns)
+        yield from _slice(it, int(first_row or 0), start, stop)
 
 
 def _slice(
@@ -248,7 +334,7 @@ def _slice(
 
 
 def _read_jsonl(
-    fs: fsspec.AbstractFileSystem,
+    stream: _Stream,
     info: FileInfo,
     wanted: list[str],
     columns: list[str],
@@ -258,28 +344,22 @@ def _read_jsonl(
 ) -> RowBlock:
     cols: dict[str, list[Any]] = {c: [] for c in wanted}
     errors: dict[int, str] = {}
-    row = 0
     n = 0
-    with _open(fs, info.path, "jsonl") as fh:
-        for raw in fh:
-            if not raw.strip():
-                continue
-            if row < start:
-                row += 1
-                continue
-            if stop is not None and row >= stop:
-                break
-            try:
-                obj = json.loads(raw)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"a JSON {type(obj).__name__}, not an object")
-            except ValueError as exc:
-                errors[n] = f"invalid json: {exc}"
-                obj = {}
-            for c in wanted:
-                cols[c].append(obj.get(c))
-            row += 1
-            n += 1
+    while stop is None or stream.row < stop:
+        raw = stream.next_line()
+        if raw is None:
+            break
+        try:
+            obj = json.loads(raw)
+            if not isinstance(obj, dict):
+                raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+        except ValueError as exc:
+            errors[n] = f"invalid json: {exc}"
+            obj = {}
+        for c in wanted:
+            cols[c].append(obj.get(c))
+        stream.row += 1
+        n += 1
     block = RowBlock(
         source=info.source, start=start, columns={c: cols[c] for c in columns}, num_rows=n, errors=errors
     )
