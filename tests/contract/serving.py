@@ -29,7 +29,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = args
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        base = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+        self.env = {**os.environ, **base, **(env or {})}  # PASSIVE: what serve would re-exec with
         for name in ("EMBEDKIT_API_KEY", "EMBEDKIT_ENDPOINT_NAME", "SAGEMAKER_PROGRAM", "SM_MODEL_DIR"):
             if env is None or name not in env:
                 self.env.pop(name, None)

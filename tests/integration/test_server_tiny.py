@@ -89,7 +89,7 @@ def test_codecs_and_accept_negotiation_over_http(http, tiny_embedder):
         ),
         ({"json": {"inputs": ["x"] * 513}}, 413, "max_client_batch_size"),
         ({"content": b"x" * (6 * 1024 * 1024 + 1)}, 413, "max_body_bytes"),
-        ({"content": b"x", "headers": {"Content-Type": "image/png"}}, 415, "Content-Type"),
+        ({"content": b"x", "headers": {"Content-Type": "application/xml"}}, 415, "Content-Type"),
         ({"json": {"inputs": "x"}, "headers": {"Accept": "image/png"}}, 406, "Accept"),
     ],
 )
