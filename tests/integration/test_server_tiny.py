@@ -245,7 +245,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, tmp_path):
         "response_schema_conformance,response_headers_conformance",
     ]
     cmd += ["-n", "10", "--phases", "coverage,fuzzing", "--seed", "1", "--no-color", "-w", "1"]
-    cmd += ["--generation-database", "none", "--max-time", "50", "--request-timeout", "20"]
+    cmd += ["--generation-database", "none", "--request-timeout", "20"]  # --max-time would fuzz until spent
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "No issues found" in out.stdout
