@@ -58,7 +58,9 @@ def main(out: str | None = None) -> int:
     fmt = "faiss" if importlib.util.find_spec("faiss") else "npy"
     _run(["--log-level", "WARNING", "export", out, "--format", fmt])
     _run(["--log-level", "WARNING", "search", out, *QUERIES, "-k", "3"])
-    print(f"\nread the vectors: duckdb -c \"SELECT id, embedding[1:3] FROM '{out}/part-*.parquet' LIMIT 3\"")
+    print(
+        f"\nread the vectors with any Parquet reader, e.g. DuckDB: SELECT id, embedding FROM '{out}/part-*.parquet'"
+    )
     return 0
 
 
