@@ -62,6 +62,7 @@ class RayRunner:
         self.worker_engine: dict[str, Any] | None = None
         self.first_result_s: float | None = None
         self._t0 = time.perf_counter()
+        self._started_at = ""
 
     def describe(self) -> dict[str, Any]:
         """The run's engine for ``metadata.json``: Ray address, pool sizing, per-worker counts."""
@@ -83,16 +84,19 @@ class RayRunner:
         import ray
 
         self._t0 = time.perf_counter()
-        with _Signals(self.stop):
-            owned = False
-            try:
+        self._started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # as markers' finished_at
+        owned = False
+        try:
+            with _Signals(self.stop):
                 owned = self._connect()
+            # again: ray.init installs its own SIGTERM handler (sys.exit) in this process
+            with _Signals(self.stop):
                 if not self.stop.is_set():
                     self._run_pool(owned)
-            finally:
-                if owned:
-                    ray.shutdown()  # ends the actors too; a unit in flight is not recorded
-                self.progress.close()
+        finally:
+            if owned:
+                ray.shutdown()  # ends the actors too; a unit in flight is not recorded
+            self.progress.close()
         self.interrupted = self.stop.is_set() and self.units_done < len(self.todo)
 
     def _connect(self) -> bool:
@@ -220,6 +224,9 @@ class RayRunner:
                 self._take(item)
         finally:
             halt.set()
+            if puller.is_alive():  # stopped or failed: end the pool now, not after the next unit
+                _end_execution(ds)
+                puller.join(timeout=STOP_GRACE_SECONDS if not owned else 5.0)
             while True:  # units finished (and recorded by their worker) before we stopped
                 try:
                     kind, item = results.get_nowait()
@@ -227,8 +234,18 @@ class RayRunner:
                     break
                 if kind == "row":
                     self._take(item, raise_errors=False)
-            if not owned:  # we cannot end the caller's Ray: wait for the pool to wind down
-                puller.join(timeout=STOP_GRACE_SECONDS)
+            self._collect_unseen()
+
+    def _collect_unseen(self) -> None:
+        """Count the units workers recorded whose results never reached us (we stopped listening)."""
+        seen = {m["key"] for m in self.markers}
+        unseen = {u.key for u in self.todo} - seen
+        if not unseen:
+            return
+        for m in self.state.markers(unseen):
+            if m.get("finished_at", "") >= self._started_at and not m.get("failed"):
+                self.markers.append(m)
+                self.units_done += 1
 
     def _take(self, row: dict[str, Any], raise_errors: bool = True) -> None:
         res = json.loads(row["result"])
@@ -257,6 +274,19 @@ class RayRunner:
             rejects=int(marker["rejected"]),
             units=1,
         )
+
+
+def _end_execution(ds: Any) -> None:
+    """Shut a running Dataset's executor down (its actors with it), so that the iterator blocked on
+    the next unit returns. Ray Data keeps the executor on the dataset being iterated; if a Ray
+    version does not, the pool ends with the iterator or with ``ray.shutdown()`` instead."""
+    executor = getattr(ds, "_current_executor", None)
+    if executor is None:
+        return
+    try:
+        executor.shutdown(force=True)
+    except Exception:
+        log.debug("ray: shutting the dataset's executor down failed", exc_info=True)
 
 
 def _from_ray(exc: BaseException) -> EmbedkitError:
