@@ -11,6 +11,8 @@ Sections (``--sections``, default all):
 * ``job``, ``serve``: ``bench/bench_job.py`` / ``bench/bench_serve.py`` if present: the batch job
   and the HTTP server on the same corpus ("vs engine": their own same-call ratio to the engine).
 * ``ray``: ``bench/bench_ray.py``: the job on the local engine vs ``--engine ray`` (1 and 2 workers).
+* ``images``: ``bench/bench_images.py``: the batch job's images/s on CLIP (ViT-B/32 vision tower)
+  against seed 003's naive loop, on webdataset shards and a URL list.
 
 The machine's peak matmul rate (torch.mm 2048^2 per dtype, same threads) is measured first, giving
 model FLOP utilisation (see :mod:`bench.flops`). Prints a table and writes
@@ -26,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +47,7 @@ from bench import report
 from bench.flops import PEAK_DTYPE, mfu
 from bench.procs import Worker, WorkerError, run_once
 
-SECTIONS = ("engine", "iter", "job", "serve", "ray")
+SECTIONS = ("engine", "iter", "job", "serve", "ray", "images")
 # Optional sections written beside the harness: ``run(texts, precision, workdir)`` for the job and
 # the Ray job, ``run(texts, precision)`` for the server. Each returns a dict with ``seconds`` or
 # ``texts_per_s`` (and ``texts`` when it used a sample), optionally ``tokens`` and ``vectors`` (in
@@ -257,6 +261,25 @@ def door_section(ctx: Context, section: str) -> dict[str, Any]:
     return {"row": row, "result": res}
 
 
+def images_section(ctx: Context) -> dict[str, Any]:
+    """``bench/bench_images.py`` in its own process: the batch job's images/s against seed 003's
+    naive loop (CLIP ViT-B/32 vision tower, webdataset shards and a URL list)."""
+    if importlib.util.find_spec("bench.bench_images") is None:
+        return {"skipped": "bench/bench_images.py is not present"}
+    log("images section")
+    out = ctx.tmp / "images.json"
+    cmd = [sys.executable, "-m", "bench.bench_images", "--workdir", str(ctx.tmp / "images-work")]
+    cmd += ["--json-out", str(out), *(["--n", "32"] if ctx.args.quick else [])]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"failed: no answer within {TIMEOUT:.0f}s"}
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+        return {"skipped": f"failed: {tail[0]}", "error": (proc.stderr or "")[-3000:]}
+    return {"result": json.loads(out.read_text())}
+
+
 # -------------------------------------------------------------------------------------- summary
 def done_when(result: dict[str, Any]) -> dict[str, Any]:
     """The issue's bars: fp32 >= 1.3x; a non-exact precision >= 2.5x at min cosine >= 0.99; RSS <= 1.2x."""
@@ -343,7 +366,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"load included; ray.init {ray['ray_init_s']:.0f}s not); done-when 1 worker within 15%: "
             f"{'PASS' if ok else 'FAIL'}"
         )
-    for section in ("iter", *DOOR_MODULES):
+    img = (result.get("images") or {}).get("result")
+    if img:
+        lines.append(
+            f"images ({img['images']} x 256px JPEG, CLIP ViT-B/32 vision): job vs naive loop: URL list "
+            f"({img['latency_ms']:g} ms/GET) {img['urls']['speedup']:.2f}x, local shards "
+            f"{img['shards']['speedup']:.2f}x; done-when >= 1.5x: {'PASS' if img['met'] else 'FAIL'}"
+        )
+    for section in ("iter", *DOOR_MODULES, "images"):
         note = (result.get(section) or {}).get("skipped")
         if note:
             lines.append(f"{section}: skipped ({note})")
@@ -444,6 +474,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     result["engine"] = engine_section(ctx)
                 elif section == "iter":
                     result["iter"] = iter_section(ctx)
+                elif section == "images":
+                    result["images"] = images_section(ctx)
                 else:
                     result[section] = door_section(ctx, section)
             except WorkerError as exc:

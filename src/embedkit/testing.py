@@ -147,11 +147,13 @@ def build_tiny_clip(
     patch_size: int = 8,
     max_seq_length: int = 24,
     seed: int = 0,
+    vision: dict | None = None,
 ) -> Path:
     """Write a random tiny CLIP model (2-layer text and vision towers) with a real CLIP BPE tokenizer
     (vocab.json + merges.txt written here, no download) and a CLIP image processor configuration
     (``preprocessor_config.json``: resize the short side to ``image_size``, center crop, normalise) to
-    ``out_dir``. Returns the directory.
+    ``out_dir``. ``vision`` overrides the vision tower's config (e.g. ViT-B/32's sizes, for a
+    benchmark whose speed should be realistic; the weights stay random). Returns the directory.
 
     >>> import tempfile
     >>> from embedkit.engine.image import ImageEmbedder
@@ -225,6 +227,7 @@ def build_tiny_clip(
             "num_attention_heads": 2,
             "image_size": image_size,
             "patch_size": patch_size,
+            **(vision or {}),
         },
         projection_dim=projection_dim,
     )

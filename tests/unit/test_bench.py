@@ -170,7 +170,14 @@ def test_quick_mode_shrinks_everything_and_sections_are_checked():
     q = parse_args(["--quick"])
     full = parse_args([])
     assert q.short < full.short and q.iter_sizes[-1] < full.iter_sizes[-1] and q.long > 0
-    assert full.iter_sizes == [20_000, 200_000] and full.sections == ["engine", "iter", "job", "serve", "ray"]
+    assert full.iter_sizes == [20_000, 200_000] and full.sections == [
+        "engine",
+        "iter",
+        "job",
+        "serve",
+        "ray",
+        "images",
+    ]
     assert parse_args(["--sections", "iter"]).sections == ["iter"]
     with pytest.raises(SystemExit):
         parse_args(["--sections", "engine,warp"])
