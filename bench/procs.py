@@ -121,5 +121,8 @@ def run_once(mode: str, args: list[str], *, log_dir: Path, timeout: float, name:
     w = Worker(mode, args, log_dir=log_dir, name=name)
     try:
         return w.recv(timeout)
+    except BaseException:
+        w.kill()  # interrupted or failed: do not leave it running
+        raise
     finally:
         w.close()

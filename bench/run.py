@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -127,6 +128,10 @@ def measure_encoders(ctx: Context, configs: list[tuple[str, str, str]], reps: in
                 out[name]["seconds"].append(msg["seconds"])
                 out[name]["peak_rss_mib"] = msg["rss"]["peak"]
                 log(f"round {r + 1}/{reps}: {name}: {msg['seconds']:.2f}s")
+    except BaseException:
+        for w in workers.values():
+            w.kill()
+        raise
     finally:
         for w in workers.values():
             w.close()
@@ -503,7 +508,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)  # so workers are stopped and temp files removed
     try:
         run(argv)
     except WorkerError as exc:
