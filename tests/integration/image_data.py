@@ -107,13 +107,14 @@ def _write(url: str, name: str, data: bytes) -> None:
 
 
 def write_webdataset_shard(
-    url: str, shard: int, rows: list[Row], *, url_base: str = "http://example.com"
+    url: str, shard: int, rows: list[Row], *, url_base: str = "http://example.com", unlisted: list[Row] = ()
 ) -> None:
     """``NNNNN.tar`` (image + txt + json per sample that was downloaded), ``NNNNN.parquet`` (every
-    row, failed ones included) and ``NNNNN_stats.json``, as img2dataset writes them."""
+    row, failed ones included) and ``NNNNN_stats.json``, as img2dataset writes them. ``unlisted``
+    rows go into the tar only (a shard whose parquet lacks some samples)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for row in rows:
+        for row in [*rows, *unlisted]:
             if row.kind == "failed":
                 continue
             meta = _meta(row, url_base)

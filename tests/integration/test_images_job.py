@@ -51,7 +51,8 @@ def _dataset(url: str) -> dict[str, object]:
     shard1 = shard_rows(1, ["ok", "failed", "ok", "big", "ok"])
     shard2 = shard_rows(2, ["ok", "failed", "truncated", "missing", "ok"])
     write_webdataset_shard(url, 0, shard0)
-    write_webdataset_shard(url, 1, shard1)
+    stray = shard_rows(9, ["ok"])  # in 00001.tar but not in 00001.parquet
+    write_webdataset_shard(url, 1, shard1, unlisted=stray)
     write_bytes_parquet(url, 2, shard2)
     kinds = {
         "failed": "download failed",
@@ -60,7 +61,8 @@ def _dataset(url: str) -> dict[str, object]:
         "missing": "missing image",
         "big": "oversized image",
     }
-    return {r.key: (r.data if r.kind in ("ok", "png") else kinds[r.kind]) for r in shard0 + shard1 + shard2}
+    rows = shard0 + shard1 + stray + shard2
+    return {r.key: (r.data if r.kind in ("ok", "png") else kinds[r.kind]) for r in rows}
 
 
 def test_every_image_row_lands_in_output_or_rejects_with_its_reason(tmp_path, clip_embedder):
@@ -98,7 +100,7 @@ def test_every_image_row_lands_in_output_or_rejects_with_its_reason(tmp_path, cl
 
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert meta["modality"] == "image" and meta["images"]["layouts"] == {"webdataset": 2, "bytes": 1}
-    assert meta["rows"] == {"in": 18, "embedded": len(good), "rejected": 18 - len(good), "truncated": 0}
+    assert meta["rows"] == {"in": 19, "embedded": len(good), "rejected": 19 - len(good), "truncated": 0}
     assert meta["reject_kinds"] == {
         "download failed": 3,
         "truncated image": 2,

@@ -296,7 +296,9 @@ def prepare_image_unit(plan: ImagePlan, unit: Unit, fetcher: Fetcher) -> ImagePr
         if info.layout == "webdataset":
             index = read_index(fs, info.index_path) if info.index_path else None
             records = read_webdataset(fs, info.path, info.source, index)
-            records = [r for r in records if r.row >= unit.start and (unit.stop is None or r.row < unit.stop)]
+            # A whole shard also keeps the tar samples its parquet does not list (rows after its own).
+            whole = unit.start == 0 and unit.stop in (None, info.num_rows)
+            records = [r for r in records if whole or unit.start <= r.row < (unit.stop or 0)]
         else:
             cols = [c for c in META_COLUMNS if c in info.columns]
             img_col = info.image_column
