@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pyarrow as pa
@@ -36,7 +37,7 @@ def test_units_follow_row_groups_and_cover_every_row_once(groups, unit_rows, exp
     ranges = _ranges(info, unit_rows)
     assert ranges == expected
     assert ranges[0][0] == 0 and ranges[-1][1] == sum(groups)
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
 
 
 def test_csv_of_known_length_is_cut_in_plain_row_ranges():
