@@ -6,6 +6,7 @@ the killed driver joins it with ``--ray-address``, so killing it leaves no Ray p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -19,10 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embedkit import __version__
 from embedkit.batch import embed_dataset
 from embedkit.batch.ray_runner import size_workers
 from embedkit.cli import main as cli
-from embedkit.errors import ConfigError
+from embedkit.errors import ConfigError, InputError
+from embedkit.io.fs import get_fs
 from tests.integration.batch_data import (
     count_markers,
     read_metadata,
@@ -94,6 +97,78 @@ def test_requests_the_cluster_cannot_hold_fail_fast_naming_what_it_has():
         size_workers([{"CPU": 16, "GPU": 2}], 3, gpus_per_worker=1)
     with pytest.raises(ConfigError, match="fraction below 1 or a whole number"):
         size_workers([{"CPU": 16, "GPU": 4}], 1, gpus_per_worker=1.5)
+
+
+# ------------------------------------------------------------- the actor's code, without Ray
+def _worker_job(inp: str, out: str, model: str, fingerprint_changes: dict | None = None, **options):
+    """A WorkerJob as the driver builds it (plan, state, folder, fingerprint) for ``inp`` -> ``out``."""
+    from embedkit.batch.job import _fingerprint
+    from embedkit.batch.output import OutputFolder
+    from embedkit.batch.plan import make_plan
+    from embedkit.batch.ray_runner.worker import WorkerJob, driver_embedder, worker_engine_settings
+    from embedkit.batch.settings import JobSettings, detect_hosts
+    from embedkit.batch.state import JobState
+
+    settings = JobSettings.build({"input": inp, "output": out, "model": model, "unit_rows": 10, **options})
+    emb = driver_embedder(settings)
+    plan = make_plan(inp, unit_rows=10, fail_fast=settings.fail_fast)
+    fs, root = get_fs(out)
+    state = JobState(fs, root, {**_fingerprint(settings, emb, plan), **(fingerprint_changes or {})})
+    state.check(overwrite=False)
+    folder = OutputFolder(fs, root)
+    folder.scan()
+    engine = worker_engine_settings(emb, "cpu")
+    hosts = detect_hosts(None, None)
+    return WorkerJob(
+        settings, engine, plan, state, folder, hosts, plan.units, state.fingerprint, 1, __version__
+    )
+
+
+def test_actor_records_units_and_returns_errors_as_embedkit_errors(tmp_path, model_dir):
+    from embedkit.batch.ray_runner.worker import UnitWorker, _rebuild_error
+
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    col = [sentence(i) for i in range(20)]
+    col[13] = None
+    os.makedirs(inp)
+    pq.write_table(pa.table({"text": col}), os.path.join(inp, "a.parquet"), row_group_size=10)
+
+    worker = UnitWorker(_worker_job(inp, out, model_dir))
+    res = [json.loads(r) for r in worker({"i": np.array([0, 1])})["result"]]
+    assert [r["ok"] for r in res] == [True, True] and count_markers(out) == 2
+    assert [r["marker"]["embedded"] for r in res] == [10, 9] and res[0]["engine"]["threads"] == 1
+    assert read_rejects(out) == [
+        {"source": "a.parquet", "row": 13, "id": "a.parquet:13", "reason": "null text"}
+    ]
+
+    strict = UnitWorker(_worker_job(inp, str(tmp_path / "strict"), model_dir, fail_fast=True))
+    rec = json.loads(strict({"i": np.array([1])})["result"][0])
+    err = _rebuild_error(rec)
+    assert isinstance(err, InputError) and err.exit_code == 2 and "a.parquet row 13: null text" in str(err)
+    assert count_markers(tmp_path / "strict") == 0
+
+    # a node whose model differs from the driver's refuses to write into the job
+    other = UnitWorker(_worker_job(inp, str(tmp_path / "other"), model_dir, {"model_hash": "0" * 16}))
+    err = _rebuild_error(json.loads(other({"i": np.array([0])})["result"][0]))
+    assert (
+        isinstance(err, ConfigError) and "differs from the driver's" in str(err) and "model_hash" in str(err)
+    )
+    assert count_markers(tmp_path / "other") == 0
+
+
+def test_gpu_workers_driver_fingerprints_on_cpu_with_the_workers_precision(model_dir):
+    from embedkit.batch.ray_runner.worker import driver_embedder, worker_engine_settings
+    from embedkit.batch.settings import JobSettings
+
+    view = driver_embedder(
+        JobSettings.build({"model": model_dir, "gpus_per_worker": 1, "precision": "float16"})
+    )
+    assert (view.precision, view.device, view.describe()["device"]) == ("fp16", "cuda", "cuda")
+    assert str(view.model.transformer.device) == "cpu"  # the driver never takes the workers' GPU
+    engine = worker_engine_settings(view, "cuda")
+    assert (engine["device"], engine["precision"], engine["max_batch_tokens"]) == ("cuda", "fp16", 0)
+    with pytest.raises(ConfigError, match="--device cuda with --engine ray needs --gpus-per-worker"):
+        driver_embedder(JobSettings.build({"model": model_dir, "device": "cuda"}))
 
 
 # ------------------------------------------------------------------------------ on a local Ray
