@@ -199,3 +199,16 @@ def test_bf16_stays_close_to_fp32(tiny_clip, clip_embedder):
     blobs = [jpeg(50 + i) for i in range(4)]
     cos = np.sum(emb.encode_images(blobs) * clip_embedder.encode_images(blobs), axis=1)
     assert cos.min() > 0.99
+
+
+def test_info_describes_a_clip_model(tiny_clip, capsys):
+    from embedkit.cli import main
+
+    assert main(["info", str(tiny_clip), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["model_type"], info["dimension"], info["pooling"], info["max_seq_length"]) == (
+        "clip",
+        16,
+        "clip",
+        24,
+    )

@@ -18,9 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from embedkit.models import content_hash, load_text_model, resolve_model
+    from embedkit.models.clip import is_clip_dir, load_clip_model
 
     path = resolve_model(args.model)
-    model = load_text_model(path, pooling=args.pooling)
+    model = load_clip_model(path) if is_clip_dir(path) else load_text_model(path, pooling=args.pooling)
     info = {
         "model": args.model,
         "name": model.name,
