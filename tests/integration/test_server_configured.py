@@ -52,7 +52,9 @@ def test_api_key_guards_every_route_but_ping_and_the_secret_is_masked_in_the_log
     assert httpx.get(server.url + "/ping").status_code == 200
     r = httpx.post(server.url + "/embed", json={"inputs": "x"})
     assert r.status_code == 401 and r.json()["error_type"] == "Unauthorized"
-    r = httpx.post(server.url + "/invocations", json={"inputs": "x"})  # dlc-exact: the container's error shape
+    r = httpx.post(
+        server.url + "/invocations", json={"inputs": "x"}
+    )  # dlc-exact: the container's error shape
     assert r.status_code == 401 and r.json()["code"] == 401
     wrong = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
