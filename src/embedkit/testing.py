@@ -51,7 +51,12 @@ def build_tiny_bert(
     out.mkdir(parents=True, exist_ok=True)
     vocab_file = out / "vocab.txt"
     vocab_file.write_text("\n".join(_vocab()) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, model_max_length=512)
+    # Build the WordPiece tokenizer with the tokenizers library itself: transformers 5's
+    # BertTokenizerFast(vocab_file=...) ignores the vocabulary and maps every word to [UNK].
+    from tokenizers import BertWordPieceTokenizer
+
+    backend = BertWordPieceTokenizer(str(vocab_file), lowercase=True)
+    tokenizer = BertTokenizerFast(tokenizer_object=backend._tokenizer, model_max_length=512)
     tokenizer.save_pretrained(str(out))
     torch.manual_seed(seed)
     config = BertConfig(

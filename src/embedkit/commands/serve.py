@@ -6,8 +6,6 @@ import argparse
 import json
 import logging
 import os
-import sys
-from pathlib import Path
 
 from embedkit.errors import EmbedkitError, ModelLoadError
 from embedkit.settings import EngineSettings
@@ -46,27 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _passive_openmp() -> None:
-    """Re-exec this command with ``OMP_WAIT_POLICY=PASSIVE`` unless the caller chose a policy.
-
-    The server hands work between threads (event loop, inference worker, the engine's padding
-    helper) many times a second; with OpenMP's default spin-waiting, idle OpenMP workers hold the
-    cores those threads need, and on a small busy machine a 40 ms single-text request took ~1 s.
-    The policy is read once when OpenMP loads (at ``import torch``), hence the re-exec. Only done
-    when this process is the ``embedkit`` command itself, not when ``main()`` is called from code.
-    """
-    if "OMP_WAIT_POLICY" in os.environ or "serve" not in sys.argv[1:]:
-        return
-    if Path(sys.argv[0]).name not in ("__main__.py", "embedkit"):
-        return
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-
-
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    _passive_openmp()
+    # OMP_WAIT_POLICY=PASSIVE is set by importing embedkit (before torch loads): the server hands
+    # work between threads many times a second, and spinning OpenMP workers would starve them.
     from embedkit.server import ServerSettings, choose_model, create_app
 
     environ = os.environ
