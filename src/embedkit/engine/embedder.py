@@ -164,6 +164,7 @@ class Embedder:
             int(getattr(cfg, "hidden_size", 768)),
             int(getattr(cfg, "num_hidden_layers", 12)),
             int(getattr(cfg, "num_attention_heads", 12)),
+            self.precision,
         )
         self.stats = EngineStats()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-pre")
