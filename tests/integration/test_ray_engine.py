@@ -192,6 +192,7 @@ def test_ray_engine_with_two_workers_gives_the_local_engines_dataset(tmp_path, m
     assert 1 <= len(runner["workers"]) <= 2
     assert sum(w["units"] for w in runner["workers"].values()) == 15
     assert sum(w["rows"] for w in runner["workers"].values()) == 148
+    assert runner["startup_seconds"] > 0 and runner["pool_seconds"] > 0
 
     # either engine resumes the other's job: everything is recorded, nothing is recomputed
     summary = embed_dataset(

@@ -63,6 +63,8 @@ class RayRunner:
         self.first_result_s: float | None = None
         self._t0 = time.perf_counter()
         self._started_at = ""
+        self._wall0 = time.time()
+        self._ready_at, self._done_at = float("inf"), 0.0  # first actor ready, last unit done (wall)
 
     def describe(self) -> dict[str, Any]:
         """The run's engine for ``metadata.json``: Ray address, pool sizing, per-worker counts."""
@@ -74,6 +76,9 @@ class RayRunner:
             "address": self.address,
             "sizing": dataclasses.asdict(self.sizing) if self.sizing else None,
             "first_result_seconds": None if self.first_result_s is None else round(self.first_result_s, 3),
+            # start-up (connect, first actor started and its model loaded), then the pool's working time
+            "startup_seconds": round(self._ready_at - self._wall0, 3) if self._done_at else None,
+            "pool_seconds": round(self._done_at - self._ready_at, 3) if self._done_at else None,
             "workers": self.workers,
             "worker_engine": self.worker_engine,
         }
@@ -83,7 +88,7 @@ class RayRunner:
             return
         import ray
 
-        self._t0 = time.perf_counter()
+        self._t0, self._wall0 = time.perf_counter(), time.time()
         self._started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # as markers' finished_at
         owned = False
         try:
@@ -255,6 +260,8 @@ class RayRunner:
             return
         if self.first_result_s is None:
             self.first_result_s = time.perf_counter() - self._t0
+        self._ready_at = min(self._ready_at, float(res["ready_at"]))
+        self._done_at = max(self._done_at, float(res["done_at"]))
         marker = res["marker"]
         self.markers.append(marker)
         self.units_done += 1

@@ -152,6 +152,7 @@ class UnitWorker:
         except Exception as exc:
             self.error = _error_record(exc, self.id)
         self.load_seconds = time.perf_counter() - t0
+        self.ready_at = time.time()  # wall clock: the driver compares actors (on other nodes too)
 
     @staticmethod
     def _open(job: WorkerJob) -> _Runner:
@@ -209,6 +210,8 @@ class UnitWorker:
             "node": socket.gethostname(),
             "embed_seconds": runner.embed_seconds - before,
             "load_seconds": round(self.load_seconds, 3),
+            "ready_at": self.ready_at,
+            "done_at": time.time(),
         }
         if self.first:
             self.first = False
