@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from typing import Any
@@ -86,6 +87,10 @@ class RayRunner:
     def run(self) -> None:
         if not self.todo:
             return
+        if not self.s.ray_address and "ray" not in sys.modules:
+            # A private single-node Ray: bind it to loopback instead of the host's own address
+            # (Ray reads this when it is imported; never set when joining a real cluster).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         self._t0, self._wall0 = time.perf_counter(), time.time()
@@ -122,7 +127,7 @@ class RayRunner:
                     f"cannot connect to the Ray cluster at {self.s.ray_address}: {exc}; check --ray-address "
                     f"/ RAY_ADDRESS, or leave both unset to start a local Ray"
                 ) from None
-        else:  # a private Ray for this job (Ray binds the node's own address; nothing leaves the host)
+        else:  # a private Ray for this job, on loopback when this process imported Ray itself
             logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
             ray.init(
                 address="local",
