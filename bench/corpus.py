@@ -18,7 +18,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from embedkit.corpus import doc_passages, docstring_summaries
+# embedkit is imported inside the functions: importing it sets OMP_WAIT_POLICY for the process
+# (and its children), and the baseline's worker must start with the user's own environment.
 
 FULL_SHORT = 3000
 FULL_LONG = 0  # 0 = every passage (~170)
@@ -29,6 +30,8 @@ SEED = 20240
 
 def build_corpus(n_short: int = FULL_SHORT, n_long: int = FULL_LONG, seed: int = SEED) -> list[str]:
     """``n_short`` docstring summaries plus ``n_long`` passages (0 = all), shuffled with ``seed``."""
+    from embedkit.corpus import doc_passages
+
     short = docstring_summaries()
     if n_short > len(short):
         raise ValueError(f"only {len(short)} short texts are available, {n_short} asked for")
@@ -38,6 +41,13 @@ def build_corpus(n_short: int = FULL_SHORT, n_long: int = FULL_LONG, seed: int =
     texts = short[:n_short] + (passages[:n_long] if n_long else passages)
     random.Random(seed).shuffle(texts)
     return texts
+
+
+def docstring_summaries() -> list[str]:
+    """The short texts: first lines of standard-library docstrings (~3,700)."""
+    from embedkit.corpus import docstring_summaries as summaries
+
+    return summaries()
 
 
 def cycled_short(n: int, pool: list[str] | None = None) -> Iterator[str]:

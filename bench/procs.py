@@ -24,10 +24,20 @@ class Worker:
     >>> w.recv(timeout=120)  # doctest: +SKIP
     """
 
-    def __init__(self, mode: str, args: list[str], *, log_dir: Path, name: str | None = None) -> None:
+    def __init__(
+        self,
+        mode: str,
+        args: list[str],
+        *,
+        log_dir: Path,
+        name: str | None = None,
+        env: dict[str, str | None] | None = None,
+    ) -> None:
         self.name = name or mode
         self.log_path = log_dir / f"{self.name}.log"
-        env = dict(os.environ)
+        overrides = env or {}
+        env = {k: v for k, v in os.environ.items() if k not in overrides}
+        env.update({k: v for k, v in overrides.items() if v is not None})
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -116,9 +126,17 @@ class Worker:
             self.proc.wait(timeout=30)
 
 
-def run_once(mode: str, args: list[str], *, log_dir: Path, timeout: float, name: str | None = None) -> dict:
+def run_once(
+    mode: str,
+    args: list[str],
+    *,
+    log_dir: Path,
+    timeout: float,
+    name: str | None = None,
+    env: dict[str, str | None] | None = None,
+) -> dict:
     """Start a one-shot worker, return its single answer."""
-    w = Worker(mode, args, log_dir=log_dir, name=name)
+    w = Worker(mode, args, log_dir=log_dir, name=name, env=env)
     try:
         return w.recv(timeout)
     except BaseException:

@@ -30,6 +30,8 @@ import numpy as np
 from bench import corpus as bench_corpus
 
 WARMUP_TEXTS = 32
+# As this process started (importing embedkit later may set it, but OpenMP reads it when torch loads).
+START_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
 
 def memory_mib() -> dict[str, float]:
@@ -105,12 +107,14 @@ def calibrate(args: argparse.Namespace, ch: Channel) -> None:
         threads=torch.get_num_threads(),
         bf16_native=cpu_supports_bf16(),
         mkldnn=bool(torch.backends.mkldnn.is_available()),
+        omp_wait_policy=START_OMP_WAIT_POLICY,
     )
 
 
 def _load_encoder(model_spec: str, kind: str, precision: str) -> Any:
     """A callable ``texts -> np.ndarray`` for the config."""
     if kind == "baseline":
+        # torch (and its OpenMP) load here first, in the environment the parent gave this process
         from sentence_transformers import SentenceTransformer
 
         from embedkit.models import resolve_model
@@ -132,7 +136,7 @@ def encode_loop(args: argparse.Namespace, ch: Channel, stdin: TextIO) -> None:
     encode = _load_encoder(args.model, args.kind, args.precision)
     load_s = time.perf_counter() - t0
     encode(texts[:WARMUP_TEXTS])
-    ch.send(ok=True, event="ready", load_s=load_s, rss=memory_mib())
+    ch.send(ok=True, event="ready", load_s=load_s, rss=memory_mib(), omp_wait_policy=START_OMP_WAIT_POLICY)
     saved = False
     for line in stdin:
         cmd = line.strip()
@@ -235,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     stdin = sys.stdin
     ch = Channel()
+    if args.mode != "calibrate" and args.kind != "baseline":
+        import embedkit  # noqa: F401 - before torch: embedkit's process settings (OpenMP) apply
     _set_threads(args.threads)
     try:
         if args.mode == "calibrate":

@@ -79,6 +79,9 @@ def test_bench_run_on_a_tiny_model_computes_ratios_cosine_and_mfu_from_its_timin
     assert fp32["tokens_per_s"] == pytest.approx(cal["tokens"] / fp32["median_s"])
     assert fp32["mfu"] == pytest.approx(cal["corpus_flops"] / fp32["median_s"] / cal["peak_flops"]["fp32"])
     assert base["peak_rss_mib"] > 50
+    # the baseline runs in the user's environment, embedkit in what importing embedkit sets
+    assert base["omp_wait_policy"] == bench_run.USER_ENV["OMP_WAIT_POLICY"]
+    assert fp32["omp_wait_policy"] == (bench_run.USER_ENV["OMP_WAIT_POLICY"] or "PASSIVE")
 
     it = result["iter"]
     assert [r["n"] for r in it["runs"]] == [40, 120] and it["precision"] == "fp32"
