@@ -54,7 +54,7 @@ def test_full_queue_answers_429_at_once_and_oversized_requests_413(tiny_embedder
         loop = asyncio.get_running_loop()
         first = b.submit(tiny_embedder.tokenize(["hello world the cat"]))  # queued, worker not started
         with pytest.raises(OverloadedError) as busy:
-            b.submit(tiny_embedder.tokenize(["another one with words"]))
+            b.submit(tiny_embedder.tokenize(["the dog sat on"]))
         assert busy.value.retry_after > 0
         with pytest.raises(PayloadTooLargeError, match="max_queue_tokens"):
             b.submit(tiny_embedder.tokenize(["the cat " * 10]))
