@@ -56,6 +56,7 @@ SECTIONS = ("engine", "iter", "job", "serve", "ray", "images")
 DOOR_MODULES = {"job": "bench.bench_job", "serve": "bench.bench_serve", "ray": "bench.bench_ray"}
 # A door's own ratio to the engine measured in the same call (steadier than across sections).
 SAME_CALL_RATIO = {"job": "vs_engine_same_call", "serve": "vs_offline"}
+IN_PROCESS = ("job",)
 # The user's own OpenMP wait policy, read before anything imports embedkit (which sets PASSIVE on
 # import): the naive baseline and the peak-rate probe run in the environment a plain
 # sentence-transformers / torch script would get; embedkit's workers in what embedkit sets.
@@ -80,13 +81,30 @@ class Context:
     calib: dict[str, Any] = field(default_factory=dict)
     engine_rows: list[dict[str, Any]] = field(default_factory=list)
     baseline_vectors: np.ndarray | None = None
+    # Peak matmul rates: the best seen at any of several moments of the run (start, between rounds,
+    # before each encode_iter run), so a busy moment on a shared machine does not lower the peak.
+    peaks: dict[str, float] = field(default_factory=dict)
+    peak_samples: list[dict[str, float | None]] = field(default_factory=list)
 
     @property
     def common(self) -> list[str]:
-        return ["--threads", str(self.threads), "--model", self.args.model]
+        return [
+            "--threads",
+            str(self.threads),
+            "--model",
+            self.args.model,
+            "--peak-reps",
+            str(self.args.peak_reps),
+        ]
+
+    def add_peaks(self, sample: dict[str, float | None]) -> None:
+        self.peak_samples.append(sample)
+        for dtype, rate in sample.items():
+            if rate:
+                self.peaks[dtype] = max(rate, self.peaks.get(dtype, 0.0))
 
     def peak(self, precision: str) -> float | None:
-        return (self.calib.get("peak_flops") or {}).get(PEAK_DTYPE.get(precision, precision))
+        return self.peaks.get(PEAK_DTYPE.get(precision, precision))
 
     def fast_precision(self, requested: str) -> str:
         """``auto``: the fastest embedkit precision of this run with min cosine >= 0.99."""
@@ -105,8 +123,10 @@ class Context:
 # ------------------------------------------------------------------------------------- sections
 def calibrate(ctx: Context) -> dict[str, Any]:
     log("calibrating: corpus tokens, peak matmul rates (torch.mm 2048^2)")
-    args = [*ctx.common, "--corpus", str(ctx.corpus_path), "--peak-reps", str(ctx.args.peak_reps)]
-    return run_once("calibrate", args, log_dir=ctx.tmp, timeout=TIMEOUT, env=USER_ENV)
+    args = [*ctx.common, "--corpus", str(ctx.corpus_path)]
+    calib = run_once("calibrate", args, log_dir=ctx.tmp, timeout=TIMEOUT, env=USER_ENV)
+    ctx.add_peaks(calib["peak_flops"])
+    return calib
 
 
 def measure_encoders(ctx: Context, configs: list[tuple[str, str, str]], reps: int) -> dict[str, dict]:
@@ -137,6 +157,10 @@ def measure_encoders(ctx: Context, configs: list[tuple[str, str, str]], reps: in
                 out[name]["seconds"].append(msg["seconds"])
                 out[name]["peak_rss_mib"] = msg["rss"]["peak"]
                 log(f"round {r + 1}/{reps}: {name}: {msg['seconds']:.2f}s")
+            if reps > 1:  # the peak again, between rounds, from the first worker (idle otherwise)
+                first = next(iter(workers.values()))
+                first.send("peak")
+                ctx.add_peaks(first.recv(TIMEOUT)["peak_flops"])
     except BaseException:
         for w in workers.values():
             w.kill()
@@ -156,7 +180,7 @@ def _rate_row(ctx: Context, config: str, kind: str, precision: str, seconds: flo
         "median_s": seconds,
         "texts_per_s": ctx.n_texts / seconds,
         "tokens_per_s": tokens / seconds,
-        "mfu": mfu(ctx.calib["corpus_flops"], seconds, ctx.peak(precision)),
+        "flops": ctx.calib["corpus_flops"],
     }
 
 
@@ -196,6 +220,7 @@ def iter_section(ctx: Context) -> dict[str, Any]:
         msg = run_once("iter", args, log_dir=ctx.tmp, timeout=TIMEOUT, name=f"iter{n}")
         if msg["rows"] != n:
             raise WorkerError(f"encode_iter yielded {msg['rows']} rows for {n} texts")
+        ctx.add_peaks(msg.get("peak_flops") or {})
         flops = ctx.calib["dense_flops_per_token"] * msg["tokens"] + (
             4 * ctx.calib["shape"]["layers"] * ctx.calib["shape"]["hidden"] * msg["tokens_sq"]
         )
@@ -208,7 +233,7 @@ def iter_section(ctx: Context) -> dict[str, Any]:
                 "median_s": msg["seconds"],
                 "texts_per_s": n / msg["seconds"],
                 "tokens_per_s": msg["tokens"] / msg["seconds"],
-                "mfu": mfu(flops, msg["seconds"], ctx.peak(precision)),
+                "flops": flops,
                 "peak_rss_mib": msg["rss"]["peak"],
                 "rss_after_warmup_mib": msg["rss_before"]["current"],
                 "chunk_size": msg["chunk_size"],
@@ -216,20 +241,6 @@ def iter_section(ctx: Context) -> dict[str, Any]:
         )
     ratio = runs[-1]["peak_rss_mib"] / runs[0]["peak_rss_mib"]
     return {"precision": precision, "runs": runs, "rss_ratio": ratio, "ok": ratio <= 1.2}
-
-
-def _engine_reference(ctx: Context, precision: str) -> float:
-    """texts/s of the engine at ``precision`` in this run (measured now if the engine section was skipped)."""
-    for r in ctx.engine_rows:
-        if r["kind"] == "embedkit" and r["precision"] == precision:
-            return r["texts_per_s"]
-    log(f"engine reference for {precision} (the engine section did not run)")
-    m = measure_encoders(ctx, [(f"embedkit {precision}", "embedkit", precision)], 1)
-    row = _rate_row(
-        ctx, f"embedkit {precision}", "embedkit", precision, m[f"embedkit {precision}"]["seconds"][0]
-    )
-    ctx.engine_rows.append({**row, "reference_only": True})
-    return row["texts_per_s"]
 
 
 def door_section(ctx: Context, section: str) -> dict[str, Any]:
@@ -264,17 +275,19 @@ def door_section(ctx: Context, section: str) -> dict[str, Any]:
         "median_s": seconds,
         "texts_per_s": rate,
         "tokens_per_s": tokens / seconds if tokens else None,
-        "mfu": mfu(ctx.calib["corpus_flops"], seconds, ctx.peak(precision)) if same_corpus else None,
-        "peak_rss_mib": msg["rss"]["peak"],
+        "flops": ctx.calib["corpus_flops"] if same_corpus else None,
+        # the worker's own memory only where the door runs in it (the server and Ray run elsewhere)
+        "peak_rss_mib": res.get("peak_rss_mib") or (msg["rss"]["peak"] if section in IN_PROCESS else None),
     }
+    # Only same-call ratios: texts/s measured minutes apart on a shared machine do not compare.
     own = res.get(SAME_CALL_RATIO.get(section, ""))
     if own is not None:
-        row["vs_engine"], row["vs_engine_from"] = float(own), f"{section}'s own same-call measurement"
-    elif same_corpus:
-        row["vs_engine"], row["vs_engine_from"] = rate / _engine_reference(ctx, precision), "engine section"
-    base = next((r for r in ctx.engine_rows if r["kind"] == "baseline"), None)
-    if base and same_corpus:
-        row["ratio"] = rate / base["texts_per_s"]
+        row["vs_engine"] = float(own)
+        engine = next(
+            (r for r in ctx.engine_rows if r["kind"] == "embedkit" and r["precision"] == precision), None
+        )
+        if engine is not None:  # chained: (door / engine, same call) x (engine / baseline, interleaved)
+            row["ratio"] = row["vs_engine"] * engine["ratio"]
     if msg.get("has_vectors") and ctx.baseline_vectors is not None and same_corpus:
         row.update(report.cosine_stats(ctx.baseline_vectors, np.load(vec)))
     return {"row": row, "result": res}
@@ -333,10 +346,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"corpus: {corp['texts']} texts ({corp['short']} short docstring summaries + {corp['long']} "
         f"language-reference passages), {corp.get('tokens', '?')} tokens after truncation"
     )
-    peaks = cal.get("peak_flops") or {}
+    peaks = result.get("peak_flops") or cal.get("peak_flops") or {}
     if peaks:
         lines.append(
-            "peak torch.mm 2048^2: "
+            f"peak torch.mm 2048^2 (best of {len(result.get('peak_samples') or [])} samples over the run): "
             + ", ".join(
                 f"{k} {v / 1e9:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in peaks.items() if v
             )
@@ -400,11 +413,15 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = [r for r in (result.get("engine") or {}).get("rows") or [] if not r.get("reference_only")]
+def all_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = list((result.get("engine") or {}).get("rows") or [])
     rows += (result.get("iter") or {}).get("runs") or []
-    rows += [result[s]["row"] for s in DOOR_MODULES if "row" in (result.get(s) or {})]
-    return rows
+    return rows + [result[s]["row"] for s in DOOR_MODULES if "row" in (result.get(s) or {})]
+
+
+def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the printed table: engine configs, encode_iter runs, then the door sections."""
+    return all_rows(result)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -504,6 +521,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 log(f"{section} section failed: {exc}")
                 result[section] = {"skipped": f"failed: {str(exc).splitlines()[0]}", "error": str(exc)}
             result.setdefault(section, {})["section_s"] = time.perf_counter() - t0
+        result["peak_flops"] = dict(ctx.peaks)
+        result["peak_samples"] = ctx.peak_samples
+        for row in all_rows(result):
+            flops = row.get("flops")
+            row["mfu"] = mfu(flops, row["median_s"], ctx.peak(row["precision"])) if flops else None
         result["done_when"] = done_when(result)
         result["table"] = table_rows(result)
         result["summary"] = summary_lines(result)

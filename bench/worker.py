@@ -74,10 +74,17 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def peaks(dtypes: str, reps: int) -> dict[str, float | None]:
+    """Peak matmul rates now, for each of the comma-separated ``dtypes``."""
+    from bench.flops import measure_peak
+
+    return {dtype: measure_peak(dtype, reps=reps) for dtype in dtypes.split(",") if dtype}
+
+
 def calibrate(args: argparse.Namespace, ch: Channel) -> None:
     import torch
 
-    from bench.flops import ModelShape, corpus_flops_from_sums, measure_peak
+    from bench.flops import ModelShape, corpus_flops_from_sums
     from embedkit import Embedder
     from embedkit.engine.device import cpu_supports_bf16
 
@@ -87,9 +94,6 @@ def calibrate(args: argparse.Namespace, ch: Channel) -> None:
     lengths = tok.lengths.astype(np.int64)
     shape = ModelShape.from_config(emb.model.transformer.config)
     tokens, tokens_sq = int(lengths.sum()), int((lengths * lengths).sum())
-    peaks: dict[str, float | None] = {}
-    for dtype in args.peak_dtypes.split(","):
-        peaks[dtype] = measure_peak(dtype, reps=args.peak_reps)
     ch.send(
         ok=True,
         texts=len(texts),
@@ -102,7 +106,7 @@ def calibrate(args: argparse.Namespace, ch: Channel) -> None:
         shape=shape.to_dict(),
         dense_flops_per_token=shape.dense_flops_per_token,
         corpus_flops=corpus_flops_from_sums(shape, tokens, tokens_sq),
-        peak_flops=peaks,
+        peak_flops=peaks(args.peak_dtypes, args.peak_reps),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         bf16_native=cpu_supports_bf16(),
@@ -142,6 +146,9 @@ def encode_loop(args: argparse.Namespace, ch: Channel, stdin: TextIO) -> None:
         cmd = line.strip()
         if cmd == "quit":
             break
+        if cmd == "peak":
+            ch.send(ok=True, event="peak", peak_flops=peaks(args.peak_dtypes, args.peak_reps))
+            continue
         if cmd != "run":
             ch.send(ok=False, error=f"unknown command {cmd!r}")
             continue
@@ -162,6 +169,7 @@ def stream(args: argparse.Namespace, ch: Channel) -> None:
     lengths = emb.tokenize(pool).lengths.astype(np.int64)
     full, rem = divmod(args.n, len(pool))
     tokens_sq = int(full * (lengths * lengths).sum() + (lengths[:rem] * lengths[:rem]).sum())
+    peak_flops = peaks(args.peak_dtypes, args.peak_reps) if args.peak_reps else {}
     emb.encode(pool[:WARMUP_TEXTS])
     before = memory_mib()
     tokens0 = emb.stats.tokens
@@ -179,6 +187,7 @@ def stream(args: argparse.Namespace, ch: Channel) -> None:
         seconds=seconds,
         tokens=int(emb.stats.tokens - tokens0),
         tokens_sq=tokens_sq,
+        peak_flops=peak_flops,
         chunk_size=args.chunk_size,
         rss_before=before,
         rss=memory_mib(),

@@ -156,14 +156,14 @@ def test_done_when_uses_the_fastest_precision_that_meets_the_cosine_bar():
     assert not done_when(result)["non_exact_ok"]
 
 
-def test_table_rows_leave_out_reference_only_measurements():
+def test_table_rows_are_engine_then_iter_then_door_rows():
     result = {
-        "engine": {"rows": [{"config": "a"}, {"config": "ref", "reference_only": True}]},
+        "engine": {"rows": [{"config": "a"}, {"config": "b"}]},
         "iter": {"runs": [{"config": "it"}]},
         "job": {"row": {"config": "job"}},
         "serve": {"skipped": "absent"},
     }
-    assert [r["config"] for r in table_rows(result)] == ["a", "it", "job"]
+    assert [r["config"] for r in table_rows(result)] == ["a", "b", "it", "job"]
 
 
 def test_quick_mode_shrinks_everything_and_sections_are_checked():
