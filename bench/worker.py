@@ -30,8 +30,8 @@ import numpy as np
 from bench import corpus as bench_corpus
 
 WARMUP_TEXTS = 32
-# As this process started (importing embedkit later may set it, but OpenMP reads it when torch loads).
-START_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+# OpenMP's wait policy as torch loaded (OpenMP reads it then); set in main().
+OMP_POLICY: dict[str, str | None] = {"at_torch_load": None}
 
 
 def memory_mib() -> dict[str, float]:
@@ -111,7 +111,7 @@ def calibrate(args: argparse.Namespace, ch: Channel) -> None:
         threads=torch.get_num_threads(),
         bf16_native=cpu_supports_bf16(),
         mkldnn=bool(torch.backends.mkldnn.is_available()),
-        omp_wait_policy=START_OMP_WAIT_POLICY,
+        omp_wait_policy=OMP_POLICY["at_torch_load"],
     )
 
 
@@ -140,7 +140,9 @@ def encode_loop(args: argparse.Namespace, ch: Channel, stdin: TextIO) -> None:
     encode = _load_encoder(args.model, args.kind, args.precision)
     load_s = time.perf_counter() - t0
     encode(texts[:WARMUP_TEXTS])
-    ch.send(ok=True, event="ready", load_s=load_s, rss=memory_mib(), omp_wait_policy=START_OMP_WAIT_POLICY)
+    ch.send(
+        ok=True, event="ready", load_s=load_s, rss=memory_mib(), omp_wait_policy=OMP_POLICY["at_torch_load"]
+    )
     saved = False
     for line in stdin:
         cmd = line.strip()
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     ch = Channel()
     if args.mode != "calibrate" and args.kind != "baseline":
         import embedkit  # noqa: F401 - before torch: embedkit's process settings (OpenMP) apply
+    OMP_POLICY["at_torch_load"] = os.environ.get("OMP_WAIT_POLICY")
     _set_threads(args.threads)
     try:
         if args.mode == "calibrate":
