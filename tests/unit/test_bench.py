@@ -12,7 +12,7 @@ import pytest
 from bench import corpus as bench_corpus
 from bench import report
 from bench.flops import ModelShape, corpus_flops, corpus_flops_from_sums, measure_peak, mfu
-from bench.run import done_when, parse_args, table_rows
+from bench.run import SECTIONS, done_when, parse_args, table_rows
 
 MINILM = SimpleNamespace(hidden_size=384, num_hidden_layers=6, intermediate_size=1536, num_attention_heads=12)
 
@@ -170,14 +170,10 @@ def test_quick_mode_shrinks_everything_and_sections_are_checked():
     q = parse_args(["--quick"])
     full = parse_args([])
     assert q.short < full.short and q.iter_sizes[-1] < full.iter_sizes[-1] and q.long > 0
-    assert full.iter_sizes == [20_000, 200_000] and full.sections == [
-        "engine",
-        "iter",
-        "job",
-        "serve",
-        "ray",
-        "images",
-    ]
+    assert full.iter_sizes == [20_000, 200_000] and full.sections == list(SECTIONS)
+    # quick smoke runs keep to the harness's own sections unless others are named
+    assert q.sections == ["engine", "iter"]
+    assert parse_args(["--quick", "--sections", "engine,job"]).sections == ["engine", "job"]
     assert parse_args(["--sections", "iter"]).sections == ["iter"]
     with pytest.raises(SystemExit):
         parse_args(["--sections", "engine,warp"])
