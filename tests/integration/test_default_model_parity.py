@@ -28,10 +28,15 @@ def test_fp32_matches_sentence_transformers_to_1e5(reference, default_embedder):
     assert float(np.abs(got - ref).max()) <= 1e-5
 
 
-@pytest.mark.parametrize("precision", ["bf16"])
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_reduced_precision_min_cosine_at_least_099(reference, precision):
     if precision == "bf16" and not cpu_supports_bf16():
         pytest.skip("this CPU has no native bf16")
+    if precision == "int8":
+        from embedkit.engine.int8 import int8_supported
+
+        if not int8_supported():
+            pytest.skip("this torch build has no CPU int8 matmul")
     texts, ref = reference
     got = Embedder("default", device="cpu", precision=precision).encode(texts)
     cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))

@@ -140,6 +140,10 @@ def auto_batch_tokens(
         bytes_per_token = 4 * (hidden_size * 8 + num_heads * 512)
         budget = int(free * 0.25 / max(bytes_per_token, 1))
         return max(1024, min(budget, 1 << 20))
+    if precision == "int8":
+        from embedkit.engine.int8 import INT8_CPU_BATCH_TOKENS
+
+        return INT8_CPU_BATCH_TOKENS
     return CPU_BF16_BATCH_TOKENS if precision == "bf16" else CPU_DEFAULT_BATCH_TOKENS
 
 

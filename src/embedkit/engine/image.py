@@ -252,14 +252,10 @@ class ImageEmbedder(Embedder):
     def _prepare_model(self) -> None:
         clip = self.model.clip
         if self.precision == "int8":
-            import warnings
+            from embedkit.engine.int8 import quantize_int8
 
-            from torch.ao.quantization import quantize_dynamic
-
-            log.warning("int8 (dynamic quantisation) is approximate; prefer bf16 where the CPU supports it")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                clip = quantize_dynamic(clip, {torch.nn.Linear}, dtype=torch.qint8)
+            clip = clip.to(device=self.device, dtype=torch.float32)
+            quantize_int8(clip)
         else:
             from embedkit.engine.device import torch_dtype
 
