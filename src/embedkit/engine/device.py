@@ -27,10 +27,13 @@ _ALIASES = {
     "qint8": "int8",
 }
 # Compute budget (padded tokens per batch) on CPU: large enough that matmuls run near peak, small
-# enough that activations stay in cache-friendly sizes. Measured with `make bench`.
-CPU_DEFAULT_BATCH_TOKENS = 16384
+# enough that activations stay in cache-friendly sizes. Measured with `make bench`'s mixed corpus on
+# an idle 2-core AMX CPU, fp32, three interleaved rounds: 4096 tokens 10.1 s, 8192 10.3 s, 16384
+# 11.9 s (16384 had looked best while the machine was shared by several jobs).
+CPU_DEFAULT_BATCH_TOKENS = 4096
 # bf16 kernels run ~2-3x faster, so smaller batches keep activations in cache: 8192 measured
-# 1.1-1.5x faster than 16384 for bf16 on a 2-core AMX CPU (three runs, shared machine).
+# 1.1-1.5x faster than 16384 for bf16 on a 2-core AMX CPU (three runs, shared machine); 4096 and
+# 8192 measured the same on an idle one.
 CPU_BF16_BATCH_TOKENS = 8192
 
 
