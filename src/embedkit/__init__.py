@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # oneDNN (and PyTorch's ideep layer over it) keep a compiled kernel per distinct matrix shape, up to
 # 1024 each by default, and token-budget batches have a different row count almost every time: a
 # long encode_iter grew by ~3 KiB per text until the caches filled (peak RSS 1.73x from 20k to 200k
-# texts). 64 entries each bound that (1.11x at 100k texts) at no measurable speed cost. Must be set
+# texts). 64 entries each bound that (1.11-1.16x at 200k texts) at no measurable speed cost. Must be set
 # before torch runs its first oneDNN kernel; set the variables yourself to choose other sizes.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
