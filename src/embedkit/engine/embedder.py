@@ -64,7 +64,22 @@ class EncodeResult:
 
 
 @dataclass
-class EngineStats:
+class RunningTotals:
+    """Counters that several threads add to; subclasses declare the counters as fields."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False, kw_only=True)
+
+    def add(self, **kw: float) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+@dataclass
+class EngineStats(RunningTotals):
     """Running totals of an :class:`Embedder` (thread-safe updates)."""
 
     texts: int = 0
@@ -74,15 +89,6 @@ class EngineStats:
     batches: int = 0
     oom_splits: int = 0
     model_seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **kw: float) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self, k, getattr(self, k) + v)
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
 def _parse_budget(value: int | str | None) -> int | None:

@@ -24,12 +24,11 @@ import copy
 import io
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from embedkit.engine.cpu_fusion import fuse_for_cpu
 from embedkit.engine.device import inference_context, is_oom
-from embedkit.engine.embedder import Embedder
+from embedkit.engine.embedder import Embedder, RunningTotals
 from embedkit.errors import ConfigError, InvalidImageError, OutOfMemoryError
 from embedkit.models.clip import ClipModel, ImagePreprocess, features, load_clip_model
 
@@ -151,7 +150,7 @@ def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
 
 
 @dataclass
-class ImageStats:
+class ImageStats(RunningTotals):
     """Running totals of the image side (thread-safe updates)."""
 
     images: int = 0
@@ -159,15 +158,6 @@ class ImageStats:
     rejected: int = 0
     oom_splits: int = 0
     model_seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **kw: float) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self, k, getattr(self, k) + v)
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
 @dataclass
