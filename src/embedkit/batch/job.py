@@ -234,8 +234,8 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _fingerprint(settings: JobSettings, embedder: Any, plan: Plan) -> dict[str, Any]:
-    """What must not change between runs that write into one dataset."""
+def model_fingerprint(embedder: Any) -> dict[str, Any]:
+    """The engine's part of a job's fingerprint: what makes its vectors what they are."""
     return {
         "model_hash": embedder.content_hash,
         "precision": embedder.precision,
@@ -243,6 +243,13 @@ def _fingerprint(settings: JobSettings, embedder: Any, plan: Plan) -> dict[str, 
         "normalize": embedder.normalize,
         "pooling": embedder.model.pooling,
         "prompt_name": embedder.prompt_name,
+    }
+
+
+def _fingerprint(settings: JobSettings, embedder: Any, plan: Plan) -> dict[str, Any]:
+    """What must not change between runs that write into one dataset."""
+    return {
+        **model_fingerprint(embedder),
         "dtype": settings.dtype,
         "truncate": settings.truncate,
         "text_column": plan.text_column,
@@ -266,14 +273,7 @@ class _Runner:
         self.hosts: HostPlan = hosts
         self.todo: list[Unit] = todo
         self.stop = stop_event or threading.Event()
-        known = all(u.rows is not None for u in todo)  # CSV / JSON Lines files: length unknown
-        self.progress = Progress(
-            sum(u.rows or 0 for u in todo) if known else None,
-            len(todo),
-            mode=settings.progress,
-            log_every=settings.log_every,
-            stream=stream,
-        )
+        self.progress = Progress.for_units(todo, settings, stream)
         self.markers: list[dict[str, Any]] = []
         self.streams = StreamCache()  # the reader's open CSV / JSON Lines file, reused unit to unit
         self.units_done = 0

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -60,6 +61,19 @@ class Progress:
         self._last = 0.0
         self._drawn = False
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_units(cls, units: Sequence[Any], settings: Any, stream: TextIO | None = None) -> Progress:
+        """Progress over a job's units (``.rows`` each, None where a CSV / JSON Lines file's length
+        is unknown, and then the row total is unknown too), in the job settings' mode."""
+        known = all(u.rows is not None for u in units)
+        return cls(
+            sum(u.rows or 0 for u in units) if known else None,
+            len(units),
+            mode=settings.progress,
+            log_every=settings.log_every,
+            stream=stream,
+        )
 
     def add(self, *, rows: int = 0, tokens: int = 0, rejects: int = 0, units: int = 0) -> None:
         with self._lock:

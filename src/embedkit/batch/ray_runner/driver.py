@@ -45,14 +45,7 @@ class RayRunner:
         self.plan, self.state, self.folder, self.hosts = plan, state, folder, hosts
         self.todo: list[Unit] = todo
         self.stop = stop_event or threading.Event()
-        known = all(u.rows is not None for u in todo)  # CSV / JSON Lines files: length unknown
-        self.progress = Progress(
-            sum(u.rows or 0 for u in todo) if known else None,
-            len(todo),
-            mode=settings.progress,
-            log_every=settings.log_every,
-            stream=stream,
-        )
+        self.progress = Progress.for_units(todo, settings, stream)
         self.markers: list[dict[str, Any]] = []
         self.units_done = 0
         self.embed_seconds = 0.0

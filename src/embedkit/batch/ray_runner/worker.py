@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from embedkit import errors
-from embedkit.batch.job import _Runner
+from embedkit.batch.job import _Runner, model_fingerprint
 from embedkit.batch.plan import Plan, Unit
 from embedkit.batch.settings import HostPlan, JobSettings
 from embedkit.errors import ConfigError, EmbedkitError
@@ -167,14 +167,7 @@ class UnitWorker:
                 f"install the same version on every node"
             )
         embedder = EngineSettings(**job.engine).build_embedder()
-        got = {
-            "model_hash": embedder.content_hash,
-            "precision": embedder.precision,
-            "dimension": embedder.dimension,
-            "normalize": embedder.normalize,
-            "pooling": embedder.model.pooling,
-            "prompt_name": embedder.prompt_name,
-        }
+        got = model_fingerprint(embedder)
         diff = {k: (job.fingerprint.get(k), v) for k, v in got.items() if job.fingerprint.get(k) != v}
         if diff:
             raise ConfigError(
