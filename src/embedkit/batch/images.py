@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedkit.batch.job import _Runner
-from embedkit.batch.plan import Plan, Unit, _describe_all, _ranges
+from embedkit.batch.plan import Plan, Unit, _count_or_reject, _describe_all, _ranges
 from embedkit.batch.prepare import Prepared, _failed
 from embedkit.batch.settings import JobSettings
 from embedkit.errors import ConfigError, InputError
@@ -47,7 +47,7 @@ from embedkit.io.images import (
     read_webdataset,
     records_from_rows,
 )
-from embedkit.io.readers import EXTENSIONS, FileInfo, count_rows, describe_file, read_rows
+from embedkit.io.readers import EXTENSIONS, FileInfo, describe_file, read_rows
 
 log = logging.getLogger("embedkit.batch")
 
@@ -209,14 +209,9 @@ def make_image_plan(settings: JobSettings) -> ImagePlan:
                 raise InputError(f"{info.source}: {info.error} (--fail-fast)", file=info.source)
             units.append(Unit(info.source, 0, None, info, error=info.error))
             continue
-        if info.layout == "urls" and info.num_rows is None:  # a CSV / JSON Lines URL list
-            try:
-                count_rows(fs, info)
-            except Exception as exc:
-                units.append(
-                    Unit(info.source, 0, None, info, error=f"unreadable: {type(exc).__name__}: {exc}")
-                )
-                continue
+        # A CSV / JSON Lines URL list is counted first; one that cannot be read becomes an error unit.
+        if info.layout == "urls" and info.num_rows is None and not _count_or_reject(fs, info, units):
+            continue
         spans = [(0, info.num_rows)] if info.layout == "webdataset" else _ranges(info, rows)
         for start, stop in spans:
             if budget is not None:

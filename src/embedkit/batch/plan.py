@@ -146,12 +146,7 @@ def make_plan(
             budget is not None or (info.size is not None and info.size > SPLIT_BYTES)
         ):
             log.info("counting rows of %s (%.0f MiB) to split it", info.source, (info.size or 0) / 2**20)
-            try:
-                count_rows(fs, info)
-            except Exception as exc:
-                units.append(
-                    Unit(info.source, 0, None, info, error=f"unreadable: {type(exc).__name__}: {exc}")
-                )
+            if not _count_or_reject(fs, info, units):
                 continue
         for start, stop in _ranges(info, unit_rows):
             if budget is not None:
@@ -219,6 +214,17 @@ def _resolve_id_column(infos: list[FileInfo], id_column: str | None) -> str | No
             )
         return id_column
     return "key" if "key" in infos[0].columns else None
+
+
+def _count_or_reject(fs: fsspec.AbstractFileSystem, info: FileInfo, units: list[Unit]) -> bool:
+    """Count ``info``'s rows (sets ``info.num_rows``); a file that cannot be read becomes a unit
+    carrying the error instead, and False is returned."""
+    try:
+        count_rows(fs, info)
+    except Exception as exc:
+        units.append(Unit(info.source, 0, None, info, error=f"unreadable: {type(exc).__name__}: {exc}"))
+        return False
+    return True
 
 
 def _ranges(info: FileInfo, unit_rows: int) -> list[tuple[int, int | None]]:
