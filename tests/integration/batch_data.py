@@ -93,20 +93,3 @@ def count_markers(url: str) -> int:
         )
     except FileNotFoundError:
         return 0
-
-
-def with_working_tokenizer(tiny_model, dest) -> str:
-    """A copy of the ``tiny_model`` fixture whose WordPiece tokenizer knows its vocabulary.
-
-    ``embedkit.testing.build_tiny_bert`` passes ``vocab_file=`` to ``BertTokenizerFast``, which
-    transformers 5 ignores (the argument is now ``vocab``): every word becomes ``[UNK]`` and texts of
-    one length get one vector. Tests that compare vectors row by row need distinct vectors, so they
-    use this copy; once the builder is fixed this is a plain copy."""
-    import shutil
-
-    from transformers import BertTokenizerFast
-
-    shutil.copytree(tiny_model, dest, dirs_exist_ok=True)
-    tok = BertTokenizerFast(str(os.path.join(dest, "vocab.txt")), do_lower_case=True, model_max_length=512)
-    tok.save_pretrained(str(dest))
-    return str(dest)

@@ -20,22 +20,8 @@ from tests.integration.batch_data import (
     read_parts,
     read_rejects,
     sentence,
-    with_working_tokenizer,
     write_parquet_dataset,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_model, tmp_path_factory):
-    """The tiny model with a tokenizer that tells words apart (see ``with_working_tokenizer``)."""
-    return with_working_tokenizer(tiny_model, tmp_path_factory.mktemp("tiny-worded"))
-
-
-@pytest.fixture(scope="module")
-def tiny_embedder(tiny_model):
-    from embedkit import Embedder
-
-    return Embedder(tiny_model, device="cpu")
 
 
 def _run(inp, out, emb, **kw):

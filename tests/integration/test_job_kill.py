@@ -20,7 +20,6 @@ from tests.integration.batch_data import (
     read_metadata,
     read_parts,
     read_rejects,
-    with_working_tokenizer,
     write_parquet_dataset,
 )
 
@@ -29,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model, tmp_path_factory):
-    return with_working_tokenizer(tiny_model, tmp_path_factory.mktemp("tiny-worded"))
+def model_dir(tiny_model):
+    return str(tiny_model)
 
 
 @pytest.fixture(autouse=True)

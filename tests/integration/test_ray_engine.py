@@ -32,7 +32,6 @@ from tests.integration.batch_data import (
     read_parts,
     read_rejects,
     sentence,
-    with_working_tokenizer,
     write_parquet_dataset,
 )
 
@@ -41,8 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model, tmp_path_factory):
-    return with_working_tokenizer(tiny_model, tmp_path_factory.mktemp("tiny-worded"))
+def model_dir(tiny_model):
+    return str(tiny_model)
 
 
 @pytest.fixture(scope="module")
