@@ -94,3 +94,26 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def local_runtime_client(url: str, api_key: str | None = None):
+    """boto3 ``sagemaker-runtime`` pointed at a local embedkit server (dummy credentials, no
+    retries); with ``api_key`` every InvokeEndpoint call carries it as ``X-Api-Key``."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "sagemaker-runtime",
+        region_name="us-east-1",
+        endpoint_url=url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(retries={"max_attempts": 1}),
+    )
+    if api_key is not None:
+
+        def add_key(request, **_):
+            request.headers["X-Api-Key"] = api_key
+
+        client.meta.events.register("before-send.sagemaker-runtime.InvokeEndpoint", add_key)
+    return client

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 
-import boto3
 import httpx
 import numpy as np
 import pytest
-from botocore.config import Config
 
-from tests.contract.serving import ServerProcess
+from tests.contract.serving import ServerProcess, local_runtime_client
 
 KEY = "s3cret-test-key"
 
@@ -29,23 +27,6 @@ def server(tiny_model, tmp_path_factory):
 def http(server):
     with httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {KEY}"}) as c:
         yield c
-
-
-def runtime_client(url: str):
-    client = boto3.client(
-        "sagemaker-runtime",
-        region_name="us-east-1",
-        endpoint_url=url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=Config(retries={"max_attempts": 1}),
-    )
-
-    def add_key(request, **_):
-        request.headers["X-Api-Key"] = KEY
-
-    client.meta.events.register("before-send.sagemaker-runtime.InvokeEndpoint", add_key)
-    return client
 
 
 def test_api_key_guards_every_route_but_ping_and_the_secret_is_masked_in_the_log(server, http):
@@ -83,7 +64,7 @@ def test_small_limits_give_413(http):
 
 
 def test_runtime_surface_knows_its_endpoint_names(server):
-    client = runtime_client(server.url)
+    client = local_runtime_client(server.url, api_key=KEY)
     ok = client.invoke_endpoint(EndpointName="other", Body=json.dumps({"inputs": "hi"}))
     assert np.asarray(json.loads(ok["Body"].read())).shape[0] == 1
     with pytest.raises(client.exceptions.ValidationError, match="Endpoint missing of account"):
@@ -91,14 +72,7 @@ def test_runtime_surface_knows_its_endpoint_names(server):
 
 
 def test_runtime_surface_without_the_key_is_access_denied(server):
-    client = boto3.client(
-        "sagemaker-runtime",
-        region_name="us-east-1",
-        endpoint_url=server.url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=Config(retries={"max_attempts": 1}),
-    )
+    client = local_runtime_client(server.url)
     with pytest.raises(client.exceptions.ClientError) as err:
         client.invoke_endpoint(EndpointName="other", Body=b'{"inputs": "hi"}')
     assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403

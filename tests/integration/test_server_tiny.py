@@ -14,13 +14,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import boto3
 import httpx
 import numpy as np
 import pytest
-from botocore.config import Config
 
-from tests.contract.serving import ServerProcess
+from tests.contract.serving import ServerProcess, local_runtime_client
 
 
 @pytest.fixture(scope="module")
@@ -193,14 +191,7 @@ def test_a_thousand_hostile_requests_get_4xx_and_the_server_keeps_answering(serv
 
 
 def test_boto3_parses_model_errors_with_the_original_status_and_message(server):
-    client = boto3.client(
-        "sagemaker-runtime",
-        region_name="us-east-1",
-        endpoint_url=server.url,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=Config(retries={"max_attempts": 1}),
-    )
+    client = local_runtime_client(server.url)
     with pytest.raises(client.exceptions.ModelError) as err:
         client.invoke_endpoint(EndpointName="any-name", Body=json.dumps({"inputs": ["ok", 7]}))
     resp = err.value.response
