@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import torch
 
+from embedkit.engine.cpu_fusion import fuse_for_cpu
+from embedkit.engine.int8 import INT8_CPU_BATCH_TOKENS, quantize_int8
 from embedkit.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,23 @@ def torch_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def prepare_module(
+    module: torch.nn.Module, device: torch.device, precision: str
+) -> tuple[torch.nn.Module, int]:
+    """``module`` on ``device`` in ``precision``, ready for inference: cast (fp32/bf16/fp16) or
+    quantised (int8, from fp32), and on CPU with its linear layers fused (fp32/bf16).
+
+    Returns the module (in eval mode) and the number of modules :func:`fuse_for_cpu` replaced."""
+    if precision == "int8":
+        module = module.to(device=device, dtype=torch.float32)
+        quantize_int8(module)
+        fused = 0
+    else:
+        module = module.to(device=device, dtype=torch_dtype(precision, device))
+        fused = fuse_for_cpu(module) if device.type == "cpu" else 0
+    return module.eval(), fused
+
+
 @contextlib.contextmanager
 def inference_context(precision: str, device: torch.device) -> Iterator[None]:
     """``torch.inference_mode`` plus autocast where the weights stay in a wider type."""
@@ -144,8 +163,6 @@ def auto_batch_tokens(
         budget = int(free * 0.25 / max(bytes_per_token, 1))
         return max(1024, min(budget, 1 << 20))
     if precision == "int8":
-        from embedkit.engine.int8 import INT8_CPU_BATCH_TOKENS
-
         return INT8_CPU_BATCH_TOKENS
     return CPU_BF16_BATCH_TOKENS if precision == "bf16" else CPU_DEFAULT_BATCH_TOKENS
 

@@ -29,14 +29,13 @@ import numpy as np
 import torch
 
 from embedkit.engine.batching import pad_batch, plan_batches
-from embedkit.engine.cpu_fusion import fuse_for_cpu
 from embedkit.engine.device import (
     auto_batch_tokens,
     inference_context,
     is_oom,
+    prepare_module,
     resolve_devices,
     resolve_precision,
-    torch_dtype,
 )
 from embedkit.engine.tokenize import TextTokenizer, Tokenized, validate_texts
 from embedkit.errors import ConfigError, InputError, OutOfMemoryError
@@ -179,16 +178,9 @@ class Embedder:
 
     # ----------------------------------------------------------------- set-up
     def _prepare_model(self) -> None:
-        tr = self.model.transformer
-        if self.precision == "int8":
-            from embedkit.engine.int8 import quantize_int8
-
-            tr = tr.to(device=self.device, dtype=torch.float32)
-            quantize_int8(tr)
-        else:
-            tr = tr.to(device=self.device, dtype=torch_dtype(self.precision, self.device))
-        self.fused_modules = fuse_for_cpu(tr) if self.device.type == "cpu" and self.precision != "int8" else 0
-        self._transformer = tr.eval()
+        self._transformer, self.fused_modules = prepare_module(
+            self.model.transformer, self.device, self.precision
+        )
         self._dense = [layer.to(self.device).float().eval() for layer in self.model.dense]
         # Extra devices get their own replica; batches are spread over all of them.
         self._replicas: list[tuple[torch.device, torch.nn.Module, list[torch.nn.Module]]] = [

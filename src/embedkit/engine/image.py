@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from embedkit.engine.cpu_fusion import fuse_for_cpu
-from embedkit.engine.device import inference_context, is_oom
+from embedkit.engine.device import inference_context, is_oom, prepare_module
 from embedkit.engine.embedder import Embedder, RunningTotals
 from embedkit.errors import ConfigError, InvalidImageError, OutOfMemoryError
 from embedkit.models.clip import ClipModel, ImagePreprocess, features, load_clip_model
@@ -240,19 +239,7 @@ class ImageEmbedder(Embedder):
 
     # ----------------------------------------------------------------- set-up
     def _prepare_model(self) -> None:
-        clip = self.model.clip
-        if self.precision == "int8":
-            from embedkit.engine.int8 import quantize_int8
-
-            clip = clip.to(device=self.device, dtype=torch.float32)
-            quantize_int8(clip)
-        else:
-            from embedkit.engine.device import torch_dtype
-
-            clip = clip.to(device=self.device, dtype=torch_dtype(self.precision, self.device))
-        cpu_fusion = self.device.type == "cpu" and self.precision != "int8"
-        self.fused_modules = fuse_for_cpu(clip) if cpu_fusion else 0
-        clip.eval()
+        clip, self.fused_modules = prepare_module(self.model.clip, self.device, self.precision)
         self._clip = clip
         self._transformer = clip.text_model
         self._dense = []
