@@ -45,13 +45,18 @@ def texts_request(value: Any, *, field: str, limits: Limits) -> EmbedRequest:
         raise InputError(f"{field} must be a string or a list of strings, got {kind}", field=field)
     if not value:
         raise InputError(f"{field} is an empty list; send at least one text", field=field)
-    if len(value) > limits.max_client_batch_size:
+    check_batch_size(len(value), "texts", field, limits)
+    return EmbedRequest(value, single=False, field=field)
+
+
+def check_batch_size(count: int, noun: str, field: str, limits: Limits) -> None:
+    """413 when one request holds more than ``max_client_batch_size`` items (``noun``: texts, images)."""
+    if count > limits.max_client_batch_size:
         raise PayloadTooLargeError(
-            f"{field} holds {len(value)} texts, more than max_client_batch_size "
+            f"{field} holds {count} {noun}, more than max_client_batch_size "
             f"({limits.max_client_batch_size}); split it into several requests",
             field=field,
         )
-    return EmbedRequest(value, single=False, field=field)
 
 
 def check_bool(value: Any, name: str) -> bool | None:

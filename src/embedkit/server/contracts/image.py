@@ -24,8 +24,8 @@ import binascii
 from dataclasses import dataclass, field
 from typing import Any
 
-from embedkit.errors import InputError, PayloadTooLargeError
-from embedkit.server.contracts.common import Limits, check_bool, check_dimensions
+from embedkit.errors import InputError
+from embedkit.server.contracts.common import Limits, check_batch_size, check_bool, check_dimensions
 
 IMAGE_TYPES = frozenset(
     {
@@ -91,12 +91,7 @@ def parse(payload: dict, limits: Limits, *, allow_urls: bool = False) -> ImageRe
     items = [value] if single else value
     if not isinstance(items, list) or not items:
         raise InputError(f"{name} must be a string or a non-empty list of strings", field=name)
-    if len(items) > limits.max_client_batch_size:
-        raise PayloadTooLargeError(
-            f"{name} holds {len(items)} images, more than max_client_batch_size "
-            f"({limits.max_client_batch_size}); split it into several requests",
-            field=name,
-        )
+    check_batch_size(len(items), "images", name, limits)
     for i, item in enumerate(items):
         if not isinstance(item, str) or not item:
             kind = "null" if item is None else type(item).__name__
