@@ -132,6 +132,9 @@ class EngineSettings(Settings):
     )
     device: str = setting("auto", "device: auto, cpu, cuda, cuda:N")
     precision: str = setting("fp32", "fp32 (exact), bf16, fp16 (GPU), int8 (CPU)")
+    backend: str = setting(
+        "auto", "auto (ONNX Runtime for the small batches where it measures faster), torch, onnx"
+    )
     max_batch_tokens: int = setting(0, "padded tokens per batch; 0 = automatic from device memory")
     batch_size: int = setting(0, "cap on texts per batch; 0 = no cap (the token budget decides)")
     normalize: bool | None = setting(None, "L2-normalise vectors; unset = the model's own config")
@@ -161,4 +164,5 @@ class EngineSettings(Settings):
             truncate=self.truncate,
             prompt_name=self.prompt_name,
             pooling=self.pooling,
+            backend=self.backend,
         )

@@ -38,36 +38,26 @@ def build_tiny_bert(
     normalize: bool = True,
     seed: int = 0,
     prompts: dict[str, str] | None = None,
+    arch: str = "bert",
 ) -> Path:
-    """Write a random BERT (2 layers) with a real WordPiece tokenizer to ``out_dir``.
+    """Write a random encoder (2 layers) with a real WordPiece tokenizer to ``out_dir``.
 
     ``layout`` is ``sentence-transformers`` (modules.json, pooling config) or ``hf`` (plain
-    transformers directory). Returns the directory.
+    transformers directory). ``arch`` is ``bert``, ``xlm-roberta`` (BGE-M3's family: ``<s>``/``</s>``
+    special tokens, padding id 1, positions offset past it) or ``mpnet``. Returns the directory.
     """
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab_file = out / "vocab.txt"
-    vocab_file.write_text("\n".join(_vocab()) + "\n", encoding="utf-8")
-    # Build the WordPiece tokenizer with the tokenizers library itself: transformers 5's
-    # BertTokenizerFast(vocab_file=...) ignores the vocabulary and maps every word to [UNK].
-    from tokenizers import BertWordPieceTokenizer
-
-    backend = BertWordPieceTokenizer(str(vocab_file), lowercase=True)
-    tokenizer = BertTokenizerFast(tokenizer_object=backend._tokenizer, model_max_length=512)
-    tokenizer.save_pretrained(str(out))
+    if arch == "bert":
+        vocab_size = _save_wordpiece_tokenizer(out)
+    elif arch in ("xlm-roberta", "mpnet"):
+        vocab_size = _save_roberta_style_tokenizer(out)
+    else:
+        raise ValueError(f"arch must be 'bert', 'xlm-roberta' or 'mpnet', got {arch!r}")
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(_vocab()),
-        hidden_size=hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=hidden_size * 2,
-        max_position_embeddings=max(64, max_seq_length),
-    )
-    BertModel(config).eval().save_pretrained(str(out))
+    _build_encoder(arch, vocab_size, hidden_size, max_seq_length).eval().save_pretrained(str(out))
     if layout == "sentence-transformers":
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -101,6 +91,86 @@ def build_tiny_bert(
     elif layout != "hf":
         raise ValueError(f"layout must be 'sentence-transformers' or 'hf', got {layout!r}")
     return out
+
+
+def _save_wordpiece_tokenizer(out: Path) -> int:
+    """BERT's tokenizer over the tiny vocabulary; returns the vocabulary size."""
+    from transformers import BertTokenizerFast
+
+    vocab_file = out / "vocab.txt"
+    vocab_file.write_text("\n".join(_vocab()) + "\n", encoding="utf-8")
+    # Build the WordPiece tokenizer with the tokenizers library itself: transformers 5's
+    # BertTokenizerFast(vocab_file=...) ignores the vocabulary and maps every word to [UNK].
+    from tokenizers import BertWordPieceTokenizer
+
+    backend = BertWordPieceTokenizer(str(vocab_file), lowercase=True)
+    tokenizer = BertTokenizerFast(tokenizer_object=backend._tokenizer, model_max_length=512)
+    tokenizer.save_pretrained(str(out))
+    return len(_vocab())
+
+
+def _save_roberta_style_tokenizer(out: Path) -> int:
+    """The tiny vocabulary with RoBERTa's special tokens (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2) and
+    ``<s> text </s>`` framing; returns the vocabulary size."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    words = specials + _vocab()[5:]
+    backend = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<s>",
+        sep_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        model_max_length=512,
+    )
+    tokenizer.save_pretrained(str(out))
+    return len(words)
+
+
+def _build_encoder(arch: str, vocab_size: int, hidden_size: int, max_seq_length: int):
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": hidden_size * 2,
+    }
+    if arch == "bert":
+        from transformers import BertConfig, BertModel
+
+        return BertModel(BertConfig(max_position_embeddings=max(64, max_seq_length), **common))
+    if arch == "xlm-roberta":
+        from transformers import XLMRobertaConfig, XLMRobertaModel
+
+        config = XLMRobertaConfig(
+            max_position_embeddings=max(64, max_seq_length) + 2,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            **common,
+        )
+        return XLMRobertaModel(config, add_pooling_layer=False)
+    from transformers import MPNetConfig, MPNetModel
+
+    config = MPNetConfig(
+        max_position_embeddings=max(64, max_seq_length) + 2,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        **common,
+    )
+    return MPNetModel(config, add_pooling_layer=False)
 
 
 _CLIP_WORDS = (

@@ -28,6 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from embedkit.engine.backend import (
+    Crossover,
+    available_memory_bytes,
+    measure_crossover,
+    resolve_backend,
+    second_copy_fits,
+)
 from embedkit.engine.batching import pad_batch, plan_batches
 from embedkit.engine.device import (
     auto_batch_tokens,
@@ -37,9 +44,18 @@ from embedkit.engine.device import (
     resolve_devices,
     resolve_precision,
 )
+from embedkit.engine.graph import (
+    SUPPORTED_MODEL_TYPES,
+    GraphKey,
+    GraphSession,
+    export_graph,
+    find_graph,
+    graph_outputs,
+    runtime_version,
+)
 from embedkit.engine.tokenize import TextTokenizer, Tokenized, validate_texts
 from embedkit.errors import ConfigError, InputError, OutOfMemoryError
-from embedkit.models import ModelInfo, TextModel, content_hash, load_text_model, resolve_model
+from embedkit.models import ModelInfo, TextModel, cache_dir, content_hash, load_text_model, resolve_model
 from embedkit.models.pooling import pool
 
 log = logging.getLogger(__name__)
@@ -86,6 +102,7 @@ class EngineStats(RunningTotals):
     padded_tokens: int = 0
     truncated: int = 0
     batches: int = 0
+    onnx_batches: int = 0
     oom_splits: int = 0
     model_seconds: float = 0.0
 
@@ -121,6 +138,11 @@ class Embedder:
         truncate: cut inputs longer than the model's maximum (default, counted) or raise naming them.
         prompt_name: a prompt from the model's ``config_sentence_transformers.json`` to prepend.
         pooling: override the pooling mode (``mean``, ``cls``, ``max``, ``lasttoken``, ...).
+        backend: ``auto`` (default: ONNX Runtime for the small batches where it measured faster
+            on this machine, torch for the rest), ``torch``, or ``onnx`` (every batch on ONNX
+            Runtime). ONNX Runtime runs fp32 on CPU for the BERT family, XLM-RoBERTa and MPNet;
+            elsewhere torch runs, with one log line saying why. Backends agree within 1e-5, not
+            bit for bit (see :mod:`embedkit.engine.backend`).
     """
 
     def __init__(
@@ -137,6 +159,7 @@ class Embedder:
         prompt_name: str | None = None,
         pooling: str | None = None,
         num_threads: int | None = None,
+        backend: str = "auto",
     ) -> None:
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -161,6 +184,10 @@ class Embedder:
         self.tokenizer = TextTokenizer(
             self.model.tokenizer, self.model.max_seq_length, do_lower_case=self.model.do_lower_case
         )
+        self.backend = resolve_backend(backend)
+        self._hash: str | None = None
+        self.backend_note = ""
+        graph = self._find_or_export_graph()
         self._prepare_model()
         cfg = self.model.transformer.config
         explicit = _parse_budget(max_batch_tokens)
@@ -174,7 +201,12 @@ class Embedder:
         )
         self.stats = EngineStats()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-pre")
-        self._hash: str | None = None
+        self._onnx: GraphSession | None = None
+        self.graph_path: Path | None = None
+        self.onnx_max_tokens = 0
+        self.crossover: Crossover | None = None
+        if graph is not None:
+            self._start_graph(graph)
 
     # ----------------------------------------------------------------- set-up
     def _prepare_model(self) -> None:
@@ -194,6 +226,104 @@ class Embedder:
                     [copy.deepcopy(d).to(dev) for d in self._dense],
                 )
             )
+
+    # ------------------------------------------------------------ backends
+    @property
+    def graph_key(self) -> GraphKey:
+        """What an ONNX graph of this model must have been made from (see :mod:`embedkit.engine.graph`)."""
+        return GraphKey(
+            content_hash=self.content_hash,
+            precision="fp32",
+            outputs=graph_outputs(self.model.pooling, len(self.model.dense)),
+            runtime=runtime_version() or "none",
+        )
+
+    def _graph_unavailable(self) -> str | None:
+        """Why this engine cannot use ONNX Runtime, or ``None`` when it can."""
+        if self.backend == "torch":
+            return "backend torch asked for"
+        if self.device.type != "cpu" or len(self.devices) > 1:
+            return f"the ONNX backend runs on one CPU; {self.device} runs torch"
+        if self.precision != "fp32":
+            return (
+                f"the ONNX backend runs fp32 only (no {self.precision} graph keeps min cosine 0.99 "
+                f"and its speed); {self.precision} runs torch"
+            )
+        model_type = getattr(self.model, "model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            return f"model type {model_type or 'unknown'!r} has no ONNX export here"
+        if runtime_version() is None:
+            return "onnxruntime (or onnx) is not installed"
+        if self.backend == "auto":
+            weights = 4 * self.model.num_parameters
+            if not second_copy_fits(weights):
+                free = available_memory_bytes() or 0
+                return (
+                    f"a second copy of the weights ({weights >> 20} MiB) does not fit beside torch's in "
+                    f"the {free >> 20} MiB available; auto picked torch alone"
+                )
+        return None
+
+    def _find_or_export_graph(self) -> Path | None:
+        """The ONNX graph for this model (baked, cached, or exported now from the unfused fp32
+        model), or ``None`` with :attr:`backend_note` saying why torch runs every batch."""
+        why = self._graph_unavailable()
+        if why is None:
+            key = self.graph_key
+            path = find_graph(key, self.model.path)
+            if path is not None:
+                return path
+            try:
+                return export_graph(
+                    self.model.transformer,
+                    self.model.pooling,
+                    self.model.dense,
+                    key,
+                    cache_dir() / "graphs",
+                    pad_id=self.tokenizer.pad_id,
+                )
+            except Exception as exc:
+                why = f"the ONNX export failed ({type(exc).__name__}: {str(exc)[:200]})"
+        self.backend_note = why
+        if self.backend == "onnx" or why.startswith(("the ONNX export", "a second copy")):
+            log.warning("%s: using torch for every batch", why)
+        return None
+
+    def _start_graph(self, path: Path) -> None:
+        """Open the graph; with ``auto``, time both runtimes and keep ONNX Runtime for the batch
+        sizes where it was faster (dropping it entirely when it never was)."""
+        try:
+            session = GraphSession(path, torch.get_num_threads())
+        except Exception as exc:
+            self.backend_note = f"ONNX Runtime could not open {path} ({type(exc).__name__}: {exc})"
+            log.warning("%s: using torch for every batch", self.backend_note)
+            return
+        self._onnx = session
+        self.graph_path = path
+        if self.backend == "onnx":
+            self.onnx_max_tokens = 1 << 62
+            self.backend_note = "onnx for every batch"
+            return
+        vocab = int(getattr(self.model.transformer.config, "vocab_size", 1000))
+        rng = np.random.default_rng(0)
+
+        def shape(rows: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+            ids = rng.integers(min(vocab - 1, 100), vocab, size=(rows, tokens), dtype=np.int64)
+            return torch.from_numpy(ids), torch.ones((rows, tokens), dtype=torch.int64)
+
+        def run_torch(rows: int, tokens: int) -> object:
+            return self._forward(*shape(rows, tokens))
+
+        def run_onnx(rows: int, tokens: int) -> object:
+            ids, mask = shape(rows, tokens)
+            return session.run(ids.numpy(), mask.numpy())
+
+        self.crossover = measure_crossover(run_torch, run_onnx)
+        self.onnx_max_tokens = self.crossover.max_onnx_tokens
+        self.backend_note = self.crossover.describe()
+        if self.onnx_max_tokens <= 0:
+            self._onnx = self.graph_path = None  # never faster here: free its copy of the weights
+        log.info("backend auto: %s (measured in %.2fs)", self.backend_note, self.crossover.seconds)
 
     def _check_dimensions(self, dimensions: int | None) -> int | None:
         if dimensions is None:
@@ -252,6 +382,8 @@ class Embedder:
             "truncate": self.truncate,
             "threads": torch.get_num_threads(),
             "cpu_fusion": self.fused_modules,
+            "backend": self.backend,
+            "backend_plan": self.backend_note,
         }
 
     # -------------------------------------------------------------- stage: pre
@@ -339,11 +471,17 @@ class Embedder:
             if tensors is None:
                 tensors = self._to_tensors([tok.ids[i] for i in idx], device)
             t0 = time.perf_counter()
-            vecs = self._forward(*tensors, replica=replica)
+            padded = int(tensors[0].numel())
+            on_graph = self._onnx is not None and replica == 0 and padded <= self.onnx_max_tokens
+            if on_graph:
+                vecs = torch.from_numpy(self._onnx.run(tensors[0].numpy(), tensors[1].numpy()))
+            else:
+                vecs = self._forward(*tensors, replica=replica)
             self.stats.add(
                 model_seconds=time.perf_counter() - t0,
                 batches=1,
-                padded_tokens=int(tensors[0].numel()),
+                onnx_batches=int(on_graph),
+                padded_tokens=padded,
             )
             return [(idx, vecs)]
         except Exception as exc:

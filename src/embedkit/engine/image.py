@@ -198,6 +198,7 @@ class ImageEmbedder(Embedder):
         image_batch_size: int | None = None,
         decode_workers: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        backend: str = "auto",
     ) -> None:
         if pooling not in (None, "clip"):
             raise ConfigError(
@@ -220,6 +221,7 @@ class ImageEmbedder(Embedder):
             truncate=truncate,
             prompt_name=prompt_name,
             num_threads=num_threads,
+            backend=backend,
         )
         self.model: ClipModel = clip
         self.spec = str(model) if not isinstance(model, ClipModel) else str(model.path)

@@ -1,0 +1,141 @@
+"""Which runtime runs which batch: torch, ONNX Runtime, or ``auto`` (both, split by a measurement).
+
+Eager PyTorch pays a fixed cost per operator, which dominates a batch of one short text (a 16-token
+forward of the default model needs ~2 ms of arithmetic and takes ~15 ms); a graph runtime removes
+most of it. In bulk, fused torch kernels are as fast or faster. ``auto`` therefore times both runtimes
+on the machine at hand, on batch shapes from one short text upwards, and sends a batch to ONNX
+Runtime only while its padded tokens are at most the largest shape where ONNX Runtime was faster.
+One thread drives either runtime, never both at once.
+
+>>> resolve_backend("AUTO")
+'auto'
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from embedkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnx")
+# Shapes (texts, tokens each) timed by ``auto``, smallest first: one short query up to a batch of
+# mid-length texts. Measurement stops early once torch wins twice in a row or the time budget is spent.
+PROBE_SHAPES = ((1, 16), (2, 32), (4, 32), (8, 32), (8, 64), (16, 64), (32, 64))
+PROBE_BUDGET_S = 0.6
+# ONNX Runtime must beat torch by this factor to take a shape (measurement noise on shared machines).
+PROBE_MARGIN = 1.05
+
+
+def resolve_backend(name: str | None) -> str:
+    """Normalise a backend name (``auto``, ``torch``, ``onnx``/``onnxruntime``/``ort``)."""
+    value = (name or "auto").strip().lower()
+    value = {"onnxruntime": "onnx", "ort": "onnx", "pytorch": "torch"}.get(value, value)
+    if value not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return value
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process may still take: the smaller of the machine's available memory and the
+    cgroup's remaining limit (a container's). ``None`` when neither can be read."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except OSError:
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_file, encoding="ascii") as fh:
+                raw = fh.read().strip()
+            with open(usage_file, encoding="ascii") as fh:
+                used = int(fh.read().strip())
+        except (OSError, ValueError):
+            continue
+        if raw.isdigit() and int(raw) < (1 << 60):
+            found.append(max(0, int(raw) - used))
+        break
+    return min(found) if found else None
+
+
+def second_copy_fits(weight_bytes: int, available: int | None = None) -> bool:
+    """Whether a second copy of the weights (ONNX Runtime's) fits beside torch's: it must leave at
+    least the weights' size again, and 512 MiB, free for activations and everything else."""
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        return True
+    return available >= 2 * weight_bytes + (512 << 20)
+
+
+@dataclass
+class Crossover:
+    """What ``auto`` measured: per probed shape, seconds on torch and on ONNX Runtime."""
+
+    max_onnx_tokens: int
+    probes: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        if self.max_onnx_tokens <= 0:
+            return "torch for every batch (ONNX Runtime was not faster at any probed shape)"
+        return f"onnx for batches up to {self.max_onnx_tokens} padded tokens, torch above"
+
+
+def _best_of(fn: Callable[[], object], reps: int, clock: Callable[[], float]) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = clock()
+        fn()
+        best = min(best, clock() - t0)
+    return best
+
+
+def measure_crossover(
+    run_torch: Callable[[int, int], object],
+    run_onnx: Callable[[int, int], object],
+    *,
+    shapes: tuple[tuple[int, int], ...] = PROBE_SHAPES,
+    budget_s: float = PROBE_BUDGET_S,
+    margin: float = PROBE_MARGIN,
+    reps: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Crossover:
+    """Time ``run_torch(rows, tokens)`` against ``run_onnx(rows, tokens)`` on ``shapes`` (smallest
+    first; each runtime warmed once per shape, then the best of ``reps`` interleaved runs).
+
+    The result's ``max_onnx_tokens`` is the largest padded size where ONNX Runtime won by
+    ``margin``, among the shapes measured before torch won twice in a row or ``budget_s`` ran out."""
+    t_start = clock()
+    result = Crossover(max_onnx_tokens=0)
+    torch_wins = 0
+    for rows, tokens in shapes:
+        if clock() - t_start > budget_s:
+            break
+        run_torch(rows, tokens)
+        run_onnx(rows, tokens)
+        t_torch = _best_of(lambda r=rows, t=tokens: run_torch(r, t), reps, clock)
+        t_onnx = _best_of(lambda r=rows, t=tokens: run_onnx(r, t), reps, clock)
+        onnx_wins = t_onnx * margin < t_torch
+        result.probes.append(
+            {"rows": rows, "tokens": tokens, "torch_ms": t_torch * 1e3, "onnx_ms": t_onnx * 1e3}
+        )
+        if onnx_wins:
+            result.max_onnx_tokens = max(result.max_onnx_tokens, rows * tokens)
+            torch_wins = 0
+        else:
+            torch_wins += 1
+            if torch_wins >= 2:
+                break
+    result.seconds = clock() - t_start
+    return result

@@ -1,0 +1,196 @@
+"""Backends: torch, ONNX Runtime, and ``auto`` (ONNX Runtime for the small batches where it measured faster)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from embedkit import Embedder
+from embedkit.engine.backend import measure_crossover, resolve_backend, second_copy_fits
+from embedkit.engine.graph import BAKED_DIR, KEY_FILE, GraphKey, find_graph
+from embedkit.errors import ConfigError
+from embedkit.models import cache_dir
+from embedkit.testing import build_tiny_bert
+
+TEXTS = [
+    "hello world",
+    "the cat sat on the mat with a dog in the park and read a book",
+    "x",
+    "running fast " * 40,  # truncated at the model's 32 tokens
+    "a small red car",
+]
+
+
+def _st_vectors(path, texts):
+    from sentence_transformers import SentenceTransformer
+
+    ref = SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True)
+    return ref
+
+
+# ------------------------------------------------------------------- choosing
+def test_backend_names_are_normalised_and_unknown_ones_refused():
+    assert resolve_backend(None) == "auto"
+    assert resolve_backend(" ONNXRuntime ") == "onnx"
+    assert resolve_backend("ort") == "onnx"
+    assert resolve_backend("torch") == "torch"
+    with pytest.raises(ConfigError, match="backend must be one of auto, torch, onnx"):
+        resolve_backend("tensorrt")
+
+
+class FakeClock:
+    """A clock that only the fake runtimes advance, so the decision is deterministic."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def runtime(self, fixed_s: float, per_token_s: float):
+        def run(rows: int, tokens: int) -> None:
+            self.now += fixed_s + per_token_s * rows * tokens
+
+        return run
+
+
+def test_crossover_keeps_onnx_up_to_the_largest_shape_where_it_won():
+    clock = FakeClock()
+    # torch: 10 ms fixed + 10 us/token; onnx: 1 ms fixed + 20 us/token -> onnx wins below 900 tokens
+    res = measure_crossover(
+        clock.runtime(0.010, 10e-6), clock.runtime(0.001, 20e-6), budget_s=100.0, clock=clock
+    )
+    assert res.max_onnx_tokens == 512  # (8, 64); (16, 64) = 1024 tokens is torch's
+    assert [p["tokens"] * p["rows"] for p in res.probes] == [16, 64, 128, 256, 512, 1024, 2048]
+    assert "up to 512 padded tokens" in res.describe()
+
+
+def test_crossover_stops_after_torch_wins_twice_and_within_its_budget():
+    clock = FakeClock()
+    res = measure_crossover(clock.runtime(0.001, 0), clock.runtime(0.002, 0), budget_s=100.0, clock=clock)
+    assert res.max_onnx_tokens == 0 and len(res.probes) == 2
+    assert "torch for every batch" in res.describe()
+    clock = FakeClock()
+    res = measure_crossover(clock.runtime(0.5, 0), clock.runtime(0.1, 0), budget_s=1.0, clock=clock)
+    assert len(res.probes) < 7  # each shape costs 2.4 s of fake time: stopped by the budget
+    assert res.max_onnx_tokens == 16
+
+
+def test_a_second_copy_of_the_weights_must_leave_room():
+    gib = 1 << 30
+    assert second_copy_fits(1 * gib, available=4 * gib)
+    assert not second_copy_fits(2 * gib, available=4 * gib)  # 2.2 GB BGE-M3 on a 4 GiB box
+
+
+# ------------------------------------------------------------------- parity
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta", "mpnet"])
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_onnx_backend_matches_sentence_transformers_to_1e5(tmp_path, arch, pooling):
+    path = build_tiny_bert(tmp_path / "m", arch=arch, pooling=pooling)
+    ref = _st_vectors(path, TEXTS)
+    emb = Embedder(str(path), device="cpu", backend="onnx")
+    got = emb.encode(TEXTS)
+    assert emb.stats.onnx_batches == emb.stats.batches >= 1
+    assert float(np.abs(got - ref).max()) <= 1e-5
+    torch_got = Embedder(str(path), device="cpu", backend="torch").encode(TEXTS)
+    assert float(np.abs(torch_got - ref).max()) <= 1e-5
+
+
+def test_batches_up_to_the_crossover_run_on_onnx_and_larger_ones_on_torch_to_onnx_and_large_ones_to_torch(
+    tiny_model,
+):
+    emb = Embedder(str(tiny_model), device="cpu", backend="onnx", max_batch_tokens=64)
+    emb.onnx_max_tokens = 20  # what auto would have measured
+    before = emb.stats.onnx_batches, emb.stats.batches
+    emb.encode(["hello world"])  # 4 tokens: onnx
+    assert emb.stats.onnx_batches == before[0] + 1
+    emb.encode(["the cat sat on the mat with a dog in the park"] * 4)  # 4 x 13 tokens: torch
+    assert emb.stats.onnx_batches == before[0] + 1 and emb.stats.batches == before[1] + 2
+    assert emb.describe()["backend"] == "onnx"
+
+
+# --------------------------------------------------------------- graph cache
+def test_graph_is_exported_once_then_reused_from_the_cache(tmp_path, monkeypatch):
+    path = build_tiny_bert(tmp_path / "m")
+    first = Embedder(str(path), device="cpu", backend="onnx")
+    key = first.graph_key
+    graph = find_graph(key, path)
+    assert graph is not None and graph.is_relative_to(cache_dir())
+    stored = json.loads((graph.parent / KEY_FILE).read_text())
+    assert stored["content_hash"] == first.content_hash and stored["runtime"].startswith("onnxruntime-")
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again although the cache holds the graph")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    again = Embedder(str(path), device="cpu", backend="onnx")
+    assert again.graph_path == graph
+    np.testing.assert_allclose(again.encode(TEXTS), first.encode(TEXTS), atol=1e-6)
+
+
+def test_baked_graph_next_to_the_weights_wins_over_the_cache(tmp_path):
+    path = build_tiny_bert(tmp_path / "m")
+    emb = Embedder(str(path), device="cpu", backend="onnx")
+    cached = emb.graph_path
+    baked = path / BAKED_DIR / emb.graph_key.digest
+    shutil.copytree(cached.parent, baked)
+    shutil.rmtree(cached.parent)
+    again = Embedder(str(path), device="cpu", backend="onnx")
+    assert again.graph_path == baked / "model.onnx"
+    assert again.content_hash == emb.content_hash  # the hidden folder is not part of the model's hash
+
+
+def test_graph_key_covers_outputs_precision_and_runtime(tiny_model):
+    mean = Embedder(str(tiny_model), device="cpu", backend="torch")
+    cls = Embedder(str(tiny_model), device="cpu", backend="torch", pooling="cls")
+    assert mean.graph_key.outputs != cls.graph_key.outputs
+    assert mean.graph_key.digest != cls.graph_key.digest
+    k = mean.graph_key
+    assert GraphKey(k.content_hash, k.precision, k.outputs, "onnxruntime-0.0").digest != k.digest
+    assert GraphKey(k.content_hash, "int8", k.outputs, k.runtime).digest != k.digest
+
+
+def test_a_stale_key_file_is_not_reused(tmp_path):
+    path = build_tiny_bert(tmp_path / "m")
+    emb = Embedder(str(path), device="cpu", backend="onnx")
+    key_file = emb.graph_path.parent / KEY_FILE
+    data = json.loads(key_file.read_text())
+    data["outputs"] = "something else"
+    key_file.write_text(json.dumps(data))
+    assert find_graph(emb.graph_key, path) is None
+
+
+# ------------------------------------------------------------- falling back
+def test_onnx_with_reduced_precision_says_why_and_runs_torch(tiny_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="embedkit.engine.embedder"):
+        emb = Embedder(str(tiny_model), device="cpu", backend="onnx", precision="int8")
+    assert "runs fp32 only" in caplog.text and "using torch" in caplog.text
+    emb.encode(TEXTS)
+    assert emb.stats.onnx_batches == 0 and emb.stats.batches >= 1
+
+
+def test_failed_export_logs_one_line_and_runs_torch(tmp_path, monkeypatch, caplog):
+    path = build_tiny_bert(tmp_path / "m")
+
+    def broken(*a, **k):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with caplog.at_level(logging.WARNING, logger="embedkit.engine.embedder"):
+        emb = Embedder(str(path), device="cpu", backend="auto")
+    lines = [r for r in caplog.records if "ONNX export failed" in r.getMessage()]
+    assert len(lines) == 1 and "exporter exploded" in lines[0].getMessage()
+    assert emb.graph_path is None and emb.encode(TEXTS).shape == (len(TEXTS), 32)
+    assert find_graph(emb.graph_key, path) is None  # nothing half-written was left in the cache
+
+
+def test_torch_backend_never_exports(tmp_path, monkeypatch):
+    path = build_tiny_bert(tmp_path / "m")
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("exported"))
+    emb = Embedder(str(path), device="cpu", backend="torch")
+    assert emb.graph_path is None and "torch asked for" in emb.describe()["backend_plan"]
