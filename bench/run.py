@@ -192,6 +192,8 @@ def engine_section(ctx: Context) -> dict[str, Any]:
     precisions = ctx.args.precisions.split(",") if ctx.args.precisions else ["fp32", "bf16", "int8"]
     if not ctx.args.precisions and not ctx.calib.get("bf16_native"):
         precisions.remove("bf16")
+    if not ctx.args.precisions and not ctx.calib.get("int8_native", True):
+        precisions.remove("int8")
     configs: list[Config] = [(BASELINE, "baseline", "fp32", USER_ENV)]
     if USER_ENV["OMP_WAIT_POLICY"] != EMBEDKIT_ENV["OMP_WAIT_POLICY"] and not ctx.args.no_same_env_baseline:
         # the same script in the OpenMP setting embedkit's workers get: what is left is the engine's
@@ -520,6 +522,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 "torch": ctx.calib["torch"],
                 "threads": ctx.calib["threads"],
                 "bf16_native": ctx.calib["bf16_native"],
+                "int8_native": ctx.calib.get("int8_native"),
             },
             "corpus": {
                 "texts": len(texts),

@@ -77,8 +77,16 @@ def _set_threads(threads: int) -> None:
 def peaks(dtypes: str, reps: int) -> dict[str, float | None]:
     """Peak matmul rates now, for each of the comma-separated ``dtypes``."""
     from bench.flops import measure_peak
+    from embedkit.engine.device import cpu_supports_bf16, cpu_supports_int8
 
-    return {dtype: measure_peak(dtype, reps=reps) for dtype in dtypes.split(",") if dtype}
+    # Without native bf16 / int8 dot products (e.g. AVX2-only CPUs) those 2048^2 matmuls run emulated
+    # at ~1 GFLOP/s: minutes per sample, and no peak worth quoting. Record None there.
+    native = {"bf16": cpu_supports_bf16(), "int8": cpu_supports_int8()}
+    return {
+        dtype: measure_peak(dtype, reps=reps) if native.get(dtype, True) else None
+        for dtype in dtypes.split(",")
+        if dtype
+    }
 
 
 def calibrate(args: argparse.Namespace, ch: Channel) -> None:
@@ -86,7 +94,7 @@ def calibrate(args: argparse.Namespace, ch: Channel) -> None:
 
     from bench.flops import ModelShape, corpus_flops_from_sums
     from embedkit import Embedder
-    from embedkit.engine.device import cpu_supports_bf16
+    from embedkit.engine.device import cpu_supports_bf16, cpu_supports_int8
 
     texts = bench_corpus.load(args.corpus)
     emb = Embedder(args.model, device="cpu", precision="fp32")
@@ -110,6 +118,7 @@ def calibrate(args: argparse.Namespace, ch: Channel) -> None:
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         bf16_native=cpu_supports_bf16(),
+        int8_native=cpu_supports_int8(),
         mkldnn=bool(torch.backends.mkldnn.is_available()),
         omp_wait_policy=OMP_POLICY["at_torch_load"],
     )

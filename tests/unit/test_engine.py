@@ -144,7 +144,7 @@ def test_encode_iter_error_names_global_index(tiny_embedder):
 
 
 def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_model):
-    emb = Embedder(str(tiny_model), device="cpu", max_batch_tokens=10_000)
+    emb = Embedder(str(tiny_model), device="cpu", max_batch_tokens=10_000, backend="torch")
     texts = [f"hello world {i}" for i in range(40)]
     expected = emb.encode(texts)
     real_forward = emb._transformer.forward
@@ -163,7 +163,7 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tiny_model):
 
 
 def test_out_of_memory_on_a_single_input_is_a_clear_error(tiny_model):
-    emb = Embedder(str(tiny_model), device="cpu")
+    emb = Embedder(str(tiny_model), device="cpu", backend="torch")
 
     def always_oom(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")

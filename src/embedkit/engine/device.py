@@ -79,14 +79,28 @@ def resolve_devices(device: str | None = "auto") -> list[torch.device]:
     return [resolve_device(spec)]
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 (AVX512-BF16 or AMX), where bf16 is a speed-up."""
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read()
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:  # pragma: no cover - non-Linux
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return set()
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 (AVX512-BF16 or AMX), where bf16 is a speed-up."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_supports_int8() -> bool:
+    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8).
+
+    Without them torch's int8 matmul runs a reference loop: ~1 GOP/s measured on an AVX2-only EPYC,
+    against ~70 GFLOP/s for fp32 on the same cores."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -100,6 +114,10 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
         )
     if name == "int8" and device.type != "cpu":
         raise DeviceError("precision int8 runs on CPU only; on GPU use fp16 or bf16")
+    if name == "int8" and not cpu_supports_int8():
+        log.warning(
+            "this CPU has no int8 dot-product instructions (VNNI/AMX): int8 will run far slower than fp32"
+        )
     if name == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
         log.warning("this CPU has no native bf16 (avx512_bf16/amx): bf16 will be emulated and may be slow")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -168,7 +186,7 @@ def auto_batch_tokens(
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True for CUDA out-of-memory, host MemoryError and allocator failures."""
+    """True for CUDA out-of-memory, host MemoryError and allocator failures (torch's and ONNX Runtime's)."""
     if isinstance(exc, MemoryError):
         return True
     oom_cls = getattr(torch.cuda, "OutOfMemoryError", None)
@@ -176,5 +194,13 @@ def is_oom(exc: BaseException) -> bool:
         return True
     if isinstance(exc, RuntimeError):
         msg = str(exc).lower()
-        return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+        return any(
+            m in msg
+            for m in (
+                "out of memory",
+                "can't allocate memory",
+                "not enough memory",
+                "failed to allocate memory",
+            )
+        )
     return False
