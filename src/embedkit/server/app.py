@@ -443,7 +443,9 @@ class EmbedServer:
         return Response(self.service.metrics.render(), media_type=METRICS_TYPE)
 
     async def _openapi(self, request: Request) -> Response:
-        return json_response(build_spec(self.service.limits, dlc=self.dlc, auth=self._key is not None))
+        return json_response(
+            build_spec(self.service.limits, dlc=self.dlc, auth=self._key is not None, tei=self.tei)
+        )
 
 
 def _not_ready(service: Service) -> Exception:
