@@ -4,11 +4,16 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# Third-party SageMaker clients (AWS CLI v1, LangChain, llama-index) for the client suite, in a venv of
+# their own: awscli pins botocore exactly and the others bring large trees; no torch in it.
+CLIENTS := .venv-clients
+CLIENTS_REQ := tests/clients/requirements.txt
+CLIENTS_STAMP := $(CLIENTS)/.installed-$(shell cat $(CLIENTS_REQ) | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install clients demo test lint format bench clean
 
 install: $(STAMP)
 
@@ -19,6 +24,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
+
+clients: $(CLIENTS_STAMP)
+
+$(CLIENTS_STAMP): $(CLIENTS_REQ)
+	test -x $(CLIENTS)/bin/python || $(PY) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/python -m pip install -q --upgrade pip
+	$(CLIENTS)/bin/python -m pip install -q -r $(CLIENTS_REQ)
+	rm -f $(CLIENTS)/.installed-*
+	touch $(CLIENTS_STAMP)
 
 demo: install
 	$(BIN)/python -m embedkit.demo
@@ -31,11 +45,11 @@ format: install
 	$(BIN)/ruff format src tests bench scripts
 	$(BIN)/ruff check --fix src tests bench scripts
 
-test: lint
-	$(BIN)/python -m pytest -q
+test: lint clients
+	EMBEDKIT_CLIENTS_PYTHON=$(CURDIR)/$(CLIENTS)/bin/python EMBEDKIT_REQUIRE_CLIENTS=1 $(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache demo-output
+	rm -rf $(VENV) $(CLIENTS) build dist src/*.egg-info .pytest_cache .ruff_cache demo-output

@@ -117,3 +117,25 @@ def test_unsupported_module_type_is_named(tiny_model, tmp_path):
     (path / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ModelLoadError, match="LSTM"):
         load_text_model(path)
+
+
+def test_model_directory_is_where_code_lives_for_dirs_and_archives(tiny_model, tmp_path):
+    import shutil
+
+    from embedkit.models.resolve import model_directory
+
+    assert model_directory("default") is None and model_directory("org/some-model") is None  # no dir
+    root = tmp_path / "packaged"
+    shutil.copytree(tiny_model, root / "model")  # weights one level down, code/ at the top
+    (root / "code").mkdir()
+    (root / "code" / "inference.py").write_text("# custom handler\n")
+    assert model_directory(str(root)) == root
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for p in sorted(root.iterdir()):
+            tar.add(p, arcname=p.name)
+    top = model_directory(str(archive))
+    assert (top / "code" / "inference.py").is_file() and model_directory(str(archive)) == top
+    assert resolve_model(str(archive)) == top / "model"  # the weights, as before
+    with pytest.raises(ModelNotFoundError):
+        model_directory(str(tmp_path / "absent"))

@@ -55,6 +55,9 @@ def test_jsonlines_accepts_strings_and_objects_and_names_the_bad_line():
         codecs.decode(b'"ok"\n{"inputs": 3}\n', "application/jsonlines")
     with pytest.raises(InputError, match="line 1 is not valid JSON"):
         codecs.decode(b"{nope\n", "application/x-ndjson")
+    for batch_transform in ("application/json-lines", "application/x-jsonlines", "Application/JSONLines"):
+        assert codecs.decode(b'{"inputs": "a"}\n"b"\n', batch_transform) == {"inputs": ["a", "b"]}
+        assert codecs.line_format(batch_transform) == codecs.JSONLINES
 
 
 @pytest.mark.parametrize(

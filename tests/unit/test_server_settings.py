@@ -42,3 +42,19 @@ def test_model_comes_from_the_flag_then_the_sagemaker_model_dir_then_default(tmp
     code_only = tmp_path / "code-only"
     (code_only / "code").mkdir(parents=True)
     assert choose_model(None, {"SM_MODEL_DIR": str(code_only)}) == ("default", code_only)
+
+
+def test_a_model_given_as_a_path_is_its_own_model_dir_and_a_hub_id_keeps_opt_ml_model(tmp_path):
+    sm = tmp_path / "opt-ml-model"
+    (sm / "code").mkdir(parents=True)
+    env = {"SM_MODEL_DIR": str(sm)}
+    local = tmp_path / "my-model"
+    local.mkdir()
+    assert choose_model(str(local), env) == (str(local), None)  # the server finds local/code itself
+    assert choose_model("s3://bucket/model.tar.gz", env) == ("s3://bucket/model.tar.gz", None)
+    assert choose_model("BAAI/bge-small-en-v1.5", env) == ("BAAI/bge-small-en-v1.5", sm)  # HF_MODEL_ID
+    assert choose_model("default", env) == ("default", sm)
+
+
+def test_hf_mode_tei_is_a_mode():
+    assert ServerSettings.from_env({"EMBEDKIT_HF_MODE": "tei"}).hf_mode == "tei"

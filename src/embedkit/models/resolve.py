@@ -90,9 +90,10 @@ def _safe_extract(archive: Path, dest: Path) -> None:
 
 
 def _unpack_archive_to_cache(local_archive: Path, digest: str) -> Path:
+    """The archive unpacked under the cache (its top directory, where ``code/`` may be)."""
     target = cache_dir() / "models" / digest
     if target.is_dir():
-        return _find_model_root(target)
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=target.parent))
     try:
@@ -104,7 +105,7 @@ def _unpack_archive_to_cache(local_archive: Path, digest: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _find_model_root(target)
+    return target
 
 
 def _sha256_file(path: Path) -> str:
@@ -115,7 +116,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _resolve_remote(spec: str) -> Path:
+def _download_remote(spec: str) -> Path:
+    """An ``s3://`` model (archive or prefix) in the local cache: the unpacked top directory."""
     fs, path = get_fs(spec)
     try:
         exists = fs.exists(path)
@@ -140,12 +142,12 @@ def _resolve_remote(spec: str) -> Path:
                 os.rename(tmp, target)
             except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return _find_model_root(target)
+        return target
     info = fs.info(path)
     key = f"{spec}|{info.get('size')}|{info.get('ETag', info.get('mtime', ''))}"
     digest = index.get(key)
     if digest and (cache_dir() / "models" / digest).is_dir():
-        return _find_model_root(cache_dir() / "models" / digest)
+        return cache_dir() / "models" / digest
     with tempfile.TemporaryDirectory(dir=_ensure(cache_dir() / "models")) as tmpdir:
         local = Path(tmpdir) / "model.tar.gz"
         log.info("downloading %s", spec)
@@ -179,19 +181,21 @@ def _resolve_hub_id(spec: str) -> Path:
         ) from None
 
 
-def resolve_model(spec: str | os.PathLike[str] | None = "default") -> Path:
-    """Resolve ``spec`` to a local model directory. Never downloads from a model hub.
+def model_directory(spec: str | os.PathLike[str] | None) -> Path | None:
+    """The directory SageMaker would mount as ``/opt/ml/model`` for ``spec``, where ``code/`` may be.
 
-    Raises :class:`~embedkit.errors.ModelNotFoundError` with instructions when nothing matches.
+    A local directory as it is; a local or ``s3://`` ``model.tar.gz`` unpacked into the cache; an
+    ``s3://`` prefix downloaded into it. ``None`` for the default model and hub ids (they have no
+    such directory). Raises like :func:`resolve_model` for a path that does not exist.
     """
     spec = "default" if spec is None or str(spec).strip() == "" else str(spec)
     if spec.lower() in DEFAULT_MODEL_ALIASES:
-        return default_model_path()
+        return None
     if spec.startswith(("s3://", "s3a://")):
-        return _resolve_remote(spec)
+        return _download_remote(spec)
     local = Path(spec).expanduser()
     if local.is_dir():
-        return _find_model_root(local)
+        return local
     if local.is_file():
         if tarfile.is_tarfile(local):
             return _unpack_archive_to_cache(local, _sha256_file(local))
@@ -203,4 +207,16 @@ def resolve_model(spec: str | os.PathLike[str] | None = "default") -> Path:
             f"Model path {spec} does not exist. Give an existing model directory, a model.tar.gz, "
             f"an s3:// URL, or --model default."
         )
-    return _resolve_hub_id(spec)
+    return None
+
+
+def resolve_model(spec: str | os.PathLike[str] | None = "default") -> Path:
+    """Resolve ``spec`` to a local model directory. Never downloads from a model hub.
+
+    Raises :class:`~embedkit.errors.ModelNotFoundError` with instructions when nothing matches.
+    """
+    spec = "default" if spec is None or str(spec).strip() == "" else str(spec)
+    if spec.lower() in DEFAULT_MODEL_ALIASES:
+        return default_model_path()
+    home = model_directory(spec)
+    return _resolve_hub_id(spec) if home is None else _find_model_root(home)

@@ -4,6 +4,7 @@
 |----------------------------------------|--------------------------------------------------------|
 | ``GET /ping``, ``GET /health``         | 200 once loaded and warmed up, 503 before or if the worker died |
 | ``POST /invocations``                  | SageMaker container: HF ``{"inputs"}``, ``{"search_term"}``, CSV, JSON Lines, custom hooks |
+| ``GET /execution-parameters``          | SageMaker Batch Transform: ``MULTI_RECORD`` mini-batches of up to 6 MiB, one at a time |
 | ``POST /endpoints/{name}/invocations`` | SageMaker runtime API as boto3 calls it (errors in its rest-json shape) |
 | ``POST /embed``                        | text-embeddings-inference                               |
 | ``POST /v1/embeddings``                | OpenAI embeddings                                       |
@@ -25,23 +26,29 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedkit import __version__
-from embedkit.errors import InputError, NotAcceptableError
+from embedkit.errors import EmbedkitError, InputError, NotAcceptableError
 from embedkit.server import codecs, images
 from embedkit.server.contracts import hf, image, openai, search, tei
-from embedkit.server.contracts.common import texts_request
+from embedkit.server.contracts.common import EmbedRequest, texts_request
 from embedkit.server.errors import (
+    BodyTooLargeError,
+    HookError,
     NotFoundError,
     UnauthorizedError,
     body_too_large,
     http_error,
     runtime_error,
+    runtime_too_large,
     validation_error,
 )
 from embedkit.server.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -75,6 +82,78 @@ async def read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+MIB = 1024 * 1024
+DRAIN_SECONDS = 20.0
+
+
+class DrainUnreadBody:
+    """ASGI middleware: before an answer starts, read and discard what the client is still sending.
+
+    An answer given before the body is read (413 for a body over the limit, 401, 404, 503...) would
+    otherwise be followed by uvicorn closing a connection with unread data in it (it closes when the
+    client sent ``Connection: close``, as urllib does), which the kernel turns into a reset: the
+    client then reports "connection reset" or "broken pipe" instead of reading the answer. Draining
+    is bounded by ``max_bytes`` (a declared ``Content-Length`` above it is not drained at all) and by
+    ``DRAIN_SECONDS``; a client that announced ``Expect: 100-continue`` and was sent nothing yet is
+    answered at once, without asking for its body (it waits for that answer before sending).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        state = {
+            "done": declared is None and b"transfer-encoding" not in headers,  # no body at all
+            "asked": False,
+        }
+
+        async def tracked_receive() -> Message:
+            state["asked"] = True
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["done"] = True
+            return message
+
+        async def draining_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not state["done"]:
+                expects = headers.get(b"expect", b"").lower() == b"100-continue"
+                if not (expects and not state["asked"]):
+                    await self._drain(receive, declared)
+                state["done"] = True
+            await send(message)
+
+        await self.app(scope, tracked_receive, draining_send)
+
+    async def _drain(self, receive: Receive, declared: bytes | None) -> None:
+        try:
+            if declared is not None and int(declared) > self.max_bytes:
+                return
+        except ValueError:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_SECONDS
+        drained = 0
+        while drained <= self.max_bytes:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(receive(), remaining)
+            except asyncio.TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(codecs.dumps(obj), status_code=status, headers=headers, media_type=JSON)
 
@@ -86,6 +165,7 @@ class EmbedServer:
         self.service = service
         self.settings = service.settings
         self.dlc = self.settings.hf_mode == "dlc-exact"
+        self.tei = self.settings.hf_mode == "tei"
         self._key = (self.settings.api_key or "").encode() or None
         self._names = self.settings.endpoint_names
         routes = [
@@ -95,14 +175,17 @@ class EmbedServer:
                 "/invocations", self._wrap("/invocations", self._invocations, dlc=self.dlc), methods=["POST"]
             ),
             Route("/endpoints/{name}/invocations", self._runtime, methods=["POST"]),
+            Route("/execution-parameters", self._execution_parameters, methods=["GET"]),
             Route("/embed", self._wrap("/embed", self._tei), methods=["POST"]),
             Route("/v1/embeddings", self._wrap("/v1/embeddings", self._openai), methods=["POST"]),
             Route("/info", self._wrap("/info", self._info), methods=["GET"]),
             Route("/metrics", self._wrap("/metrics", self._metrics), methods=["GET"]),
             Route("/openapi.json", self._openapi, methods=["GET"]),
         ]
+        drain_bytes = max(4 * self.settings.max_body_bytes, 32 * MIB)
         self.app = Starlette(
             routes=routes,
+            middleware=[Middleware(DrainUnreadBody, max_bytes=drain_bytes)],
             exception_handlers={HTTPException: self._http_exception},
             lifespan=self._lifespan,
         )
@@ -160,45 +243,77 @@ class EmbedServer:
         status, body, headers = http_error(_not_ready(self.service))
         return json_response(body, status, headers)
 
-    async def _invocations(self, request: Request) -> Response:
+    async def _execution_parameters(self, request: Request) -> Response:
+        """What a Batch Transform job asks before sending work (no API key: SageMaker sends none)."""
+        return json_response(
+            {
+                "MaxConcurrentTransforms": 1,
+                "BatchStrategy": "MULTI_RECORD",
+                "MaxPayloadInMB": max(1, self.settings.max_body_bytes // MIB),
+            }
+        )
+
+    async def _invocations(self, request: Request, body: bytes | None = None) -> Response:
         svc = self.service
-        batcher = svc.require_ready()
+        svc.require_ready()
         accept_raw = request.headers.get("accept")
+        ctype = request.headers.get("content-type")
         handler = svc.handler
+        lines = codecs.line_format(ctype) if handler is None and not self.dlc else None
         if handler is None:
-            accept = codecs.negotiate(accept_raw)
+            if lines == codecs.JSONLINES and (not accept_raw or accept_raw.strip() == "*/*"):
+                accept = codecs.JSONLINES  # a JSON Lines body is answered line for line (Batch Transform)
+            else:
+                accept = codecs.negotiate(accept_raw)
             if self.dlc and accept != JSON:
                 raise NotAcceptableError(
                     "token-level (dlc-exact) answers are JSON only; send Accept: application/json"
                 )
-        body = await read_body(request, self.settings.max_body_bytes)
-        ctype = request.headers.get("content-type")
+        if body is None:
+            body = await read_body(request, self.settings.max_body_bytes)
         if handler is None and image.is_image_type(ctype):  # a CLIP model: the body is an image
             prediction = await images.predict_body(self.service, body)
             return Response(codecs.encode(prediction, accept), media_type=accept)
         if handler is None:
-            prediction = await self._predict(codecs.decode(body, ctype))
+            payload = codecs.decode(body, ctype)
+            if lines:
+                prediction = await self._predict_lines(payload["inputs"])
+            else:
+                prediction = await self._predict(payload)
             return Response(codecs.encode(prediction, accept), media_type=accept)
-        return await self._custom(handler, batcher, body, ctype, accept_raw)
+        return await self._custom(handler, body, ctype, accept_raw)
 
-    async def _custom(
-        self, h: Any, batcher: Any, body: bytes, ctype: str | None, accept_raw: str | None
-    ) -> Response:
+    async def _hook(self, name: str, fn: Any, *args: Any) -> Any:
+        """Run one of the user's hooks on the inference worker; what it raises answers the request."""
+        try:
+            return await self.service.call(fn, *args)
+        except EmbedkitError:
+            raise  # embedkit's own errors (a dead worker, bad input to the engine) keep their status
+        except Exception as exc:
+            log.warning("%s raised %s: %s", name, type(exc).__name__, exc, exc_info=exc)
+            raise HookError(name, exc) from exc
+
+    async def _custom(self, h: Any, body: bytes, ctype: str | None, accept_raw: str | None) -> Response:
         svc = self.service
         accept_arg = (
             JSON if not accept_raw or accept_raw.strip() == "*/*" else accept_raw
         )  # as the toolkits do
         ctype_arg = ctype or JSON
         if h.transform_fn is not None:
-            result = await svc.call(h.transform_fn, svc.model, body, ctype_arg, accept_arg)
+            result = await self._hook("transform_fn", h.transform_fn, svc.model, body, ctype_arg, accept_arg)
             return _user_response(result, accept_arg)
-        data = await svc.call(h.input_fn, body, ctype_arg) if h.input_fn else codecs.decode(body, ctype)
+        if h.input_fn is not None:
+            data = await self._hook("input_fn", h.input_fn, body, ctype_arg)
+        else:
+            data = codecs.decode(body, ctype)
         if h.predict_fn is not None:
-            prediction = await svc.call(h.predict_fn, data, svc.model)
+            prediction = await self._hook("predict_fn", h.predict_fn, data, svc.model)
         else:
             prediction = await self._predict(data, from_user=h.input_fn is not None)
         if h.output_fn is not None:
-            return _user_response(await svc.call(h.output_fn, prediction, accept_arg), accept_arg)
+            return _user_response(
+                await self._hook("output_fn", h.output_fn, prediction, accept_arg), accept_arg
+            )
         accept = codecs.negotiate(accept_raw)
         return Response(codecs.encode(prediction, accept), media_type=accept)
 
@@ -217,7 +332,8 @@ class EmbedServer:
                 )
             if image.wants_images(payload):  # {"inputs": {"image": <base64>}} (a CLIP model)
                 return await images.predict_json(self.service, payload)
-            req = hf.parse(payload, limits)
+            # tei: TEI's own request options ({"inputs", "normalize", "truncate", ...}) as its container takes
+            req = tei.parse(payload, limits) if self.tei else hf.parse(payload, limits)
         elif from_user and isinstance(payload, (list, str)):  # what a custom input_fn may return
             req = texts_request(payload, field="inputs", limits=limits)
         else:
@@ -227,23 +343,53 @@ class EmbedServer:
         if self.dlc:
             return hf.respond_dlc(req, await self.service.token_embeddings(req))
         vecs, _ = await self.service.embed(req)
-        return hf.respond(req, vecs)
+        return tei.respond(req, vecs) if self.tei else hf.respond(req, vecs)
+
+    async def _predict_lines(self, texts: list[str]) -> Any:
+        """A body of one record per line (CSV, JSON Lines: what a Batch Transform job sends): any
+        number of lines up to ``max_body_bytes``, embedded ``max_client_batch_size`` at a time, in
+        order; the answer holds one vector per line."""
+        step = self.settings.max_client_batch_size
+        parts = []
+        for start in range(0, len(texts), step):
+            try:
+                vecs, _ = await self.service.embed(EmbedRequest(texts[start : start + step]))
+            except InputError as exc:
+                raise _shift_index(exc, start) from None
+            parts.append(vecs)
+        vecs = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return vecs if self.tei else {"embeddings": vecs}
 
     async def _runtime(self, request: Request) -> Response:
         t0 = time.perf_counter()
         name = request.path_params["name"]
+        limit = self.settings.max_body_bytes
+        too_large = False
+
+        async def invoke(req: Request) -> Response:
+            nonlocal too_large
+            try:
+                body = await read_body(req, limit)
+            except BodyTooLargeError:
+                too_large = True  # the runtime refuses it itself; no model sees it
+                raise
+            return await self._invocations(req, body=body)
+
         if self._names is not None and name not in self._names:
-            status, body, headers = validation_error(
+            status, out, headers = validation_error(
                 f"Endpoint {name} of account 000000000000 not found. This server answers "
                 f"{', '.join(sorted(self._names))} (EMBEDKIT_ENDPOINT_NAME)."
             )
-            response = Response(body, status, headers, media_type=JSON)
+            response = Response(out, status, headers, media_type=JSON)
         else:
-            response = await self._answer(request, self._invocations, self.dlc)
-            if response.status_code >= 400:
+            response = await self._answer(request, invoke, self.dlc)
+            if too_large:
+                status, out, headers = runtime_too_large(limit)
+                response = Response(out, status, headers, media_type=JSON)
+            elif response.status_code >= 400:
                 extra = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
-                status, body, headers = runtime_error(response.status_code, response.body, extra)
-                response = Response(body, status, headers, media_type=JSON)
+                status, out, headers = runtime_error(response.status_code, response.body, extra)
+                response = Response(out, status, headers, media_type=JSON)
             else:
                 response.headers["x-Amzn-Invoked-Production-Variant"] = "AllTraffic"
         self.service.metrics.observe(
@@ -297,7 +443,9 @@ class EmbedServer:
         return Response(self.service.metrics.render(), media_type=METRICS_TYPE)
 
     async def _openapi(self, request: Request) -> Response:
-        return json_response(build_spec(self.service.limits, dlc=self.dlc, auth=self._key is not None))
+        return json_response(
+            build_spec(self.service.limits, dlc=self.dlc, auth=self._key is not None, tei=self.tei)
+        )
 
 
 def _not_ready(service: Service) -> Exception:
@@ -306,6 +454,16 @@ def _not_ready(service: Service) -> Exception:
     except Exception as exc:
         return exc
     return RuntimeError("unreachable")
+
+
+def _shift_index(exc: InputError, offset: int) -> InputError:
+    """An error about ``inputs[i]`` of a slice starting at ``offset``, renamed to the whole body's index."""
+    field, index = exc.context.get("field"), exc.context.get("index")
+    if offset and field is not None and isinstance(index, int):
+        exc.message = exc.message.replace(f"{field}[{index}]", f"{field}[{index + offset}]", 1)
+        exc.args = (exc.message,)
+        exc.context["index"] = index + offset
+    return exc
 
 
 def _user_response(result: Any, accept: str) -> Response:

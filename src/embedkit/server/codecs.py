@@ -27,7 +27,13 @@ CSV = "text/csv"
 NPY = "application/x-npy"
 ACCEPTED_OUT = (JSON, JSONLINES, CSV, NPY)
 _JSON_IN = {JSON, "application/x-www-form-urlencoded"}  # curl -d sends the latter by default
-_JSONLINES_IN = {JSONLINES, "application/x-jsonlines", "application/jsonl", "application/x-ndjson"}
+_JSONLINES_IN = {
+    JSONLINES,
+    "application/json-lines",
+    "application/x-jsonlines",
+    "application/jsonl",
+    "application/x-ndjson",
+}
 _NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -61,6 +67,19 @@ def decode(body: bytes, content_type: str | None) -> Any:
     if kind in _JSONLINES_IN:
         return {"inputs": _decode_jsonlines(body)}
     raise UnsupportedMediaTypeError(_unsupported(content_type))
+
+
+def line_format(content_type: str | None) -> str | None:
+    """``CSV`` or ``JSONLINES`` for the bodies that hold one record per line (what a Batch Transform
+    job with ``SplitType=Line`` sends), else ``None``.
+
+    >>> line_format("application/json-lines"), line_format("text/csv"), line_format(None)
+    ('application/jsonlines', 'text/csv', None)
+    """
+    kind = media_type(content_type)
+    if kind in _JSONLINES_IN:
+        return JSONLINES
+    return CSV if kind == CSV else None
 
 
 def _unsupported(content_type: str | None) -> str:

@@ -9,6 +9,7 @@
 | unsupported ``Content-Type`` / ``Accept``                          | 415/406|
 | queue full (bounded by tokens waiting)                             | 429 + ``Retry-After`` |
 | model not loaded yet / inference worker dead                       | 503    |
+| an exception from a user's ``inference.py`` hook                   | 400 with its message (its ``status_code`` wins) |
 | anything unexpected                                                | 500, generic message; the traceback goes to the log |
 
 Container surface bodies are TEI-like ``{"error": ..., "error_type": ...}``; the HF DLC exact mode
@@ -40,10 +41,13 @@ ACCESS_DENIED = "AccessDeniedException:http://internal.amazon.com/coral/com.amaz
 LOG_STREAM_ARN = "arn:aws:logs:local:000000000000:log-group:/aws/sagemaker/Endpoints/embedkit"
 
 __all__ = [
+    "BodyTooLargeError",
+    "HookError",
     "NotFoundError",
     "UnauthorizedError",
     "http_error",
     "runtime_error",
+    "runtime_too_large",
 ]
 
 
@@ -65,6 +69,26 @@ class NotFoundError(EmbedkitError):
     def __init__(self, message: str, status: int = 404) -> None:
         super().__init__(message)
         self.http_status = status
+
+
+class HookError(EmbedkitError):
+    """An exception raised by a hook of the user's ``inference.py`` (``input_fn``, ``predict_fn``,
+    ``output_fn``, ``transform_fn``): answered 400 with its message, as the Hugging Face inference
+    toolkit does, or with its own ``status_code`` (the inference toolkit's errors carry one).
+
+    >>> err = HookError("input_fn", ValueError("Input must contain 'texts'"))
+    >>> (err.http_status, err.error_type, err.message)
+    (400, 'ValueError', "Input must contain 'texts'")
+    """
+
+    exit_code = 1
+
+    def __init__(self, hook: str, exc: BaseException) -> None:
+        status = getattr(exc, "status_code", None)
+        valid = isinstance(status, int) and not isinstance(status, bool) and 400 <= status < 600
+        self.http_status = status if valid else 400  # type: ignore[assignment]
+        self.error_type = type(exc).__name__
+        super().__init__(str(getattr(exc, "detail", None) or exc) or type(exc).__name__, hook=hook)
 
 
 def http_error(exc: BaseException, *, dlc: bool = False) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -119,13 +143,25 @@ def runtime_error(status: int, body: bytes, headers: dict[str, str]) -> tuple[in
     return 424, orjson.dumps(out), {"x-amzn-ErrorType": MODEL_ERROR}
 
 
+def runtime_too_large(limit: int) -> tuple[int, bytes, dict[str, str]]:
+    """The runtime API's own answer to a body over the limit, before any model sees it: a 413 that
+    boto3 raises as ``ClientError`` with code ``413`` and this message (the wording the real
+    SageMaker runtime uses, with its 6 MiB limit: ``HTTP content length exceeded 6291456 bytes.``)."""
+    return 413, orjson.dumps({"message": f"HTTP content length exceeded {limit} bytes."}), {}
+
+
 def validation_error(message: str) -> tuple[int, bytes, dict[str, str]]:
     """The runtime API's 400 for a request it refuses before reaching the model."""
     return 400, orjson.dumps({"message": message}), {"x-amzn-ErrorType": VALIDATION_ERROR}
 
 
-def body_too_large(limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(
+class BodyTooLargeError(PayloadTooLargeError):
+    """The request body itself is over ``max_body_bytes`` (the runtime surface answers this one
+    itself, as the SageMaker runtime does, instead of as a model error)."""
+
+
+def body_too_large(limit: int) -> BodyTooLargeError:
+    return BodyTooLargeError(
         f"request body is larger than {limit} bytes (max_body_bytes); send fewer or shorter inputs per request"
     )
 

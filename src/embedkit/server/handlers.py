@@ -14,6 +14,10 @@ Any hook it omits falls back to embedkit's default: the model is an :class:`~emb
 ``{"inputs"}`` / ``{"search_term"}`` / a string / a list of strings, and ``output_fn`` encodes as the
 ``Accept`` header asks. User hooks run on the inference worker thread, one at a time.
 
+When importing the module or its ``model_fn`` raises, the server stays up with ``/ping`` at 503 and
+the log says why (:class:`HandlerLoadError`); an exception from a request hook answers that request
+(400 with its message, or its ``status_code``), as the Hugging Face inference toolkit does.
+
 >>> handler = load_handler(None, None)  # no program, no model dir: nothing to load
 >>> handler is None
 True
@@ -33,6 +37,11 @@ from typing import Any
 from embedkit.errors import ConfigError
 
 log = logging.getLogger("embedkit.server")
+
+
+class HandlerLoadError(ConfigError):
+    """The user's ``inference.py`` failed to load: importing it or its ``model_fn`` raised."""
+
 
 HOOKS = ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn")
 
@@ -140,7 +149,9 @@ def load_handler(
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise ConfigError(f"custom handler {path} failed to import: {type(exc).__name__}: {exc}") from exc
+        raise HandlerLoadError(
+            f"custom handler {path} failed to import: {type(exc).__name__}: {exc}"
+        ) from exc
     handler = CustomHandler(module, path, model_dir or path.parent)
     log.info(
         "custom handler %s defines %s; the rest are embedkit defaults", path, handler.defined or "no hooks"

@@ -39,7 +39,9 @@ def _errors(schema: dict, codes: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
-def build_spec(limits: Limits | None, *, dlc: bool = False, auth: bool = False) -> dict[str, Any]:
+def build_spec(
+    limits: Limits | None, *, dlc: bool = False, auth: bool = False, tei: bool = False
+) -> dict[str, Any]:
     """The OpenAPI document; ``limits`` is ``None`` while the model loads (no bounds then)."""
     max_items = limits.max_client_batch_size if limits else None
     dim = limits.dimension if limits and limits.dimension else None
@@ -75,22 +77,22 @@ def build_spec(limits: Limits | None, *, dlc: bool = False, auth: bool = False) 
         "content": {
             "application/json": {"schema": {"oneOf": [hf_req, search_req]}},
             "text/csv": {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}},
+            "application/jsonlines": {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}},
         },
     }
     container_errors = _DLC_ERROR if dlc else _ERROR
+    hf_ok = {
+        "type": "object",
+        "properties": {
+            "embeddings": {"oneOf": [_VECTOR, _MATRIX]},
+            "embedding": _VECTOR,
+        },
+    }
     invocation_ok = (
         {"application/json": {"schema": {"type": "array"}}}
         if dlc
         else {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "embeddings": {"oneOf": [_VECTOR, _MATRIX]},
-                        "embedding": _VECTOR,
-                    },
-                }
-            },
+            "application/json": {"schema": {"oneOf": [_MATRIX, hf_ok]} if tei else hf_ok},
             "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
             "text/csv": {"schema": {"type": "string"}},
             "application/jsonlines": {"schema": {"type": "string"}},
@@ -184,7 +186,35 @@ def build_spec(limits: Limits | None, *, dlc: bool = False, auth: bool = False) 
                     "requestBody": invocation_body,
                     "responses": {
                         "200": {"description": "embeddings", "content": invocation_ok},
-                        **_errors(_AWS_ERROR, (400, 403, 424, 429, 503)),
+                        **_errors(_AWS_ERROR, (400, 403, 413, 424, 429, 503)),
+                    },
+                }
+            },
+            "/execution-parameters": {
+                "get": {
+                    "summary": "SageMaker Batch Transform: how to split and send the job's records",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "execution parameters",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": [
+                                            "MaxConcurrentTransforms",
+                                            "BatchStrategy",
+                                            "MaxPayloadInMB",
+                                        ],
+                                        "properties": {
+                                            "MaxConcurrentTransforms": {"type": "integer"},
+                                            "BatchStrategy": {"type": "string"},
+                                            "MaxPayloadInMB": {"type": "integer"},
+                                        },
+                                    }
+                                }
+                            },
+                        }
                     },
                 }
             },

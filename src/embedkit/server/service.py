@@ -2,7 +2,9 @@
 
 Loading happens on a thread after the socket is bound, so ``/ping`` answers 503 while the model
 loads and warms up, then 200. If loading fails, ``on_fatal`` is called (the command then exits
-with the error's exit code).
+with the error's exit code), except when the user's ``inference.py`` is what failed (its import or
+its ``model_fn`` raised): then the server stays up answering 503 and the log says why, as
+SageMaker's model servers do, so the endpoint's health check is what reports it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import torch
 
 from embedkit.engine import Embedder, Tokenized
 from embedkit.errors import ConfigError, NotReadyError
+from embedkit.models.resolve import model_directory
 from embedkit.server.batcher import Batcher
 from embedkit.server.contracts import EmbedRequest, Limits
-from embedkit.server.handlers import CustomHandler, load_handler
+from embedkit.server.handlers import CustomHandler, HandlerLoadError, load_handler
 from embedkit.server.metrics import ServerMetrics
 from embedkit.server.settings import ServerSettings
 from embedkit.settings import EngineSettings
@@ -69,6 +72,10 @@ class Service:
             if self.settings.threads:
                 torch.set_num_threads(self.settings.threads)
             s = self.settings
+            if self.model_dir is None:  # --model DIR or model.tar.gz: code/ lives in it, as in /opt/ml/model
+                self.model_dir = model_directory(self.engine_settings.model)
+                if self.model_dir is not None:
+                    self.engine_settings.model = str(self.model_dir)  # unpacked once, not again
             self.handler = load_handler(s.program, s.submit_directory, self.model_dir)
             self.model = self._build_model()
             self.embedder = self.model if isinstance(self.model, Embedder) else None
@@ -92,6 +99,14 @@ class Service:
         except BaseException as exc:
             self.load_error = exc
             self.state = "failed"
+            if isinstance(exc, HandlerLoadError):
+                log.error(
+                    "the custom handler failed to load, so /ping answers 503 until the server is restarted "
+                    "with a working handler: %s",
+                    exc,
+                    exc_info=exc.__cause__ or exc,
+                )
+                return
             log.error("could not load the model: %s", exc, exc_info=not isinstance(exc, ConfigError))
             if self.on_fatal is not None:
                 self.on_fatal(exc)
@@ -99,7 +114,10 @@ class Service:
     def _build_model(self) -> Any:
         h = self.handler
         if h is not None and h.model_fn is not None:
-            model = h.model_fn(str(h.model_dir))
+            try:
+                model = h.model_fn(str(h.model_dir))
+            except Exception as exc:
+                raise HandlerLoadError(f"{h.path}: model_fn raised {type(exc).__name__}: {exc}") from exc
             if not isinstance(model, Embedder) and h.predict_fn is None and h.transform_fn is None:
                 raise ConfigError(
                     f"{h.path}: model_fn returned a {type(model).__name__}, which embedkit's default "
@@ -131,7 +149,8 @@ class Service:
         if self.state == "loading":
             raise NotReadyError("the model is still loading; retry when GET /ping answers 200")
         if self.state == "failed":
-            raise NotReadyError("the model failed to load; see the server log")
+            reason = f" ({self.load_error})" if isinstance(self.load_error, HandlerLoadError) else ""
+            raise NotReadyError(f"the model failed to load{reason}; see the server log")
         if self.state == "stopped":
             raise NotReadyError("the server is shutting down")
         self.metrics.ready.set(0)

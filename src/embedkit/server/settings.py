@@ -18,7 +18,7 @@ from pathlib import Path
 from embedkit.errors import ConfigError
 from embedkit.settings import Settings, setting
 
-HF_MODES = ("embeddings", "dlc-exact")
+HF_MODES = ("embeddings", "tei", "dlc-exact")
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
 
 
@@ -38,7 +38,9 @@ class ServerSettings(Settings):
     )
     batch_wait_ms: float = setting(2.0, "longest a forming batch waits for more requests, in milliseconds")
     hf_mode: str = setting(
-        "embeddings", "what {'inputs'} returns: embeddings (pooled) or dlc-exact (token-level, as HF DLC)"
+        "embeddings",
+        "what {'inputs'} on /invocations returns: embeddings ({'embeddings': ...}), tei (a bare list of "
+        "vectors, as the TEI SageMaker container) or dlc-exact (token-level, as the HF DLC)",
     )
     api_key: str | None = setting(None, "bearer token required on every route but /ping", secret=True)
     program: str | None = setting(
@@ -89,17 +91,26 @@ def _holds_model(path: Path) -> bool:
     return any((path / name).exists() for name in ("modules.json", "config.json", "model.tar.gz"))
 
 
+def _is_location(spec: str) -> bool:
+    """True for a spec naming a place (a local path or ``s3://``), not the default model or a hub id."""
+    return spec.startswith(("s3://", "s3a://")) or Path(spec).expanduser().exists()
+
+
 def choose_model(
     flag_or_env: str | None, environ: Mapping[str, str] | None = None
 ) -> tuple[str, Path | None]:
     """Pick the model spec and the SageMaker model dir (where ``code/inference.py`` may live).
 
     Precedence: ``--model`` / ``EMBEDKIT_MODEL`` / ``HF_MODEL_ID``, then ``/opt/ml/model`` (or
-    ``SM_MODEL_DIR``) when it holds a model, then the default model.
+    ``SM_MODEL_DIR``) when it holds a model, then the default model. A spec that names a directory
+    or a ``model.tar.gz`` (local or ``s3://``) is its own model dir: the returned dir is ``None`` and
+    the server finds ``code/`` in it (unpacking an archive first) as it loads, exactly as SageMaker
+    unpacks ``model.tar.gz`` into ``/opt/ml/model``. The default model and hub ids keep
+    ``/opt/ml/model`` for ``code/`` (``HF_MODEL_ID`` beside a handler, as the Hugging Face DLC does).
     """
     model_dir = sagemaker_model_dir(environ)
     if flag_or_env:
-        return flag_or_env, model_dir
+        return flag_or_env, None if _is_location(flag_or_env) else model_dir
     if model_dir is not None and _holds_model(model_dir):
         tarball = model_dir / "model.tar.gz"
         spec = tarball if tarball.exists() and not (model_dir / "config.json").exists() else model_dir
