@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "embedkit.commands.encode",
     "embedkit.commands.embed",
     "embedkit.commands.export",
+    "embedkit.commands.graph",
     "embedkit.commands.search",
     "embedkit.commands.serve",
     "embedkit.commands.invoke",

@@ -1,0 +1,43 @@
+"""``embedkit graph bake``: write a model's ONNX graph next to its weights (what the image and
+``sagemaker package-model`` ship), so a fresh container starts without exporting one.
+
+    embedkit graph bake                               # the default model, in its own folder
+    embedkit graph bake --model ./my-model --into ./my-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("graph", help="ONNX graphs of a model: bake one next to the weights")
+    graph = p.add_subparsers(dest="graph_command", metavar="ACTION")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    bake = graph.add_parser(
+        "bake",
+        help="export (or copy from the cache) the fp32 ONNX graph into MODEL_DIR/.embedkit/graphs/",
+        description="Load the model as `embedkit serve` does (fp32, CPU) and write its ONNX graph "
+        "into <dir>/.embedkit/graphs/<digest>/, where the engine finds it when the model's content "
+        "hash, precision, outputs and ONNX Runtime version match. Exit 1 when the model gets no graph.",
+    )
+    bake.add_argument(
+        "--model",
+        default=os.environ.get("EMBEDKIT_MODEL") or "default",
+        help="default, a local dir, a model.tar.gz, s3://... (env EMBEDKIT_MODEL; default: default)",
+    )
+    bake.add_argument(
+        "--into", default=None, help="folder that receives .embedkit/graphs/ (default: the model's folder)"
+    )
+    bake.add_argument("--pooling", default=None, help="the pooling the server will run with, if overridden")
+    bake.set_defaults(func=_bake)
+
+
+def _bake(args: argparse.Namespace) -> int:
+    from embedkit.engine.bake import bake_graph
+
+    info = bake_graph(args.model, args.into, pooling=args.pooling)
+    print(json.dumps(info, indent=2))
+    return 0 if info["baked"] else 1

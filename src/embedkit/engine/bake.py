@@ -1,0 +1,104 @@
+"""Bake a model's ONNX graph next to its weights, so a fresh container starts without exporting.
+
+A serverless endpoint starts a new container at every cold start: a graph cached on local disk is
+gone each time, and exporting one costs seconds. ``embedkit graph bake``, ``embedkit sagemaker
+package-model`` and the Docker image's build therefore write the graph into the model directory
+itself, as ``<model>/.embedkit/graphs/<digest>/`` (see :mod:`embedkit.engine.graph`), where the
+engine finds it when its key matches: model content hash, precision, outputs and runtime version.
+
+>>> info = bake_graph("default", into="/tmp/baked")  # doctest: +SKIP
+>>> info["path"]  # doctest: +SKIP
+'/tmp/baked/.embedkit/graphs/3f1c.../model.onnx'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from embedkit.engine.graph import BAKED_DIR, GRAPH_FILE, SUPPORTED_MODEL_TYPES, runtime_version
+
+log = logging.getLogger(__name__)
+
+
+def _why_not(path: Path) -> str | None:
+    """Why ``path`` gets no graph, decided before loading weights; ``None`` when it may."""
+    from embedkit.models.clip import is_clip_dir
+
+    if runtime_version() is None:
+        return "onnxruntime (or onnx) is not installed"
+    if is_clip_dir(path):
+        return "CLIP models have no ONNX export here (text models of the BERT family, XLM-RoBERTa, MPNet)"
+    return None
+
+
+def _install(source: Path, target: Path) -> None:
+    """Copy the graph folder ``source`` to ``target`` (through a temporary folder and a rename), readable
+    by every user: the image bakes as root and serves as another user."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bake-", dir=target.parent))
+    try:
+        for item in sorted(source.iterdir()):
+            if item.is_file():
+                shutil.copyfile(item, tmp / item.name)
+                os.chmod(tmp / item.name, 0o644)
+        os.chmod(tmp, 0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def bake_graph(
+    model: str | Path = "default", into: str | Path | None = None, *, pooling: str | None = None
+) -> dict[str, Any]:
+    """Write ``model``'s fp32 ONNX graph into ``into/.embedkit/graphs/<digest>/`` (default: the
+    resolved model directory itself).
+
+    The model loads as the server loads it (fp32, CPU); the graph comes from where the engine would
+    find it (already baked, the cache) or is exported now, then copied. Returns ``baked`` (bool),
+    and either ``key``, ``digest``, ``path``, ``source``, ``seconds``, or ``reason`` (why not)."""
+    from embedkit.engine.embedder import Embedder
+    from embedkit.models import load_text_model, resolve_model
+
+    t0 = time.perf_counter()
+    path = Path(resolve_model(str(model)))
+    why = _why_not(path)
+    text_model = None
+    if why is None:
+        text_model = load_text_model(path, pooling=pooling)
+        if text_model.model_type not in SUPPORTED_MODEL_TYPES:
+            why = f"model type {text_model.model_type or 'unknown'!r} has no ONNX export here"
+    if why is not None:
+        return {"baked": False, "model": str(model), "reason": why}
+    emb = Embedder(text_model, device="cpu", precision="fp32", backend="onnx")
+    try:
+        source = emb.graph_path
+        if source is None:
+            return {"baked": False, "model": str(model), "reason": emb.backend_note}
+        key = emb.graph_key
+        root = Path(into) if into is not None else Path(emb.model.path)
+        target = root / BAKED_DIR / key.digest
+        if target.resolve() != source.parent.resolve():
+            _install(source.parent, target)
+    finally:
+        emb.close()
+    seconds = time.perf_counter() - t0
+    log.info("baked the ONNX graph %s into %s in %.1fs", key.digest, target, seconds)
+    return {
+        "baked": True,
+        "model": str(model),
+        "model_path": str(emb.model.path),
+        "key": key.to_dict(),
+        "digest": key.digest,
+        "path": str(target / GRAPH_FILE),
+        "source": str(source),
+        "seconds": round(seconds, 3),
+    }
