@@ -1,5 +1,7 @@
 """Package a model as SageMaker's ``model.tar.gz``: the model files at the archive root (what lands in
-``/opt/ml/model``), plus an optional ``code/inference.py`` and ``code/requirements.txt``.
+``/opt/ml/model``), plus an optional ``code/inference.py`` and ``code/requirements.txt``, and by
+default the model's ONNX graph baked in as ``.embedkit/graphs/<digest>/`` (see
+:mod:`embedkit.engine.bake`), so a serverless cold start does not export one.
 
 >>> import tempfile, os
 >>> d = tempfile.mkdtemp()
@@ -11,6 +13,7 @@ True
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tarfile
@@ -20,6 +23,8 @@ from typing import Any
 
 from embedkit.aws import s3
 from embedkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _add_tree(
@@ -44,11 +49,17 @@ def package_model(
     inference: str | None = None,
     requirements: str | None = None,
     code_dir: str | None = None,
+    bake_graph: bool = True,
 ) -> dict[str, Any]:
     """Write ``model`` (any spec :func:`embedkit.resolve_model` accepts) as a SageMaker
     ``model.tar.gz`` to ``destination`` (a local path or ``s3://``). ``inference`` becomes
     ``code/inference.py``, ``requirements`` ``code/requirements.txt``; ``code_dir`` ships a whole
-    folder as ``code/``. Returns what was written (members, size, sha256)."""
+    folder as ``code/``. With ``bake_graph`` the model's ONNX graph goes in as ``.embedkit/graphs/``
+    (replacing any graphs the folder carries); where the model gets none (onnxruntime missing, a
+    CLIP model) a one-line warning says why and the archive has no graph. Returns what was written
+    (members, size, sha256, ``graph``)."""
+    from embedkit.engine.bake import bake_graph as bake
+    from embedkit.engine.graph import BAKED_DIR
     from embedkit.models import resolve_model
 
     root = Path(resolve_model(model))
@@ -61,11 +72,19 @@ def package_model(
         raise ConfigError(f"the destination must end in .tar.gz (SageMaker's layout), got {destination!r}")
     tmp = tempfile.mkdtemp(prefix="embedkit-package-")
     try:
+        graph: dict[str, Any] = {"baked": False, "reason": "--no-bake-graph"}
+        if bake_graph:
+            graph = bake(str(root), Path(tmp) / "baked")
+            if not graph["baked"]:
+                log.warning("model.tar.gz without an ONNX graph: %s", graph["reason"])
         archive = os.path.join(tmp, "model.tar.gz")
         with tarfile.open(archive, "w:gz") as tar:
-            # New code replaces any code/ folder the model already carries.
-            replace_code = ("code",) if (code_dir or inference or requirements) else ()
-            members = _add_tree(tar, root, skip_top=replace_code)
+            # New code replaces any code/ folder the model already carries; a fresh graph its graphs.
+            skip = ("code",) if (code_dir or inference or requirements) else ()
+            skip += (BAKED_DIR.split("/")[0],) if graph["baked"] else ()
+            members = _add_tree(tar, root, skip_top=skip)
+            if graph["baked"]:
+                members += _add_tree(tar, Path(tmp) / "baked")
             if code_dir:
                 members += _add_tree(tar, Path(code_dir), "code/")
             if inference:
@@ -90,4 +109,5 @@ def package_model(
         "bytes": size,
         "sha256": digest,
         "members": sorted(set(members)),
+        "graph": {k: graph[k] for k in ("baked", "digest", "reason") if k in graph},
     }

@@ -43,6 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     pk.add_argument("--inference", default=None, help="a custom handler, shipped as code/inference.py")
     pk.add_argument("--requirements", default=None, help="shipped as code/requirements.txt")
     pk.add_argument("--code-dir", default=None, help="a folder shipped as code/")
+    pk.add_argument(
+        "--no-bake-graph",
+        dest="bake_graph",
+        action="store_false",
+        help="leave out the ONNX graph (baked in by default, as .embedkit/graphs/, for fast cold starts)",
+    )
     pk.set_defaults(func=_package)
 
     dp = sm.add_parser(
@@ -120,6 +126,7 @@ def _package(args: argparse.Namespace) -> int:
         inference=args.inference,
         requirements=args.requirements,
         code_dir=args.code_dir,
+        bake_graph=args.bake_graph,
     )
     _print(info)
     return 0
