@@ -1,9 +1,11 @@
 """Dynamic batching, TEI style: requests from many clients share one forward pass.
 
 Requests are tokenised on arrival (so bad and over-long inputs fail before queueing) and queued with
-their token counts. ONE inference worker thread takes whatever is queued, waits at most
-``max_wait_s`` for more while the batch is below the token budget, runs the engine once per batch
-and hands each request its rows. The queue is bounded by tokens waiting: a request that would
+their token counts. ONE inference worker thread takes whatever is queued (and, with ``max_wait_s``
+above 0, waits that long for more while the batch is below the token budget), runs the engine once
+per batch and hands each request its rows. By default it does not wait: requests that arrive while
+a batch runs form the next one (continuous batching), so a lone request pays no delay and a busy
+server still batches. The queue is bounded by tokens waiting: a request that would
 overflow it is refused at once with :class:`~embedkit.errors.OverloadedError` (HTTP 429) instead of
 growing memory. The event loop never runs model compute; the worker never touches the loop except
 through one ``call_soon_threadsafe`` per batch.
@@ -81,7 +83,7 @@ class Batcher:
         embedder: Embedder | None,
         *,
         max_batch_tokens: int | None = None,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = 0.0,
         max_queue_tokens: int = 262144,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> None:

@@ -36,7 +36,11 @@ class ServerSettings(Settings):
     max_queue_tokens: int = setting(
         0, "tokens waiting before new requests get 429; 0 = automatic (max(262144, batch size x max length))"
     )
-    batch_wait_ms: float = setting(2.0, "longest a forming batch waits for more requests, in milliseconds")
+    batch_wait_ms: float = setting(
+        0.0,
+        "longest a forming batch waits for more requests, in milliseconds; 0 = no wait (requests that "
+        "arrive while a batch runs form the next one)",
+    )
     hf_mode: str = setting(
         "embeddings",
         "what {'inputs'} on /invocations returns: embeddings ({'embeddings': ...}), tei (a bare list of "
