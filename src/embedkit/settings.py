@@ -132,8 +132,8 @@ class EngineSettings(Settings):
     )
     device: str = setting("auto", "device: auto, cpu, cuda, cuda:N")
     precision: str = setting("fp32", "fp32 (exact), bf16, fp16 (GPU), int8 (CPU)")
-    backend: str = setting(
-        "auto", "auto (ONNX Runtime for the small batches where it measures faster), torch, onnx"
+    backend: str | None = setting(
+        None, "auto (default: ONNX Runtime for the small batches where it measures faster), torch, onnx"
     )
     max_batch_tokens: int = setting(0, "padded tokens per batch; 0 = automatic from device memory")
     batch_size: int = setting(0, "cap on texts per batch; 0 = no cap (the token budget decides)")

@@ -104,10 +104,41 @@ def test_openai_client_embeddings_create(server, default_embedder):
     assert np.array_equal(f32(res.data[0].embedding), default_embedder.encode("one", dimensions=64))
 
 
-def test_golden_parity_every_contract_equals_the_engine(server, default_embedder):
-    expected = default_embedder.encode(TEXTS)
-    one = default_embedder.encode(TEXTS[3])
+@pytest.fixture(scope="module")
+def onnx_server(tmp_path_factory):
+    args = ["--model", "default", "--backend", "onnx"]
+    with ServerProcess(args, log_dir=tmp_path_factory.mktemp("serve-onnx")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def onnx_embedder():
+    from embedkit import Embedder
+
+    return Embedder("default", device="cpu", backend="onnx")
+
+
+@pytest.fixture(scope="module")
+def st_reference():
+    from sentence_transformers import SentenceTransformer
+
+    from embedkit.models import default_model_path
+
+    return SentenceTransformer(str(default_model_path()), device="cpu").encode(TEXTS, batch_size=32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_golden_parity_every_contract_equals_the_engine(backend, request, st_reference):
+    """Every answer shape carries the engine's vectors bit for bit (same backend), and the engine on
+    either backend is within 1e-5 of sentence-transformers."""
+    server = request.getfixturevalue("server" if backend == "torch" else "onnx_server")
+    engine = request.getfixturevalue("default_embedder" if backend == "torch" else "onnx_embedder")
+    assert engine.describe()["backend"] == backend
+    expected = engine.encode(TEXTS)
+    assert float(np.abs(expected - st_reference).max()) <= 1e-5
+    one = engine.encode(TEXTS[3])
     with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.get("/info").json()["backend"] == backend
         got = {
             "hf list": c.post("/invocations", json={"inputs": TEXTS}).json()["embeddings"],
             "search list": c.post("/invocations", json={"search_term": TEXTS}).json()["embeddings"],
@@ -138,5 +169,5 @@ def test_golden_parity_every_contract_equals_the_engine(server, default_embedder
         search_one = c.post("/invocations", json={"search_term": TEXTS[3]}).json()["embedding"]
     for name, vecs in got.items():
         assert np.array_equal(f32(vecs), expected), name
-    assert np.array_equal(f32(csv.json()["embeddings"]), default_embedder.encode(csv_texts))
+    assert np.array_equal(f32(csv.json()["embeddings"]), engine.encode(csv_texts))
     assert np.array_equal(f32(hf_one), one) and np.array_equal(f32(search_one), one)

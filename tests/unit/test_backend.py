@@ -34,8 +34,12 @@ def _st_vectors(path, texts):
 
 
 # ------------------------------------------------------------------- choosing
-def test_backend_names_are_normalised_and_unknown_ones_refused():
+def test_backend_names_are_normalised_and_unknown_ones_refused(monkeypatch):
+    monkeypatch.delenv("EMBEDKIT_BACKEND", raising=False)
     assert resolve_backend(None) == "auto"
+    monkeypatch.setenv("EMBEDKIT_BACKEND", "onnxruntime")
+    assert resolve_backend(None) == "onnx"
+    assert resolve_backend("torch") == "torch"  # an explicit choice wins over the environment
     assert resolve_backend(" ONNXRuntime ") == "onnx"
     assert resolve_backend("ort") == "onnx"
     assert resolve_backend("torch") == "torch"

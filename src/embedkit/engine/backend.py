@@ -7,13 +7,14 @@ on the machine at hand, on batch shapes from one short text upwards, and sends a
 Runtime only while its padded tokens are at most the largest shape where ONNX Runtime was faster.
 One thread drives either runtime, never both at once.
 
->>> resolve_backend("AUTO")
-'auto'
+>>> resolve_backend("ONNXRuntime")
+'onnx'
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +33,11 @@ PROBE_MARGIN = 1.05
 
 
 def resolve_backend(name: str | None) -> str:
-    """Normalise a backend name (``auto``, ``torch``, ``onnx``/``onnxruntime``/``ort``)."""
-    value = (name or "auto").strip().lower()
+    """Normalise a backend name (``auto``, ``torch``, ``onnx``/``onnxruntime``/``ort``); ``None``
+    takes ``EMBEDKIT_BACKEND`` from the environment, else ``auto``."""
+    if name is None:
+        name = os.environ.get("EMBEDKIT_BACKEND") or "auto"
+    value = name.strip().lower()
     value = {"onnxruntime": "onnx", "ort": "onnx", "pytorch": "torch"}.get(value, value)
     if value not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")

@@ -138,9 +138,9 @@ class Embedder:
         truncate: cut inputs longer than the model's maximum (default, counted) or raise naming them.
         prompt_name: a prompt from the model's ``config_sentence_transformers.json`` to prepend.
         pooling: override the pooling mode (``mean``, ``cls``, ``max``, ``lasttoken``, ...).
-        backend: ``auto`` (default: ONNX Runtime for the small batches where it measured faster
-            on this machine, torch for the rest), ``torch``, or ``onnx`` (every batch on ONNX
-            Runtime). ONNX Runtime runs fp32 on CPU for the BERT family, XLM-RoBERTa and MPNet;
+        backend: ``auto`` (the default, or ``EMBEDKIT_BACKEND``: ONNX Runtime for the small
+            batches where it measured faster on this machine, torch for the rest), ``torch``, or
+            ``onnx`` (every batch on ONNX Runtime). ONNX Runtime runs fp32 on CPU for the BERT family, XLM-RoBERTa and MPNet;
             elsewhere torch runs, with one log line saying why. Backends agree within 1e-5, not
             bit for bit (see :mod:`embedkit.engine.backend`).
     """
@@ -159,7 +159,7 @@ class Embedder:
         prompt_name: str | None = None,
         pooling: str | None = None,
         num_threads: int | None = None,
-        backend: str = "auto",
+        backend: str | None = None,
     ) -> None:
         if num_threads:
             torch.set_num_threads(int(num_threads))

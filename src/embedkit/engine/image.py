@@ -198,7 +198,7 @@ class ImageEmbedder(Embedder):
         image_batch_size: int | None = None,
         decode_workers: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        backend: str = "auto",
+        backend: str | None = None,
     ) -> None:
         if pooling not in (None, "clip"):
             raise ConfigError(

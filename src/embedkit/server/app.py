@@ -430,6 +430,8 @@ class EmbedServer:
                 max_seq_length=emb.max_seq_length,
                 normalize=emb.normalize,
                 precision=emb.precision,
+                backend=emb.backend,
+                backend_plan=emb.backend_note,
                 device=str(emb.device),
                 content_hash=emb.content_hash,
                 modality="image+text" if hasattr(emb, "encode_images") else "text",
