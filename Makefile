@@ -9,11 +9,17 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 CLIENTS := .venv-clients
 CLIENTS_REQ := tests/clients/requirements.txt
 CLIENTS_STAMP := $(CLIENTS)/.installed-$(shell cat $(CLIENTS_REQ) | sha1sum | cut -c1-12)
+# infinity-emb for make bench's serving comparison, in a venv of its own (it pins its own
+# transformers / sentence-transformers); torch first, at the version embedkit uses.
+INFINITY := .venv-infinity
+INFINITY_TORCH := torch==2.13.0
+INFINITY_PKG := infinity-emb[server,torch]==0.0.78
+INFINITY_STAMP := $(INFINITY)/.installed-$(shell echo '$(INFINITY_TORCH) $(INFINITY_PKG)' | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install clients demo test lint format bench clean
+.PHONY: install clients bench-venvs demo test lint format bench clean
 
 install: $(STAMP)
 
@@ -34,6 +40,16 @@ $(CLIENTS_STAMP): $(CLIENTS_REQ)
 	rm -f $(CLIENTS)/.installed-*
 	touch $(CLIENTS_STAMP)
 
+bench-venvs: $(INFINITY_STAMP)
+
+$(INFINITY_STAMP):
+	test -x $(INFINITY)/bin/python || $(PY) -m venv $(INFINITY)
+	$(INFINITY)/bin/python -m pip install -q --upgrade pip
+	$(INFINITY)/bin/python -m pip install -q "$(INFINITY_TORCH)"
+	$(INFINITY)/bin/python -m pip install -q "$(INFINITY_PKG)"
+	rm -f $(INFINITY)/.installed-*
+	touch $(INFINITY_STAMP)
+
 demo: install
 	$(BIN)/python -m embedkit.demo
 
@@ -48,8 +64,11 @@ format: install
 test: lint clients
 	EMBEDKIT_CLIENTS_PYTHON=$(CURDIR)/$(CLIENTS)/bin/python EMBEDKIT_REQUIRE_CLIENTS=1 $(BIN)/python -m pytest -q
 
+# The infinity-emb venv is best effort: where it does not install, the serve section says so and
+# skips that comparison.
 bench: install
+	-$(MAKE) --no-print-directory bench-venvs
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) $(CLIENTS) build dist src/*.egg-info .pytest_cache .ruff_cache demo-output
+	rm -rf $(VENV) $(CLIENTS) $(INFINITY) build dist src/*.egg-info .pytest_cache .ruff_cache demo-output

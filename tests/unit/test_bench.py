@@ -170,7 +170,8 @@ def test_quick_mode_shrinks_everything_and_sections_are_checked():
     q = parse_args(["--quick"])
     full = parse_args([])
     assert q.short < full.short and q.iter_sizes[-1] < full.iter_sizes[-1] and q.long > 0
-    assert full.iter_sizes == [20_000, 200_000] and full.sections == list(SECTIONS)
+    assert full.iter_sizes == [2_000, 20_000] and full.sections == list(SECTIONS)
+    assert "coldstart" in SECTIONS
     # quick smoke runs keep to the harness's own sections unless others are named
     assert q.sections == ["engine", "iter"]
     assert parse_args(["--quick", "--sections", "engine,job"]).sections == ["engine", "job"]
@@ -206,3 +207,174 @@ def test_readme_block_is_replaced_between_the_markers_only():
     assert replace_block(new, block) == new
     with pytest.raises(ValueError):
         replace_block("# no markers\n", block)
+
+
+def _serve_result(**over):
+    res = {
+        "texts_per_s": 180.0,
+        "offline_texts_per_s": 200.0,
+        "p50_ms_c1": 6.0,
+        "p50_ms_c1_search_term": 8.0,
+        "naive_p50_ms": 20.0,
+        "infinity": {"version": "0.0.78", "requests_per_s": 80.0, "p99_ms": 500.0},
+        "memory": {"ratio": 1.04},
+    }
+    res.update(over)
+    return res
+
+
+def test_serve_summary_ratios_are_against_the_capped_engine_naive_st_and_infinity():
+    from bench.bench_serve import summarize
+
+    s = summarize(_serve_result())
+    assert s["vs_offline"] == pytest.approx(0.9) and s["ok"]
+    assert s["latency_ratio_inputs"] == pytest.approx(0.3)
+    assert s["latency_ratio_search_term"] == pytest.approx(0.4)
+    assert not s["latency_ok"]  # both bodies must meet 0.35x
+    assert s["vs_infinity"] == pytest.approx(2.25) and s["infinity_ok"] and s["memory_ok"]
+    s = summarize(_serve_result(texts_per_s=170.0, p50_ms_c1_search_term=7.0, memory={"ratio": 1.2}))
+    assert not s["ok"] and s["latency_ok"] and not s["memory_ok"]
+    skipped = summarize(_serve_result(infinity={"skipped": "not installed"}))
+    assert "vs_infinity" not in skipped and "infinity_ok" not in skipped
+
+
+def test_percentile_is_the_nearest_rank_below_in_ms():
+    from bench.bench_serve import percentile_ms
+
+    assert percentile_ms([0.003, 0.001, 0.002, 0.004], 0.5) == pytest.approx(3.0)
+    assert percentile_ms([0.001] * 99 + [1.0], 0.99) == pytest.approx(1000.0)
+    assert percentile_ms([], 0.5) == 0.0
+
+
+def test_the_load_client_counts_search_term_and_openai_answers_by_their_own_shape():
+    """The raw client against a tiny loopback server answering each route as embedkit and
+    infinity do: a right answer counts, a 200 of the wrong shape is an error."""
+    import asyncio
+
+    from bench.bench_serve import _client
+
+    answers = {
+        b"/invocations": {b"inputs": b'{"embeddings":[[0.1]]}', b"search_term": b'{"embedding":[0.1]}'},
+        b"/embeddings": {b"input": b'{"object":"list","data":[]}'},
+    }
+
+    async def handle(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            route = head.split(b" ")[1]
+            key = next(k for k in answers[route] if b'"' + k + b'"' in body)
+            payload = answers[route][key] if key != b"inputs" or b"wrong" not in body else b'{"oops":1}'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(payload), payload))
+            await writer.drain()
+        writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            search = await _client(port, ["a", "b", "c"], 1, 30.0, "search_term")
+            openai = await _client(port, ["a", "b"], 2, 30.0, "openai")
+            inputs = await _client(port, ["a", "wrong"], 1, 30.0, "inputs")
+        finally:
+            server.close()
+        return search, openai, inputs
+
+    search, openai, inputs = asyncio.run(scenario())
+    assert (search["requests"], search["errors"], search["body"]) == (3, {}, "search_term")
+    assert (openai["requests"], openai["errors"]) == (2, {})
+    assert inputs["errors"] == {"200": 1}  # a 200 without an embeddings list is not a success
+
+
+def test_coldstart_summary_medians_export_time_and_the_one_second_bar():
+    from bench.bench_coldstart import describe, summarize
+
+    def start(s, export=None, measure=None):
+        return {"ready_s": s, "export_s": export, "auto_measure_s": measure, "auto_choice": None,
+                "graph_exported": export is not None}  # fmt: skip
+
+    starts = {
+        "torch": [start(5.0), start(4.0), start(6.0)],
+        "auto, baked": [start(5.5, None, 0.4), start(5.9, None, 0.5), start(9.0, None, 0.6)],
+        "auto, no graph": [start(12.0, 6.0, 0.5), start(13.0, 7.0, 0.5), start(11.0, 5.0, 0.5)],
+    }
+    res = summarize(starts)
+    rows = {r["case"]: r for r in res["rows"]}
+    assert rows["torch"]["ready_s"] == 5.0 and rows["auto, baked"]["ready_s"] == 5.9
+    assert rows["auto, no graph"]["export_s"] == 6.0 and rows["auto, no graph"]["graph_exported"]
+    assert rows["auto, baked"]["export_s"] is None and not rows["auto, baked"]["graph_exported"]
+    assert res["auto_baked_over_torch_s"] == pytest.approx(0.9) and res["ok"]
+    starts["auto, baked"][1]["ready_s"] = 6.5
+    assert not summarize(starts)["ok"]  # 1.5 s over torch
+    assert "PASS" in describe({**res, "reps": 3})[0] and "export 6.0s" in describe({**res, "reps": 3})[0]
+
+
+def test_done_when_reports_the_serving_memory_and_cold_start_bars():
+    result = {
+        "job": {"result": {"rss": {"ratio": 1.08}}},
+        "serve": {
+            "result": {
+                **_serve_result(),
+                "vs_offline": 0.95,
+                "ok": True,
+                "latency_ratio_inputs": 0.3,
+                "latency_ratio_search_term": 0.32,
+                "latency_ok": True,
+                "vs_infinity": 2.4,
+                "infinity_ok": True,
+                "memory_ok": True,
+            }
+        },
+        "coldstart": {
+            "result": {
+                "rows": [
+                    {"case": "torch", "ready_s": 5.0, "export_s": None},
+                    {"case": "auto, no graph", "ready_s": 12.0, "export_s": 6.5},
+                ],
+                "auto_baked_over_torch_s": 0.4,
+                "ok": True,
+            }
+        },
+    }
+    c = done_when(result)
+    assert c["job_rss_ok"] and c["serve_latency_ok"] and c["serve_c32_ok"] and c["serve_vs_infinity_ok"]
+    assert c["serve_rss_ok"] and c["coldstart_ok"] and c["coldstart_export_s"] == 6.5
+    assert c["coldstart_s"] == {"torch": 5.0, "auto, no graph": 12.0}
+    result["job"]["result"]["rss"]["ratio"] = 1.15
+    result["serve"]["result"]["infinity"] = {"skipped": "infinity-emb is not installed"}
+    del result["serve"]["result"]["infinity_ok"]
+    c = done_when(result)
+    assert not c["job_rss_ok"] and "not installed" in c["serve_vs_infinity_skipped"]
+
+
+def test_done_when_compares_engine_ratios_with_the_previous_run_only_on_the_same_cpu():
+    rows = [
+        _row("baseline", "fp32", 1.0),
+        _row("embedkit", "fp32", 1.30, 1.0),
+        _row("embedkit", "bf16", 3.0, 0.9999),
+    ]
+    previous = {"same_cpu": True, "fp32_ratio": 1.35, "best_non_exact_ratio": 3.5}
+    c = done_when({"engine": {"rows": rows}, "previous": previous})
+    assert c["fp32_not_worse"] and c["fp32_previous_ratio"] == 1.35  # within the 5% spread
+    assert not c["non_exact_not_worse"]  # 3.0 against 3.5
+    c = done_when({"engine": {"rows": rows}, "previous": {**previous, "same_cpu": False}})
+    assert "fp32_not_worse" not in c and "non_exact_not_worse" not in c
+
+
+def test_previous_ratios_read_latest_json_and_note_the_cpu(tmp_path):
+    from bench.run import previous_ratios
+
+    assert previous_ratios(tmp_path, "X") == {}
+    latest = {
+        "created_utc": "2026-01-01T00:00:00+00:00",
+        "machine": {"cpu_model": "X"},
+        "done_when": {"fp32_ratio": 1.4, "best_non_exact_at_cosine_bar": {"precision": "bf16", "ratio": 3.2}},
+    }
+    (tmp_path / "latest.json").write_text(json.dumps(latest))
+    got = previous_ratios(tmp_path, "X")
+    assert got["same_cpu"] and got["fp32_ratio"] == 1.4 and got["best_non_exact_ratio"] == 3.2
+    assert not previous_ratios(tmp_path, "Y")["same_cpu"]
