@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
 
 from embedkit.errors import InputError, NotReadyError, OverloadedError, PayloadTooLargeError
-from embedkit.server.batcher import Batcher
+from embedkit.server.batcher import Batcher, _Item
 
 
 def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(tiny_embedder):
@@ -32,6 +33,26 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(tiny_embedder
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert max(seen) > 1, "requests queued together must share a batch"
     assert b.queued_tokens == 0
+
+
+def test_the_worker_waits_for_company_only_after_a_merged_batch(tiny_embedder):
+    """A lone request is not held back (even with a 30 s wait configured); after a batch that
+    merged several requests, the next batch waits for the requests still coming back."""
+    b = Batcher(tiny_embedder, max_wait_s=30.0, max_queue_tokens=100_000)
+    loop = asyncio.new_event_loop()
+    try:
+        items = [
+            _Item(tiny_embedder.tokenize([t]), (None, None), loop.create_future()) for t in ("one", "two")
+        ]
+        batch, carry = b._gather(items[0])  # idle server, empty queue: no wait
+        assert batch == [items[0]] and carry is None and not b._busy
+        b.max_batch_tokens = items[0].tokens + items[1].tokens  # full once both are in
+        b._busy = True
+        threading.Thread(target=b._q.put, args=(items[1],)).start()  # arrives while the worker waits
+        batch, carry = b._gather(items[0])
+        assert batch == items and carry is None and b._busy
+    finally:
+        loop.close()
 
 
 def test_a_request_alone_gets_exactly_the_engine_vectors(tiny_embedder):

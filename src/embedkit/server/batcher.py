@@ -1,11 +1,12 @@
 """Dynamic batching, TEI style: requests from many clients share one forward pass.
 
 Requests are tokenised on arrival (so bad and over-long inputs fail before queueing) and queued with
-their token counts. ONE inference worker thread takes whatever is queued (and, with ``max_wait_s``
-above 0, waits that long for more while the batch is below the token budget), runs the engine once
-per batch and hands each request its rows. By default it does not wait: requests that arrive while
-a batch runs form the next one (continuous batching), so a lone request pays no delay and a busy
-server still batches. The queue is bounded by tokens waiting: a request that would
+their token counts. ONE inference worker thread takes whatever is queued, runs the engine once per
+batch and hands each request its rows. It waits for company (at most ``max_wait_s``, while the batch
+is below the token budget) only when the previous batch merged several requests: a lone client pays
+no delay, while under load, where answers go out together and the next requests come back a few
+hundred microseconds apart, the wait gathers them into one batch instead of a batch of one followed
+by the rest. The queue is bounded by tokens waiting: a request that would
 overflow it is refused at once with :class:`~embedkit.errors.OverloadedError` (HTTP 429) instead of
 growing memory. The event loop never runs model compute; the worker never touches the loop except
 through one ``call_soon_threadsafe`` per batch.
@@ -73,7 +74,8 @@ class Batcher:
     Args:
         embedder: the engine; only this worker calls it once started.
         max_batch_tokens: tokens per formed batch (default: the engine's budget).
-        max_wait_s: how long a batch below the budget waits for more requests.
+        max_wait_s: how long a batch below the budget waits for more requests, when the previous
+            batch merged several (0: never wait).
         max_queue_tokens: tokens waiting (queued or running) before new requests get 429.
         on_batch: called on the worker with ``(texts, tokens)`` after each batch (metrics).
     """
@@ -83,7 +85,7 @@ class Batcher:
         embedder: Embedder | None,
         *,
         max_batch_tokens: int | None = None,
-        max_wait_s: float = 0.0,
+        max_wait_s: float = 0.002,
         max_queue_tokens: int = 262144,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
@@ -99,6 +101,7 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._busy = False  # the previous batch merged several requests
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------ loop side
@@ -194,7 +197,7 @@ class Batcher:
             try:
                 nxt = self._q.get_nowait()
             except queue.Empty:
-                if self.max_wait_s <= 0:
+                if self.max_wait_s <= 0 or not self._busy:
                     break
                 now = time.monotonic()
                 if not deadline:
@@ -206,9 +209,11 @@ class Batcher:
                 except queue.Empty:
                     break
             if not isinstance(nxt, _Item) or tokens + nxt.tokens > self.max_batch_tokens:
+                self._busy = True
                 return batch, nxt
             batch.append(nxt)
             tokens += nxt.tokens
+        self._busy = len(batch) > 1
         return batch, None
 
     def _process(self, batch: list[_Item]) -> None:

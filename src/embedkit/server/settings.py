@@ -37,9 +37,9 @@ class ServerSettings(Settings):
         0, "tokens waiting before new requests get 429; 0 = automatic (max(262144, batch size x max length))"
     )
     batch_wait_ms: float = setting(
-        0.0,
-        "longest a forming batch waits for more requests, in milliseconds; 0 = no wait (requests that "
-        "arrive while a batch runs form the next one)",
+        2.0,
+        "longest a forming batch waits for more requests, in milliseconds, when the previous batch "
+        "merged several (a lone request never waits); 0 = never wait",
     )
     hf_mode: str = setting(
         "embeddings",
