@@ -179,6 +179,17 @@ def test_entrypoint_runs_embedkit_subcommands_and_the_default_model_is_baked_in(
     assert info["dimension"] == 384 and info["name"].endswith("all-MiniLM-L6-v2")
 
 
+def serve_in_background(env: dict[str, str]) -> subprocess.Popen:
+    """The image's default command, ``serve``, as a child (stderr kept for the test to read)."""
+    return subprocess.Popen(
+        ["sh", str(ENTRYPOINT), "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -199,13 +210,7 @@ def test_entrypoint_serve_loads_opt_ml_model_answers_and_stops_cleanly(container
     port = container_env["SAGEMAKER_BIND_TO_PORT"]
     url = f"http://127.0.0.1:{port}"
     assert entrypoint("healthcheck", env=container_env, timeout=30).returncode != 0  # nothing listening yet
-    proc = subprocess.Popen(
-        ["sh", str(ENTRYPOINT), "serve"],
-        env=container_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = serve_in_background(container_env)
     try:
         wait_ready(url, proc)
         assert entrypoint("healthcheck", env=container_env, timeout=30).returncode == 0
@@ -282,13 +287,7 @@ def test_the_image_build_bakes_the_default_models_graph_and_serve_uses_it_with_a
     env.update(
         EMBEDKIT_HOST="127.0.0.1", SM_MODEL_DIR=str(tmp_path / "empty-opt-ml"), EMBEDKIT_BACKEND="onnx"
     )
-    proc = subprocess.Popen(
-        ["sh", str(ENTRYPOINT), "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = serve_in_background(env)
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc)
         texts = ["a cat sits on the mat", "ein Hund im Park"]
