@@ -80,9 +80,12 @@ def test_crossover_stops_after_torch_wins_twice_and_within_its_budget():
     assert res.max_onnx_tokens == 0 and len(res.probes) == 2
     assert "torch for every batch" in res.describe()
     clock = FakeClock()
-    res = measure_crossover(clock.runtime(0.5, 0), clock.runtime(0.1, 0), budget_s=1.0, clock=clock)
-    assert len(res.probes) < 7  # each shape costs 2.4 s of fake time: stopped by the budget
-    assert res.max_onnx_tokens == 16
+    # each shape costs 4 calls per runtime: (1, 16) 44 ms, (2, 32) 176 ms; (4, 32) is predicted at
+    # 352 ms, which would overrun the 0.3 s budget, so it is not probed
+    run = clock.runtime(0.0, 0.01 / 16)
+    res = measure_crossover(run, clock.runtime(0.0, 0.001 / 16), budget_s=0.3, clock=clock)
+    assert [(p["rows"], p["tokens"]) for p in res.probes] == [(1, 16), (2, 32)]
+    assert res.max_onnx_tokens == 64 and res.seconds <= 0.3
 
 
 def test_a_second_copy_of_the_weights_must_leave_room():

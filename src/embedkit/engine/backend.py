@@ -27,7 +27,9 @@ BACKENDS = ("auto", "torch", "onnx")
 # Shapes (texts, tokens each) timed by ``auto``, smallest first: one short query up to a batch of
 # mid-length texts. Measurement stops early once torch wins twice in a row or the time budget is spent.
 PROBE_SHAPES = ((1, 16), (2, 32), (4, 32), (8, 32), (8, 64), (16, 64), (32, 64))
-PROBE_BUDGET_S = 0.6
+# The measurement counts in a server's cold start: a shape is only probed when, scaled from the last
+# one by its tokens, it still fits in this budget.
+PROBE_BUDGET_S = 0.5
 # ONNX Runtime must beat torch by this factor to take a shape (measurement noise on shared machines).
 PROBE_MARGIN = 1.05
 
@@ -119,17 +121,22 @@ def measure_crossover(
     first; each runtime warmed once per shape, then the best of ``reps`` interleaved runs).
 
     The result's ``max_onnx_tokens`` is the largest padded size where ONNX Runtime won by
-    ``margin``, among the shapes measured before torch won twice in a row or ``budget_s`` ran out."""
+    ``margin``, among the shapes measured before torch won twice in a row or the next shape's
+    predicted cost (the last one's, scaled by padded tokens) would overrun ``budget_s``."""
     t_start = clock()
     result = Crossover(max_onnx_tokens=0)
     torch_wins = 0
+    last_cost = last_tokens = 0.0
     for rows, tokens in shapes:
-        if clock() - t_start > budget_s:
+        predicted = last_cost * rows * tokens / last_tokens if last_tokens else 0.0
+        if clock() - t_start + predicted > budget_s:
             break
+        t_shape = clock()
         run_torch(rows, tokens)
         run_onnx(rows, tokens)
         t_torch = _best_of(lambda r=rows, t=tokens: run_torch(r, t), reps, clock)
         t_onnx = _best_of(lambda r=rows, t=tokens: run_onnx(r, t), reps, clock)
+        last_cost, last_tokens = clock() - t_shape, float(rows * tokens)
         onnx_wins = t_onnx * margin < t_torch
         result.probes.append(
             {"rows": rows, "tokens": tokens, "torch_ms": t_torch * 1e3, "onnx_ms": t_onnx * 1e3}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -44,9 +45,13 @@ SUPPORTED_MODEL_TYPES = ("bert", "xlm-roberta", "roberta", "mpnet", "camembert",
 
 
 def runtime_version() -> str | None:
-    """``onnxruntime-<version>``, or ``None`` when ONNX Runtime (or the exporter's onnx) is missing."""
+    """``onnxruntime-<version>``, or ``None`` when ONNX Runtime (or the exporter's onnx) is missing.
+
+    onnx is only looked for, not imported: importing it costs ~1 s at start-up, and only an export
+    needs it (a baked or cached graph does not)."""
+    if importlib.util.find_spec("onnx") is None:
+        return None
     try:
-        import onnx  # noqa: F401  (torch's exporter needs it)
         import onnxruntime
     except ImportError:
         return None
