@@ -105,6 +105,8 @@ def test_remote_embed_stages_inputs_model_and_code_and_sends_a_valid_request(
         "/opt/ml/processing/output/output",
         "--model",
         "/opt/ml/processing/input/model",
+        "--backend",  # resolved on the user's side: the test suite's EMBEDKIT_BACKEND
+        "torch",
         "--no-truncate",
         "--text-column",
         "text",

@@ -74,6 +74,9 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     eng.add_argument("--precision", help="fp32 (exact), bf16, fp16 (GPU), int8 (CPU)")
     eng.add_argument(
+        "--backend", help="auto (ONNX Runtime for the small batches where it measures faster), torch, onnx"
+    )
+    eng.add_argument(
         "--max-batch-tokens", dest="max_batch_tokens", type=int, help="padded tokens per batch (0 = auto)"
     )
     eng.add_argument(

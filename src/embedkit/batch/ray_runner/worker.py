@@ -87,6 +87,7 @@ def worker_engine_settings(embedder: Any, device: str) -> dict[str, Any]:
         "model": embedder.spec,
         "device": device,
         "precision": embedder.precision,
+        "backend": embedder.backend,
         "max_batch_tokens": 0 if embedder.auto_budget else int(embedder.max_batch_tokens),
         "batch_size": embedder.max_batch_size or 0,
         "normalize": embedder.normalize,
