@@ -23,14 +23,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # oneDNN (and PyTorch's ideep layer over it) keep a compiled kernel per distinct matrix shape, up to
 # 1024 each by default, and token-budget batches have a different row count almost every time: a
 # long encode_iter grew by ~3 KiB per text until the caches filled (peak RSS 1.73x from 20k to 200k
-# texts). With 64 entries each a batch job still climbed ~350 MB over its first 15k rows before
-# levelling off (Zen4), and ~210 MB over 8k texts on an AVX2 EPYC. The engine now pads widths to
-# multiples of 8 (few distinct shapes, so a small cache hits), and 8 entries each keep RSS flat from
-# the first thousand texts (measured: 610-690 MB over 8k texts, against 650 -> 864 MB with 64) at no
-# measurable speed cost; 4 entries measured flat in the same wall time on Zen4 too. Must be set before
-# torch runs its first oneDNN kernel; set the variables yourself to choose other sizes.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
-os.environ.setdefault("LRU_CACHE_CAPACITY", "8")
+# texts). With 64 entries a batch job still climbed ~350 MB over its first 15k rows (Zen4) and
+# ~210 MB over 8k texts (AVX2 EPYC). 16 entries each level off within the first 2k texts (659 -> 729 MB,
+# then 690-704 MB to 8k) at a speed within run-to-run noise of 64 (24.5 s vs 23.8 s on the bench
+# corpus, interleaved runs); 8 entries cost ~5%, and padding widths to multiples of 8 to share kernels
+# cost another ~5%. Must be set before torch runs its first oneDNN kernel; set the variables
+# yourself to choose other sizes.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "16")
 from typing import TYPE_CHECKING, Any
 
 from embedkit.errors import EmbedkitError

@@ -63,7 +63,7 @@ def test_importing_embedkit_caps_onednn_kernel_caches_unless_already_set():
     code = f"import embedkit, os; print(*(os.environ[n] for n in {names!r}))"
     env = {k: v for k, v in os.environ.items() if k not in names}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.split() == ["8", "8"]
+    assert out.stdout.split() == ["16", "16"]
     env.update(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="7")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["1024", "7"]

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from embedkit import Embedder
-from embedkit.engine import pad_batch, plan_batches
-from embedkit.engine.batching import bucket_width
+from embedkit.engine import plan_batches
 from embedkit.errors import ConfigError, DeviceError, InputError, InputTooLongError, OutOfMemoryError
 from tests.parity_texts import parity_texts
 
@@ -68,31 +67,6 @@ def test_plan_batches_respects_budget_and_covers_every_index():
     assert sorted(seen.tolist()) == list(range(1000))
     for b in batches:
         assert len(b) * lengths[b].max() <= 2048
-
-
-def test_bucketed_batches_respect_the_budget_at_their_padded_width_and_few_widths_reach_the_model():
-    rng = np.random.default_rng(1)
-    lengths = rng.integers(1, 257, size=2000)
-    batches = plan_batches(lengths, max_batch_tokens=4096, bucket=8)
-    assert sorted(np.concatenate(batches).tolist()) == list(range(2000))
-    widths = set()
-    for b in batches:
-        ids, mask = pad_batch([np.ones(n, np.int32) for n in lengths[b]], 0, bucket=8, cap=256)
-        assert ids.shape[1] % 8 == 0 and ids.shape[1] - lengths[b].max() < 8
-        assert ids.size <= 4096 and mask.sum() == lengths[b].sum()
-        widths.add(ids.shape[1])
-    assert len(widths) <= 32  # 256 / 8; unbucketed, up to 256 distinct widths
-    assert bucket_width(255, 8, cap=254) == 255  # never narrower than the longest input
-
-
-def test_bucketed_padding_keeps_the_vectors(tiny_model):
-    texts = [t for t in parity_texts() if t.strip()][:60]
-    emb = Embedder(str(tiny_model), device="cpu", backend="torch")
-    got = emb.encode(texts)
-    tok = emb.tokenize(texts)
-    assert emb.stats.padded_tokens % 8 == 0 and emb.stats.padded_tokens >= tok.num_tokens
-    one_by_one = np.stack([emb.encode(t) for t in texts])
-    assert float(np.abs(got - one_by_one).max()) <= 1e-5
 
 
 def test_plan_batches_single_input_over_budget_is_a_batch_of_one():

@@ -13,23 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-# Padded widths are rounded up to a multiple of this: fewer distinct (rows, width) shapes reach the
-# kernels, so oneDNN's per-shape kernel caches stay small and hit more often (see embedkit/__init__.py),
-# at a padding cost of at most 7 tokens per text.
-LENGTH_BUCKET = 8
-
-
-def bucket_width(longest: int, bucket: int = LENGTH_BUCKET, cap: int | None = None) -> int:
-    """``longest`` rounded up to a multiple of ``bucket``, never beyond ``cap`` (unless ``longest`` is).
-
-    >>> bucket_width(13), bucket_width(16), bucket_width(254, cap=256), bucket_width(509, cap=510)
-    (16, 16, 256, 510)
-    """
-    width = -(-max(int(longest), 1) // bucket) * bucket
-    if cap is not None:
-        width = min(width, max(int(cap), int(longest)))
-    return width
-
 
 def plan_batches(
     lengths: np.ndarray,
@@ -38,13 +21,11 @@ def plan_batches(
     *,
     min_fill: float = 0.75,
     min_batch_tokens: int | None = None,
-    bucket: int = 1,
 ) -> list[np.ndarray]:
     """Indices into ``lengths`` grouped into batches, longest first.
 
-    Each batch satisfies ``len(batch) * width <= max_batch_tokens``, where ``width`` is the batch's
-    longest input rounded up to a multiple of ``bucket`` (what :func:`pad_batch` pads to), unless a
-    single input alone is longer than the budget (it then forms a batch of one). A batch is also closed
+    Each batch satisfies ``len(batch) * max(lengths[batch]) <= max_batch_tokens`` unless a single
+    input alone is longer than the budget (it then forms a batch of one). A batch is also closed
     early when the next input is shorter than ``min_fill`` of the batch's longest and the batch
     already holds ``min_batch_tokens`` (default: an eighth of the budget), so padding stays small
     without starving the model of work.
@@ -61,8 +42,7 @@ def plan_batches(
     n = len(order)
     while start < n:
         longest = max(int(sorted_len[start]), 1)
-        width = bucket_width(longest, bucket)
-        limit = max(1, min(cap, max_batch_tokens // width, n - start))
+        limit = max(1, min(cap, max_batch_tokens // longest, n - start))
         end = start + 1
         while end < start + limit:
             if sorted_len[end] < min_fill * longest and (end - start) * longest >= floor:
@@ -73,11 +53,9 @@ def plan_batches(
     return batches
 
 
-def pad_batch(
-    ids: list[np.ndarray], pad_id: int, *, bucket: int = 1, cap: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad ``ids`` into (input_ids int64, attention_mask int64) arrays, ``bucket_width`` wide."""
-    width = bucket_width(max(len(a) for a in ids), bucket, cap)
+def pad_batch(ids: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad ``ids`` into (input_ids int64, attention_mask int64) arrays."""
+    width = max(len(a) for a in ids)
     input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(ids), width), dtype=np.int64)
     for row, a in enumerate(ids):

@@ -35,7 +35,7 @@ from embedkit.engine.backend import (
     resolve_backend,
     second_copy_fits,
 )
-from embedkit.engine.batching import LENGTH_BUCKET, pad_batch, plan_batches
+from embedkit.engine.batching import pad_batch, plan_batches
 from embedkit.engine.device import (
     auto_batch_tokens,
     inference_context,
@@ -423,7 +423,7 @@ class Embedder:
         self, ids: list[np.ndarray], device: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         device = device or self.device
-        input_ids, mask = pad_batch(ids, self.tokenizer.pad_id, bucket=LENGTH_BUCKET, cap=self.max_seq_length)
+        input_ids, mask = pad_batch(ids, self.tokenizer.pad_id)
         t_ids = torch.from_numpy(input_ids)
         t_mask = torch.from_numpy(mask)
         if device.type == "cuda":
@@ -524,7 +524,7 @@ class Embedder:
         result = np.empty((n, out_dim), dtype=np.float32)
         if n == 0:
             return result
-        batches = plan_batches(tok.lengths, self.max_batch_tokens, self.max_batch_size, bucket=LENGTH_BUCKET)
+        batches = plan_batches(tok.lengths, self.max_batch_tokens, self.max_batch_size)
         if len(self._replicas) > 1:
             self._embed_on_replicas(tok, batches, result, norm, dims)
             self.stats.add(texts=n, tokens=tok.num_tokens, truncated=tok.num_truncated)
@@ -647,9 +647,7 @@ class Embedder:
         """Unpooled last hidden states, one ``(tokens, hidden)`` array per text (HF feature-extraction)."""
         tok = self.tokenize(texts, truncate=truncate)
         out: list[np.ndarray | None] = [None] * len(tok)
-        for idx in plan_batches(
-            tok.lengths, self.max_batch_tokens, self.max_batch_size, bucket=LENGTH_BUCKET
-        ):
+        for idx in plan_batches(tok.lengths, self.max_batch_tokens, self.max_batch_size):
             hidden = self._token_level(*self._to_tensors([tok.ids[i] for i in idx])).cpu().numpy()
             for row, i in enumerate(idx):
                 out[i] = hidden[row, : int(tok.lengths[i])]
