@@ -143,9 +143,10 @@ class EngineSettings(Settings):
     pooling: str | None = setting(None, "override pooling: mean, cls, max, lasttoken, ...")
     prompt_name: str | None = setting(None, "prompt from the model's config to prepend to every text")
 
-    def build_embedder(self):
+    def build_embedder(self, *, defer_graph: bool = False):
         """The :class:`~embedkit.Embedder` these settings describe (an
-        :class:`~embedkit.engine.image.ImageEmbedder` for a CLIP-family model)."""
+        :class:`~embedkit.engine.image.ImageEmbedder` for a CLIP-family model); ``defer_graph`` as
+        :class:`~embedkit.Embedder` takes it."""
         from embedkit.engine import Embedder
         from embedkit.models.clip import is_clip_spec
 
@@ -165,4 +166,5 @@ class EngineSettings(Settings):
             prompt_name=self.prompt_name,
             pooling=self.pooling,
             backend=self.backend,
+            defer_graph=defer_graph,
         )

@@ -240,3 +240,26 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "No issues found" in out.stdout
+
+
+def test_auto_backend_answers_on_torch_first_then_attaches_the_graph_after_ready(
+    tiny_model, tiny_embedder, tmp_path
+):
+    """/ping turns 200 before the ONNX session opens and auto measures (both stay out of the cold
+    start); the switch then happens on the inference worker, and vectors stay within 1e-5."""
+    texts = ["hello world", "the cat sat on the mat", "a small red car in the park"]
+    args = ["--model", str(tiny_model), "--backend", "auto"]
+    with ServerProcess(args, log_dir=tmp_path) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        first = vec(c.post("/invocations", json={"inputs": texts}).json()["embeddings"])
+        plan = c.get("/info").json()["backend_plan"]
+        for _ in range(300):  # bounded: the switch is one job on the worker
+            if "until the ONNX graph is attached" not in plan:
+                break
+            c.post("/invocations", json={"inputs": "tick"})  # queues behind the switch
+            plan = c.get("/info").json()["backend_plan"]
+        assert c.get("/info").json()["backend"] == "auto"
+        assert plan.startswith(("onnx for batches up to", "torch for every batch")), plan
+        after = vec(c.post("/invocations", json={"inputs": texts}).json()["embeddings"])
+    expected = tiny_embedder.encode(texts)
+    assert float(np.abs(first - expected).max()) <= 1e-5
+    assert float(np.abs(after - expected).max()) <= 1e-5

@@ -201,3 +201,24 @@ def test_torch_backend_never_exports(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("exported"))
     emb = Embedder(str(path), device="cpu", backend="torch")
     assert emb.graph_path is None and "torch asked for" in emb.describe()["backend_plan"]
+
+
+def test_a_deferred_graph_runs_torch_until_attached_then_routes_small_batches(tiny_model):
+    emb = Embedder(str(tiny_model), device="cpu", backend="auto", defer_graph=True)
+    assert emb.pending_graph is not None and emb.graph_path is None
+    assert "until the ONNX graph is attached" in emb.describe()["backend_plan"]
+    before = emb.encode(TEXTS)
+    assert emb.stats.onnx_batches == 0
+    session = emb.open_graph()
+    assert session is not None
+    emb.use_graph(session)
+    assert emb.pending_graph is None and emb.graph_path == session.path and emb.crossover is not None
+    emb.onnx_max_tokens = 1 << 20  # what a machine where ONNX Runtime always wins would measure
+    after = emb.encode(TEXTS)
+    assert emb.stats.onnx_batches >= 1
+    assert float(np.abs(after - before).max()) <= 1e-5
+
+
+def test_explicit_onnx_is_never_deferred(tiny_model):
+    emb = Embedder(str(tiny_model), device="cpu", backend="onnx", defer_graph=True)
+    assert emb.pending_graph is None and emb.graph_path is not None

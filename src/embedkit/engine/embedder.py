@@ -143,6 +143,9 @@ class Embedder:
             ``onnx`` (every batch on ONNX Runtime). ONNX Runtime runs fp32 on CPU for the BERT family, XLM-RoBERTa and MPNet;
             elsewhere torch runs, with one log line saying why. Backends agree within 1e-5, not
             bit for bit (see :mod:`embedkit.engine.backend`).
+        defer_graph: with ``auto``, find (or export) the graph now but open it and measure later,
+            through :meth:`open_graph` and :meth:`use_graph` (what ``embedkit serve`` does once it
+            answers, so neither counts in its cold start).
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class Embedder:
         pooling: str | None = None,
         num_threads: int | None = None,
         backend: str | None = None,
+        defer_graph: bool = False,
     ) -> None:
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -205,7 +209,13 @@ class Embedder:
         self.graph_path: Path | None = None
         self.onnx_max_tokens = 0
         self.crossover: Crossover | None = None
-        if graph is not None:
+        # With auto, a server may defer opening the graph until it already answers on torch (the
+        # session and the measurement then stay out of its cold start); see open_graph/use_graph.
+        self.pending_graph: Path | None = None
+        if graph is not None and defer_graph and self.backend == "auto":
+            self.pending_graph = graph
+            self.backend_note = "torch until the ONNX graph is attached (deferred at start-up)"
+        elif graph is not None:
             self._start_graph(graph)
 
     # ----------------------------------------------------------------- set-up
@@ -290,16 +300,32 @@ class Embedder:
         return None
 
     def _start_graph(self, path: Path) -> None:
-        """Open the graph; with ``auto``, time both runtimes and keep ONNX Runtime for the batch
-        sizes where it was faster (dropping it entirely when it never was)."""
+        session = self.open_graph(path)
+        if session is not None:
+            self.use_graph(session)
+
+    def open_graph(self, path: Path | None = None) -> GraphSession | None:
+        """Open the ONNX Runtime session for ``path`` (default: the graph this engine deferred with
+        ``defer_graph=True``). Runs no model, so it may run on any thread; ``None`` (with one log
+        line) when the session cannot be opened."""
+        path = path or self.pending_graph
+        if path is None:
+            return None
         try:
-            session = GraphSession(path, torch.get_num_threads())
+            return GraphSession(path, torch.get_num_threads())
         except Exception as exc:
+            self.pending_graph = None
             self.backend_note = f"ONNX Runtime could not open {path} ({type(exc).__name__}: {exc})"
             log.warning("%s: using torch for every batch", self.backend_note)
-            return
+            return None
+
+    def use_graph(self, session: GraphSession) -> None:
+        """Start routing batches to ``session``; with ``auto``, first time both runtimes and keep
+        ONNX Runtime for the batch sizes where it was faster (dropping it when it never was).
+        Call it on the thread that runs the batches (it runs the model)."""
+        self.pending_graph = None
         self._onnx = session
-        self.graph_path = path
+        self.graph_path = session.path
         if self.backend == "onnx":
             self.onnx_max_tokens = 1 << 62
             self.backend_note = "onnx for every batch"
@@ -318,7 +344,13 @@ class Embedder:
             ids, mask = shape(rows, tokens)
             return session.run(ids.numpy(), mask.numpy())
 
-        self.crossover = measure_crossover(run_torch, run_onnx)
+        try:
+            self.crossover = measure_crossover(run_torch, run_onnx)
+        except Exception as exc:
+            self._onnx = self.graph_path = None
+            self.backend_note = f"the backend measurement failed ({type(exc).__name__}: {exc}); torch only"
+            log.warning("%s", self.backend_note)
+            return
         self.onnx_max_tokens = self.crossover.max_onnx_tokens
         self.backend_note = self.crossover.describe()
         if self.onnx_max_tokens <= 0:

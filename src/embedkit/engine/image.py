@@ -199,6 +199,7 @@ class ImageEmbedder(Embedder):
         decode_workers: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         backend: str | None = None,
+        defer_graph: bool = False,
     ) -> None:
         if pooling not in (None, "clip"):
             raise ConfigError(
@@ -222,6 +223,7 @@ class ImageEmbedder(Embedder):
             prompt_name=prompt_name,
             num_threads=num_threads,
             backend=backend,
+            defer_graph=defer_graph,
         )
         self.model: ClipModel = clip
         self.spec = str(model) if not isinstance(model, ClipModel) else str(model.path)

@@ -96,6 +96,8 @@ class Service:
             self.state = "ready"
             self.metrics.ready.set(1)
             log.info("model ready in %.1fs: %s", self.load_seconds, self.describe())
+            if self.embedder is not None and self.embedder.pending_graph is not None:
+                self._attach_graph(loop)
         except BaseException as exc:
             self.load_error = exc
             self.state = "failed"
@@ -111,6 +113,27 @@ class Service:
             if self.on_fatal is not None:
                 self.on_fatal(exc)
 
+    def _attach_graph(self, loop: asyncio.AbstractEventLoop) -> None:
+        """auto's ONNX graph, after /ping already answers 200 on torch: the session opens on this
+        (loading) thread, then the start-up measurement and the switch run as one job on the
+        inference worker, between batches, so the two runtimes never compute at once."""
+        emb, batcher = self.embedder, self.batcher
+        assert emb is not None and batcher is not None
+        session = emb.open_graph()
+        if session is None:
+            return
+
+        def queue_switch() -> None:
+            try:
+                batcher.call(emb.use_graph, session)
+            except NotReadyError:  # shutting down: nothing left to speed up
+                pass
+
+        try:
+            loop.call_soon_threadsafe(queue_switch)
+        except RuntimeError:  # the loop is closed
+            pass
+
     def _build_model(self) -> Any:
         h = self.handler
         if h is not None and h.model_fn is not None:
@@ -124,7 +147,7 @@ class Service:
                     "predict_fn cannot use; define predict_fn (or transform_fn) or return an embedkit.Embedder"
                 )
             return model
-        return self.engine_settings.build_embedder()
+        return self.engine_settings.build_embedder(defer_graph=True)
 
     def _queue_tokens(self) -> int:
         if self.settings.max_queue_tokens:
