@@ -150,27 +150,20 @@ def _build_encoder(arch: str, vocab_size: int, hidden_size: int, max_seq_length:
         from transformers import BertConfig, BertModel
 
         return BertModel(BertConfig(max_position_embeddings=max(64, max_seq_length), **common))
-    if arch == "xlm-roberta":
-        from transformers import XLMRobertaConfig, XLMRobertaModel
+    # RoBERTa-style: <s> 0, <pad> 1, </s> 2, positions offset past the padding id
+    from transformers import MPNetConfig, MPNetModel, XLMRobertaConfig, XLMRobertaModel
 
-        config = XLMRobertaConfig(
-            max_position_embeddings=max(64, max_seq_length) + 2,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            **common,
-        )
-        return XLMRobertaModel(config, add_pooling_layer=False)
-    from transformers import MPNetConfig, MPNetModel
-
-    config = MPNetConfig(
+    config_cls, model_cls = (
+        (XLMRobertaConfig, XLMRobertaModel) if arch == "xlm-roberta" else (MPNetConfig, MPNetModel)
+    )
+    config = config_cls(
         max_position_embeddings=max(64, max_seq_length) + 2,
         pad_token_id=1,
         bos_token_id=0,
         eos_token_id=2,
         **common,
     )
-    return MPNetModel(config, add_pooling_layer=False)
+    return model_cls(config, add_pooling_layer=False)
 
 
 _CLIP_WORDS = (
