@@ -266,8 +266,9 @@ class Embedder:
             return "onnxruntime (or onnx) is not installed"
         if self.backend == "auto":
             weights = 4 * self.model.num_parameters
-            if not second_copy_fits(weights):
-                free = available_memory_bytes() or 0
+            free = available_memory_bytes()
+            if not second_copy_fits(weights, free):
+                free = free or 0
                 return (
                     f"a second copy of the weights ({weights >> 20} MiB) does not fit beside torch's in "
                     f"the {free >> 20} MiB available; auto picked torch alone"
