@@ -222,3 +222,70 @@ def test_a_deferred_graph_runs_torch_until_attached_then_routes_small_batches(ti
 def test_explicit_onnx_is_never_deferred(tiny_model):
     emb = Embedder(str(tiny_model), device="cpu", backend="onnx", defer_graph=True)
     assert emb.pending_graph is None and emb.graph_path is not None
+
+
+# ------------------------------------------------------ fusions and the kept measurement
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
+def test_exported_graph_carries_onnx_runtime_fusions_and_the_same_outputs(tmp_path, arch):
+    import onnx
+
+    path = build_tiny_bert(tmp_path / "m", arch=arch)
+    emb = Embedder(str(path), device="cpu", backend="onnx")
+    ops = {node.op_type for node in onnx.load(str(emb.graph_path)).graph.node}
+    assert "SkipLayerNormalization" in ops  # fused at export (plain LayerNormalization before)
+    ref = _st_vectors(path, TEXTS)
+    assert float(np.abs(emb.encode(TEXTS) - ref).max()) <= 1e-5
+
+
+def test_fusions_that_move_outputs_are_not_kept(tmp_path, monkeypatch):
+    from embedkit.engine import graph as graph_mod
+
+    path = build_tiny_bert(tmp_path / "m")
+    emb = Embedder(str(path), device="cpu", backend="onnx")
+    plain = tmp_path / "plain.onnx"
+    shutil.copy(emb.graph_path, plain)
+    before = plain.read_bytes()
+    cfg = emb.model.transformer.config
+    kwargs = {
+        "num_heads": cfg.num_attention_heads,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+    }
+    # an impossible tolerance: any float difference refuses the fused graph and keeps the file as it was
+    assert graph_mod.fuse_graph(plain, **kwargs, tol=-1.0) == 0
+    assert plain.read_bytes() == before and not (tmp_path / "fused.onnx").exists()
+
+
+def test_auto_keeps_its_measurement_and_the_next_start_reuses_it(tmp_path, monkeypatch):
+    import embedkit.engine.embedder as embedder_mod
+
+    path = build_tiny_bert(tmp_path / "m")
+    first = Embedder(str(path), device="cpu", backend="auto")
+    assert first.crossover is not None and first.crossover.probes
+    kept = list((cache_dir() / "crossover").glob(f"{first.graph_key.digest}-*.json"))
+    assert len(kept) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again although a measurement was kept for this machine")
+
+    monkeypatch.setattr(embedder_mod, "measure_crossover", refuse)
+    second = Embedder(str(path), device="cpu", backend="auto")
+    assert second.crossover == first.crossover and second.onnx_max_tokens == first.onnx_max_tokens
+    # another thread count is another machine shape: it measures afresh
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1) if threads > 1 else 2)
+    try:
+        with pytest.raises(AssertionError, match="measured again"):
+            Embedder(str(path), device="cpu", backend="auto")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_stale_graph_folder_under_the_same_digest_is_replaced_on_export(tmp_path):
+    path = build_tiny_bert(tmp_path / "m")
+    emb = Embedder(str(path), device="cpu", backend="onnx")
+    key_file = emb.graph_path.parent / KEY_FILE
+    data = json.loads(key_file.read_text())
+    key_file.write_text(json.dumps({**data, "outputs": "stale"}))
+    again = Embedder(str(path), device="cpu", backend="onnx")
+    assert json.loads((again.graph_path.parent / KEY_FILE).read_text()) == again.graph_key.to_dict()

@@ -13,11 +13,15 @@ One thread drives either runtime, never both at once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from embedkit.errors import ConfigError
 
@@ -27,9 +31,12 @@ BACKENDS = ("auto", "torch", "onnx")
 # Shapes (texts, tokens each) timed by ``auto``, smallest first: one short query up to a batch of
 # mid-length texts. Measurement stops early once torch wins twice in a row or the time budget is spent.
 PROBE_SHAPES = ((1, 16), (2, 32), (4, 32), (8, 32), (8, 64), (16, 64), (32, 64))
-# The measurement counts in a server's cold start: a shape is only probed when, scaled from the last
-# one by its tokens, it still fits in this budget.
-PROBE_BUDGET_S = 0.5
+# A shape is only probed when, scaled from the last one by its tokens, it still fits in this budget.
+# A server measures after /ping already answers 200 (the first requests wait behind it once); the
+# result is kept per machine (see ``crossover_path``), so later starts measure nothing. At 0.5 s the
+# scaling from the first (overhead-bound) shape stopped after one short query on a 2-core AVX2 EPYC,
+# where ONNX Runtime was 1.5x faster up to 8 texts of 64 tokens.
+PROBE_BUDGET_S = 2.0
 # ONNX Runtime must beat torch by this factor to take a shape (measurement noise on shared machines).
 PROBE_MARGIN = 1.05
 
@@ -92,6 +99,17 @@ class Crossover:
     probes: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Crossover:
+        return cls(
+            max_onnx_tokens=int(data["max_onnx_tokens"]),
+            probes=list(data.get("probes", [])),
+            seconds=float(data.get("seconds", 0.0)),
+        )
+
     def describe(self) -> str:
         if self.max_onnx_tokens <= 0:
             return "torch for every batch (ONNX Runtime was not faster at any probed shape)"
@@ -150,3 +168,47 @@ def measure_crossover(
                 break
     result.seconds = clock() - t_start
     return result
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def crossover_path(root: Path, graph_digest: str, threads: int, versions: str) -> Path:
+    """Where ``auto``'s measurement for this graph on this machine is kept: the key covers the
+    graph, the CPU's name and flags, the thread count and both runtimes' versions, so another
+    machine, container size or upgrade measures afresh."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    blob = json.dumps([graph_digest, _cpu_name(), flags.strip(), int(threads), versions]).encode()
+    return Path(root) / f"{graph_digest}-{hashlib.sha256(blob).hexdigest()[:16]}.json"
+
+
+def load_crossover(path: Path) -> Crossover | None:
+    """A kept measurement, or ``None`` when there is none (or it cannot be read)."""
+    try:
+        return Crossover.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_crossover(path: Path, crossover: Crossover) -> None:
+    """Keep a measurement (atomically; best effort: a read-only cache only costs a new measurement)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(crossover.to_dict(), indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("could not keep the backend measurement at %s: %s", path, exc)

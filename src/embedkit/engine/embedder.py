@@ -31,8 +31,11 @@ import torch
 from embedkit.engine.backend import (
     Crossover,
     available_memory_bytes,
+    crossover_path,
+    load_crossover,
     measure_crossover,
     resolve_backend,
+    save_crossover,
     second_copy_fits,
 )
 from embedkit.engine.batching import pad_batch, plan_batches
@@ -345,18 +348,31 @@ class Embedder:
             ids, mask = shape(rows, tokens)
             return session.run(ids.numpy(), mask.numpy())
 
-        try:
-            self.crossover = measure_crossover(run_torch, run_onnx)
-        except Exception as exc:
-            self._onnx = self.graph_path = None
-            self.backend_note = f"the backend measurement failed ({type(exc).__name__}: {exc}); torch only"
-            log.warning("%s", self.backend_note)
-            return
-        self.onnx_max_tokens = self.crossover.max_onnx_tokens
-        self.backend_note = self.crossover.describe()
+        kept = crossover_path(
+            cache_dir() / "crossover",
+            self.graph_key.digest,
+            torch.get_num_threads(),
+            f"torch-{torch.__version__} {self.graph_key.runtime}",
+        )
+        measured = load_crossover(kept)
+        how = "kept from an earlier start" if measured is not None else "measured"
+        if measured is None:
+            try:
+                measured = measure_crossover(run_torch, run_onnx)
+            except Exception as exc:
+                self._onnx = self.graph_path = None
+                self.backend_note = (
+                    f"the backend measurement failed ({type(exc).__name__}: {exc}); torch only"
+                )
+                log.warning("%s", self.backend_note)
+                return
+            save_crossover(kept, measured)
+        self.crossover = measured
+        self.onnx_max_tokens = measured.max_onnx_tokens
+        self.backend_note = measured.describe()
         if self.onnx_max_tokens <= 0:
             self._onnx = self.graph_path = None  # never faster here: free its copy of the weights
-        log.info("backend auto: %s (measured in %.2fs)", self.backend_note, self.crossover.seconds)
+        log.info("backend auto: %s (%s, %.2fs)", self.backend_note, how, measured.seconds)
 
     def _check_dimensions(self, dimensions: int | None) -> int | None:
         if dimensions is None:

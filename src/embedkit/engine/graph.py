@@ -35,7 +35,8 @@ from embedkit.models.pooling import pool
 log = logging.getLogger(__name__)
 
 # Bump when what the exported graph computes, or how it is exported, changes.
-GRAPH_FORMAT = 1
+# 2: ONNX Runtime's transformer fusions (attention, skip layer norm, bias GELU) applied at export.
+GRAPH_FORMAT = 2
 OPSET = 17
 BAKED_DIR = ".embedkit/graphs"
 GRAPH_FILE = "model.onnx"
@@ -124,14 +125,18 @@ def find_graph(key: GraphKey, model_dir: Path | None) -> Path | None:
     places = [Path(model_dir) / BAKED_DIR] if model_dir is not None else []
     places.append(cache_dir() / "graphs")
     for root in places:
-        folder = root / key.digest
-        try:
-            stored = json.loads((folder / KEY_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if stored == key.to_dict() and (folder / GRAPH_FILE).is_file():
-            return folder / GRAPH_FILE
+        if _holds(root / key.digest, key):
+            return root / key.digest / GRAPH_FILE
     return None
+
+
+def _holds(folder: Path, key: GraphKey) -> bool:
+    """Whether ``folder`` holds a graph written for exactly ``key``."""
+    try:
+        stored = json.loads((folder / KEY_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return stored == key.to_dict() and (folder / GRAPH_FILE).is_file()
 
 
 def export_graph(
@@ -180,23 +185,119 @@ def export_graph(
                 opset_version=OPSET,
                 dynamo=False,
             )
+        config = getattr(transformer, "config", None)
+        heads, hidden = getattr(config, "num_attention_heads", 0), getattr(config, "hidden_size", 0)
+        vocab = getattr(config, "vocab_size", 0)
+        fused = 0
+        if heads and hidden and vocab:
+            fused = fuse_graph(
+                tmp / GRAPH_FILE,
+                num_heads=int(heads),
+                hidden_size=int(hidden),
+                vocab_size=int(vocab),
+                pad_id=pad_id,
+            )
         (tmp / KEY_FILE).write_text(json.dumps(key.to_dict(), indent=2))
-        if target.exists():  # another process finished first; its graph is as good
+        if _holds(target, key):  # another process finished first; its graph is as good
             shutil.rmtree(tmp, ignore_errors=True)
         else:
+            if target.exists():  # a stale or broken folder under this digest: replace it
+                shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("exported the ONNX graph in %.1fs to %s", time.perf_counter() - t0, target)
+    log.info(
+        "exported the ONNX graph (%d fused operators) in %.1fs to %s", fused, time.perf_counter() - t0, target
+    )
     return target / GRAPH_FILE
+
+
+def _probe_inputs(pad_id: int, vocab_size: int) -> list[dict[str, np.ndarray]]:
+    """Inputs the fused graph is checked on: padded rows, one row, and a longer batch."""
+    rng = np.random.default_rng(0)
+    out = []
+    low, high = min(5, vocab_size - 1), max(6, min(vocab_size, 1000))
+    for rows, tokens in ((2, 8), (1, 5), (3, 40)):
+        ids = rng.integers(low, high, size=(rows, tokens), dtype=np.int64)
+        lengths = np.linspace(tokens, max(2, tokens // 3), rows).astype(int)
+        mask = (np.arange(tokens)[None, :] < lengths[:, None]).astype(np.int64)
+        ids[mask == 0] = pad_id
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def fuse_graph(
+    path: Path, *, num_heads: int, hidden_size: int, vocab_size: int, pad_id: int = 0, tol: float = 1e-5
+) -> int:
+    """Rewrite the graph at ``path`` with ONNX Runtime's transformer fusions (multi-head attention,
+    embedding and skip layer norm, bias GELU) when they keep its outputs within ``tol``.
+
+    A batch of one short text spends most of its time in per-operator overhead; the fused graph
+    runs ~1.3x faster there (4.3 ms against 5.4 ms for a 16-token query of the default model on a
+    2-core AVX2 EPYC). Returns the number of fused operators (0: left unchanged, with the reason
+    logged: the optimizer is missing, found nothing to fuse, or moved the outputs)."""
+    import onnxruntime as ort
+
+    try:
+        from onnxruntime.transformers import optimizer
+    except Exception as exc:  # pragma: no cover - shipped with onnxruntime
+        log.info("ONNX Runtime's transformer optimizer is unavailable (%s); graph left unfused", exc)
+        return 0
+    path = Path(path)
+    fused_path = path.with_name("fused.onnx")
+    try:
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            model = optimizer.optimize_model(
+                str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0
+            )
+            stats = model.get_fused_operator_statistics()
+            fused = sum(int(v) for k, v in stats.items() if not k.startswith("QOrdered"))
+            if fused == 0:
+                log.info("ONNX Runtime found nothing to fuse in this graph; left unfused")
+                return 0
+            model.save_model_to_file(str(fused_path))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        candidate = ort.InferenceSession(str(fused_path), so, providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for feeds in _probe_inputs(pad_id, vocab_size):
+            a = plain.run(None, feeds)[0]
+            b = candidate.run(None, feeds)[0]
+            worst = max(worst, float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf"))
+        if not worst <= tol:
+            log.info("the fused graph moved outputs by %.2g (> %.0e); left unfused", worst, tol)
+            return 0
+        os.replace(fused_path, path)
+        return fused
+    except Exception as exc:
+        log.info("ONNX Runtime's fusions failed (%s: %s); graph left unfused", type(exc).__name__, exc)
+        return 0
+    finally:
+        fused_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence INFO logging while ONNX Runtime's optimizer runs: it logs every fusion, from loggers
+    named after its modules (``onnx_model``, ``fusion_base``, ...)."""
+    before = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(before)
 
 
 class GraphSession:
     """An ONNX Runtime session over a graph: ``run(input_ids, attention_mask)`` -> float32 vectors.
 
-    Threads: ``threads`` intra-op threads that sleep when idle (as embedkit's OpenMP threads do,
-    so the two runtimes and the server's own threads never spin against each other)."""
+    Threads: ``threads`` intra-op threads that spin while a run lasts and stop when it returns
+    (``force_spinning_stop``), so nothing spins between requests against the server's own threads
+    or torch's. Measured on a 2-core AVX2 EPYC, a 16-token query every 5 ms: 4.8 ms with this,
+    6.0 ms with threads that never spin, 5.7 ms (and 1.5 cores busy) with ONNX Runtime's default."""
 
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
@@ -206,7 +307,8 @@ class GraphSession:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        so.add_session_config_entry("session.force_spinning_stop", "1")
         so.log_severity_level = 3
         self.path = Path(path)
         self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
