@@ -28,15 +28,17 @@ from embedkit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx")
-# Shapes (texts, tokens each) timed by ``auto``, smallest first: one short query up to a batch of
-# mid-length texts. Measurement stops early once torch wins twice in a row or the time budget is spent.
-PROBE_SHAPES = ((1, 16), (2, 32), (4, 32), (8, 32), (8, 64), (16, 64), (32, 64))
-# A shape is only probed when, scaled from the last one by its tokens, it still fits in this budget.
-# A server measures after /ping already answers 200 (the first requests wait behind it once); the
-# result is kept per machine (see ``crossover_path``), so later starts measure nothing. At 0.5 s the
-# scaling from the first (overhead-bound) shape stopped after one short query on a 2-core AVX2 EPYC,
-# where ONNX Runtime was 1.5x faster up to 8 texts of 64 tokens.
-PROBE_BUDGET_S = 2.0
+# Shapes (texts, tokens each) timed by ``auto``, smallest first: one short query up to a bulk batch
+# (32 texts of 64 tokens, where both runtimes are compute-bound, so their ratio holds for larger
+# batches too). Measurement stops early once torch wins twice in a row or the time budget is spent.
+PROBE_SHAPES = ((1, 16), (2, 32), (8, 32), (8, 64), (32, 64))
+# A shape is only probed when its predicted cost (a line through the last two shapes' costs against
+# their tokens) still fits in this budget. A server measures after /ping already answers 200 (the
+# first requests wait behind it, once per machine); the result is kept per machine (see
+# ``crossover_path``), so later starts measure nothing. Measured on a 2-core AVX2 EPYC: the whole
+# ladder takes ~3.5 s there, and ONNX Runtime won every shape (2x at 8x32, 1.35x at 32x64); an
+# earlier 0.5 s budget, scaled from the overhead-bound first shape, stopped after one short query.
+PROBE_BUDGET_S = 5.0
 # ONNX Runtime must beat torch by this factor to take a shape (measurement noise on shared machines).
 PROBE_MARGIN = 1.05
 
@@ -91,6 +93,10 @@ def second_copy_fits(weight_bytes: int, available: int | None = None) -> bool:
     return available >= 2 * weight_bytes + (512 << 20)
 
 
+# ``max_onnx_tokens`` when ONNX Runtime won up to the largest (bulk) probe shape.
+EVERY_BATCH = 1 << 62
+
+
 @dataclass
 class Crossover:
     """What ``auto`` measured: per probed shape, seconds on torch and on ONNX Runtime."""
@@ -111,6 +117,10 @@ class Crossover:
         )
 
     def describe(self) -> str:
+        if self.max_onnx_tokens >= EVERY_BATCH:
+            largest = max(self.probes, key=lambda p: p["rows"] * p["tokens"]) if self.probes else None
+            upto = f", up to {largest['rows']}x{largest['tokens']} tokens" if largest else ""
+            return f"onnx for every batch (faster at every probed shape{upto})"
         if self.max_onnx_tokens <= 0:
             return "torch for every batch (ONNX Runtime was not faster at any probed shape)"
         return f"onnx for batches up to {self.max_onnx_tokens} padded tokens, torch above"
@@ -132,7 +142,7 @@ def measure_crossover(
     shapes: tuple[tuple[int, int], ...] = PROBE_SHAPES,
     budget_s: float = PROBE_BUDGET_S,
     margin: float = PROBE_MARGIN,
-    reps: int = 3,
+    reps: int = 2,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Crossover:
     """Time ``run_torch(rows, tokens)`` against ``run_onnx(rows, tokens)`` on ``shapes`` (smallest
@@ -140,21 +150,21 @@ def measure_crossover(
 
     The result's ``max_onnx_tokens`` is the largest padded size where ONNX Runtime won by
     ``margin``, among the shapes measured before torch won twice in a row or the next shape's
-    predicted cost (the last one's, scaled by padded tokens) would overrun ``budget_s``."""
+    predicted cost would overrun ``budget_s``; :data:`EVERY_BATCH` when it won the last of
+    ``shapes`` (a bulk batch: beyond it both runtimes scale with tokens alike)."""
     t_start = clock()
     result = Crossover(max_onnx_tokens=0)
     torch_wins = 0
-    last_cost = last_tokens = 0.0
+    costs: list[tuple[float, float]] = []  # (padded tokens, seconds spent on the shape)
     for rows, tokens in shapes:
-        predicted = last_cost * rows * tokens / last_tokens if last_tokens else 0.0
-        if clock() - t_start + predicted > budget_s:
+        if clock() - t_start + _predict(costs, rows * tokens) > budget_s:
             break
         t_shape = clock()
         run_torch(rows, tokens)
         run_onnx(rows, tokens)
         t_torch = _best_of(lambda r=rows, t=tokens: run_torch(r, t), reps, clock)
         t_onnx = _best_of(lambda r=rows, t=tokens: run_onnx(r, t), reps, clock)
-        last_cost, last_tokens = clock() - t_shape, float(rows * tokens)
+        costs.append((float(rows * tokens), clock() - t_shape))
         onnx_wins = t_onnx * margin < t_torch
         result.probes.append(
             {"rows": rows, "tokens": tokens, "torch_ms": t_torch * 1e3, "onnx_ms": t_onnx * 1e3}
@@ -166,8 +176,25 @@ def measure_crossover(
             torch_wins += 1
             if torch_wins >= 2:
                 break
+    last = shapes[-1] if shapes else None
+    if result.probes and last is not None and result.max_onnx_tokens == last[0] * last[1]:
+        result.max_onnx_tokens = EVERY_BATCH
     result.seconds = clock() - t_start
     return result
+
+
+def _predict(costs: list[tuple[float, float]], tokens: float) -> float:
+    """Seconds a shape of ``tokens`` padded tokens should take to probe: proportional to the one
+    measured shape, or on the line through the last two (small shapes are overhead-bound, so
+    scaling the first one alone overestimates the larger ones several times)."""
+    if not costs:
+        return 0.0
+    if len(costs) == 1:
+        t0, c0 = costs[0]
+        return c0 * tokens / t0
+    (t1, c1), (t2, c2) = costs[-2], costs[-1]
+    slope = max(0.0, (c2 - c1) / (t2 - t1)) if t2 != t1 else 0.0
+    return max(c2, c2 + slope * (tokens - t2))
 
 
 def _cpu_name() -> str:
@@ -190,7 +217,9 @@ def crossover_path(root: Path, graph_digest: str, threads: int, versions: str) -
             flags = next((line for line in fh if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    blob = json.dumps([graph_digest, _cpu_name(), flags.strip(), int(threads), versions]).encode()
+    blob = json.dumps(
+        [graph_digest, _cpu_name(), flags.strip(), int(threads), versions, PROBE_SHAPES]
+    ).encode()
     return Path(root) / f"{graph_digest}-{hashlib.sha256(blob).hexdigest()[:16]}.json"
 
 
