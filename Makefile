@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install clients bench-venvs demo test lint format bench clean
+.PHONY: install clients bench-venvs demo test lint docs format bench clean
 
 install: $(STAMP)
 
@@ -57,11 +57,15 @@ lint: install
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 
+# The documentation (docs/, mkdocs.yml); --strict turns a broken link or anchor into a failure.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir build/site
+
 format: install
 	$(BIN)/ruff format src tests bench scripts
 	$(BIN)/ruff check --fix src tests bench scripts
 
-test: lint clients
+test: lint docs clients
 	EMBEDKIT_CLIENTS_PYTHON=$(CURDIR)/$(CLIENTS)/bin/python EMBEDKIT_REQUIRE_CLIENTS=1 $(BIN)/python -m pytest -q
 
 # The infinity-emb venv is best effort: where it does not install, the serve section says so and

@@ -1,4 +1,4 @@
-"""Run your own script locally or as a SageMaker Processing job, with the same flags (seed 001).
+"""Run your own script locally or as a SageMaker Processing job, with the same flags.
 
 Write a ``main(args)`` and hand it to :func:`processing_main`::
 

@@ -27,7 +27,7 @@ _FALSE = {"0", "false", "no", "n", "off"}
 
 
 def parse_bool(value: str | bool, name: str = "value") -> bool:
-    """Truthy/falsy strings as seed 001 accepts them (yes/no, true/false, 1/0, on/off)."""
+    """Truthy/falsy strings as processing_main scripts accept them (yes/no, true/false, 1/0, on/off)."""
     if isinstance(value, bool):
         return value
     v = str(value).strip().lower()

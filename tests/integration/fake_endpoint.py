@@ -146,7 +146,8 @@ def build_app(ep: FakeEndpoint) -> Starlette:
         return await _serve(ep, request, "/v1/embeddings")
 
     async def runtime(request: Request) -> Response:
-        """SageMaker's runtime surface, errors shaped as boto3 parses them (CONTRACTS.md section 2)."""
+        """SageMaker's runtime surface, errors shaped as boto3 parses them (docs/sagemaker.md, "The
+        runtime surface")."""
         name = request.path_params["name"]
         if name != ep.endpoint_name:
             return JSONResponse(

@@ -297,7 +297,9 @@ def test_sagemaker_processing_layout_with_seed_000_arguments(tmp_path, tiny_mode
         str(root / "processing" / "input" / "data"), files=2, rows=20, column="texto", row_group_size=10
     )
     (root / "processing" / "input" / "code").mkdir(parents=True)
-    (root / "processing" / "input" / "code" / "tokenizer.py").write_text("# the seed's code input\n")
+    (root / "processing" / "input" / "code" / "tokenizer.py").write_text(
+        "# the Processing job's code input\n"
+    )
     (root / "config").mkdir(parents=True)
     argv = [
         "embed",

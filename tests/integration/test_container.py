@@ -219,7 +219,7 @@ def test_entrypoint_serve_loads_opt_ml_model_answers_and_stops_cleanly(container
         assert r.status_code == 200, r.text
         got = np.asarray(r.json()["embeddings"], dtype=np.float32)
         np.testing.assert_allclose(got, tiny_embedder.encode(texts), atol=1e-5)  # the /opt/ml/model one
-        smoke = {"search_term": texts[0]}  # seed 002's smoke test
+        smoke = {"search_term": texts[0]}  # the local stand-in's smoke test
         r = httpx.post(url + "/invocations", json=smoke, timeout=30)
         assert r.status_code == 200 and len(r.json()["embedding"]) == 32
         os.kill(proc.pid, signal.SIGTERM)  # exec'd: the server itself gets SageMaker's SIGTERM

@@ -1,6 +1,7 @@
-"""Seed 002's promise, end to end: the example consumer (deploy/compose/consumer/app.py) runs unchanged
-against `embedkit serve` through EMBEDKIT_ENDPOINT_URL and through the SageMaker transport (boto3
-pointed at the same server's runtime surface), and gets identical vectors: only configuration differs."""
+"""The local stand-in for a SageMaker endpoint, end to end: the example consumer
+(deploy/compose/consumer/app.py) runs unchanged against `embedkit serve` through EMBEDKIT_ENDPOINT_URL
+and through the SageMaker transport (boto3 pointed at the same server's runtime surface), and gets
+identical vectors: only configuration differs."""
 
 from __future__ import annotations
 

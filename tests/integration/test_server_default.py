@@ -1,5 +1,6 @@
-"""`embedkit serve` with the real default model: seed 002's curl smoke test, seed 004's boto3 snippet,
-the `openai` client, and golden parity of every contract against `Embedder.encode`."""
+"""`embedkit serve` with the real default model: the local stand-in's curl smoke test, the boto3
+snippet that calls a Terraform-built serverless endpoint, the `openai` client, and golden parity of
+every contract against `Embedder.encode`."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def test_seed_002_smoke_test_with_curl(server):
     assert len(embedding) == 384 and all(isinstance(x, float) for x in embedding)
 
 
-# Seed 004's "Python Example", character for character, except the added endpoint_url argument.
+# The "Python Example" that calls the Terraform-built serverless endpoint, character for character,
+# except the added endpoint_url argument.
 SEED_004 = """
 import boto3
 import json

@@ -1,4 +1,4 @@
-"""Planning the batch job: units, shards, columns, settings and the seeds' command lines."""
+"""Planning the batch job: units, shards, columns, settings and the earlier command lines."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_shards_cover_every_unit_exactly_once(tmp_path, num_shards):
 def test_text_column_autodetected_in_seed_order_and_non_data_files_ignored(tmp_path):
     _pq(tmp_path / "data" / "a.parquet", {"id": ["1"], "texto": ["hola"], "content": ["x"]})
     (tmp_path / "code").mkdir()
-    (tmp_path / "code" / "tokenizer.py").write_text("print('seed 000 code input')\n")
+    (tmp_path / "code" / "tokenizer.py").write_text("print('the Processing job code input')\n")
     (tmp_path / "data" / "_SUCCESS").write_text("")
     plan = make_plan(str(tmp_path))
     assert plan.text_column == "texto"

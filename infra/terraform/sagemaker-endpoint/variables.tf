@@ -123,7 +123,7 @@ variable "role_arn" {
 }
 
 variable "attach_full_access_policy" {
-  description = "Also attach AmazonSageMakerFullAccess to the created role (seed 004 did; the inline least-privilege policy is enough to serve)."
+  description = "Also attach AmazonSageMakerFullAccess to the created role (the original hand-built stack did; the inline least-privilege policy is enough to serve)."
   type        = bool
   default     = false
 }

@@ -31,7 +31,8 @@ HF_TASK = "feature-extraction"
 
 
 def hf_image(region: str, gpu: bool = False) -> str:
-    """The Hugging Face PyTorch inference DLC (seed 004's image, a current release)."""
+    """The Hugging Face PyTorch inference DLC (the image a Terraform-built serverless endpoint ran, a
+    current release)."""
     return (
         f"{DLC_ACCOUNT}.dkr.ecr.{region}.amazonaws.com/{DLC_REPOSITORY}:{DLC_TAG_GPU if gpu else DLC_TAG_CPU}"
     )

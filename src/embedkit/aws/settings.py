@@ -24,7 +24,8 @@ from embedkit.settings import Settings, parse_bool, setting
 
 DEFAULT_CONFIG = os.path.join("~", ".config", "embedkit", "sagemaker.yaml")
 DEFAULT_INSTANCE = "ml.m5.xlarge"
-# Hugging Face PyTorch DLC (the image seed 000 ran on); account 763104351884 serves most regions.
+# Hugging Face PyTorch DLC (the image the spot-safe Processing job ran on); account 763104351884
+# serves most regions.
 DLC_ACCOUNT = "763104351884"
 DLC_REPOSITORY = "huggingface-pytorch-inference"
 DLC_TAG_GPU = "2.6.0-transformers4.49.0-gpu-py312-cu124-ubuntu22.04"
@@ -52,7 +53,7 @@ def default_image(instance_type: str, region: str) -> str:
 
 
 def parse_run_mode(value: str | bool | None) -> str:
-    """``yes``, ``no`` or ``local`` from seed 001's truthy/falsy spellings.
+    """``yes``, ``no`` or ``local`` from the truthy/falsy spellings processing_main scripts accept.
 
     >>> [parse_run_mode(v) for v in ("True", "0", "local", None)]
     ['yes', 'no', 'local', 'no']

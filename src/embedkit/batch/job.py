@@ -463,7 +463,8 @@ def _runner_info(runner: Any) -> dict[str, Any]:
 
 
 def _merge(state: JobState, folder: OutputFolder, plan: Plan, markers: list[dict[str, Any]]) -> str:
-    """Merge the parts into embeddings.parquet (once), then delete them (seed 003's layout)."""
+    """Merge the parts into embeddings.parquet (once), then delete them (the img2dataset CLIP job's
+    layout)."""
     if not state.merged():
         order = {u.key: i for i, u in enumerate(plan.units)}
         parts = [m["part"] for m in sorted(markers, key=lambda m: order[m["key"]]) if m.get("part")]

@@ -1,8 +1,8 @@
 """Settings of the batch job: engine fields plus the job's own, from env, a YAML file and flags.
 
-Precedence: flag > ``--config`` YAML file > environment (``EMBEDKIT_<FIELD>``) > default. The seeds'
-option names (``--input-path``, ``--input_dir``, ``model_directory``, ``no_checkpoint``...) are
-accepted as aliases in the YAML file as on the command line.
+Precedence: flag > ``--config`` YAML file > environment (``EMBEDKIT_<FIELD>``) > default. The option
+names of the command lines embedkit replaces (``--input-path``, ``--input_dir``, ``model_directory``,
+``no_checkpoint``...) are accepted as aliases in the YAML file as on the command line.
 
 >>> s = JobSettings.build({"input_dir": "data/", "output_dir": "out/", "batch_size": 32})
 >>> (s.input, s.output, s.batch_size, s.resume)
@@ -22,7 +22,8 @@ from typing import Any
 from embedkit.errors import ConfigError
 from embedkit.settings import EngineSettings, setting
 
-# Other names for the same field: the seeds' spellings (000: --input-path..., 003: --input_dir...).
+# Other names for the same field: the spellings of the spot-safe Processing job (--input-path...)
+# and of the img2dataset CLIP job (--input_dir...).
 ALIASES = {
     "input_path": "input",
     "input_dir": "input",
@@ -31,7 +32,8 @@ ALIASES = {
     "model_directory": "model",
     "model_dir": "model",
 }
-# Seed 000's --no-checkpoint: process everything again (here: do not skip recorded units).
+# The spot-safe Processing job's --no-checkpoint: process everything again (here: do not skip
+# recorded units).
 NEGATED = {
     "no_checkpoint": "resume",
     "no_resume": "resume",
@@ -80,7 +82,7 @@ class JobSettings(EngineSettings):
         None, "ray engine: CPUs each actor reserves (default: its share, leaving some free)"
     )
     gpus_per_worker: float = setting(0.0, "ray engine: GPUs each actor reserves (0: run on CPUs)")
-    aws_region: str | None = setting(None, "S3 region (seed 003's --aws_region)")
+    aws_region: str | None = setting(None, "S3 region (also --aws_region)")
     progress: str = setting("auto", "auto (a bar on a terminal, log lines elsewhere), bar, log, none")
     log_every: float = setting(30.0, "seconds between progress log lines when not on a terminal")
     modality: str = setting(
@@ -129,7 +131,7 @@ class JobSettings(EngineSettings):
 
     @classmethod
     def normalize_keys(cls, values: Mapping[str, Any], origin: str = "options") -> dict[str, Any]:
-        """Map seed aliases (``input_dir``, ``no_checkpoint``...) and dashes onto field names."""
+        """Map option aliases (``input_dir``, ``no_checkpoint``...) and dashes onto field names."""
         names = set(cls.field_names())
         out: dict[str, Any] = {}
         for key, value in values.items():

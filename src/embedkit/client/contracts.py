@@ -3,10 +3,10 @@
 A contract turns a list of texts into a JSON request body and the answer back into a float32 matrix:
 
 - ``hf``: ``{"inputs": [...], "parameters": {...}}`` -> ``{"embeddings": [[...]]}`` (embedkit serve,
-  seed 004's endpoint); a bare list and the Hugging Face container's token-level answer (batch, tokens,
-  dim) are read too, the latter pooled here (``token_pooling``) and L2-normalised.
-- ``search_term``: ``{"search_term": "..."}`` -> ``{"embedding": [...]}`` (seed 002), one text a
-  request unless the server takes lists.
+  a Terraform-built serverless endpoint); a bare list and the Hugging Face container's token-level
+  answer (batch, tokens, dim) are read too, the latter pooled here (``token_pooling``) and L2-normalised.
+- ``search_term``: ``{"search_term": "..."}`` -> ``{"embedding": [...]}`` (a local stand-in for a
+  SageMaker endpoint), one text a request unless the server takes lists.
 - ``openai``: ``POST /v1/embeddings`` with ``{"input": [...], "model": ...}`` -> ``{"data": [...]}``.
 
 >>> c = make_contract("hf")
@@ -148,7 +148,8 @@ class HFContract(Contract):
 
 
 class SearchTermContract(Contract):
-    """Seed 002: ``{"search_term": "..."}`` -> ``{"embedding": [...]}`` (lists when ``lists``)."""
+    """The search-term contract: ``{"search_term": "..."}`` -> ``{"embedding": [...]}`` (lists when
+    ``lists``)."""
 
     name = "search_term"
 

@@ -1,8 +1,8 @@
 """``embedkit embed INPUT OUTPUT``: the batch job (see :mod:`embedkit.batch`).
 
-The seeds' command lines work unchanged: seed 000's ``--input-path --output-path --model
---batch-size 0 --no-checkpoint`` and seed 003's ``--input_dir --output_dir --model_directory
---num_workers --batch_size --max_samples --aws_region --config --env``.
+Earlier command lines work unchanged: the spot-safe SageMaker Processing job's ``--input-path
+--output-path --model --batch-size 0 --no-checkpoint`` and the img2dataset CLIP job's ``--input_dir
+--output_dir --model_directory --num_workers --batch_size --max_samples --aws_region --config --env``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input_pos", nargs="?", metavar="INPUT", help="file, folder, s3:// prefix or glob")
     p.add_argument("output_pos", nargs="?", metavar="OUTPUT", help="output folder, local or s3://")
     io = p.add_argument_group("input and output")
-    io.add_argument(
-        "--input-path", "--input_dir", "--input", dest="input", help="same as INPUT (seeds 000/003)"
-    )
+    io.add_argument("--input-path", "--input_dir", "--input", dest="input", help="same as INPUT")
     io.add_argument("--output-path", "--output_dir", "--output", dest="output", help="same as OUTPUT")
     io.add_argument(
         "--text-column", dest="text_column", help="default: first of text, texto, caption, sentence, content"
@@ -165,7 +163,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
         "--log-every", dest="log_every", type=float, help="seconds between progress log lines (30)"
     )
     job.add_argument("--config", help="YAML file holding any of these options (flags override it)")
-    job.add_argument("--env", choices=("dev", "prod"), default=SUPPRESS, help="seed 003: dev = debug logging")
+    job.add_argument("--env", choices=("dev", "prod"), default=SUPPRESS, help="dev = debug logging")
     job.add_argument(
         "--log-format",
         dest="log_format",

@@ -31,7 +31,8 @@ def s3_endpoint_url() -> str | None:
 def storage_options(url: str, region: str | None = None) -> dict[str, Any]:
     """fsspec storage options for ``url`` (endpoint and region for S3, nothing for local).
 
-    ``region`` overrides ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (seed 003's ``--aws_region``)."""
+    ``region`` overrides ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (the img2dataset CLIP job's
+    ``--aws_region``)."""
     if str(url).startswith(S3_SCHEMES):
         opts: dict[str, Any] = {}
         endpoint = s3_endpoint_url()

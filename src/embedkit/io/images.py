@@ -1,6 +1,6 @@
 """Readers for img2dataset output, local or ``s3://`` alike, and a bounded concurrent URL fetcher.
 
-The three layouts img2dataset writes or reads (see CONTRACTS.md section 4):
+The three layouts img2dataset writes or reads (see docs/images.md):
 
 - **webdataset**: ``NNNNN.tar`` holding ``{key}.jpg|png|webp`` + ``{key}.txt`` (caption) +
   ``{key}.json`` (metadata), with ``NNNNN.parquet`` (one row per URL tried, failed ones included) and

@@ -1,4 +1,4 @@
-"""The one place where errors become HTTP answers (CONTRACTS.md section 3).
+"""The one place where errors become HTTP answers (the Errors table of docs/server.md).
 
 | case                                                               | status |
 |--------------------------------------------------------------------|--------|

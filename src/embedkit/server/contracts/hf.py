@@ -1,10 +1,10 @@
 """Hugging Face inference contract: ``{"inputs": str | [str], "parameters": {...}}``.
 
 Default answer ``{"embeddings": [float]}`` for a string, ``{"embeddings": [[float], ...]}`` for a list
-(what seed 004's client reads). The opt-in ``dlc-exact`` mode answers like the official Hugging Face
-SageMaker container with ``HF_TASK=feature-extraction``: unpooled token vectors as the transformers
-pipeline returns them, ``(1, tokens, hidden)`` for a string and ``(batch, 1, tokens, hidden)`` for a
-list.
+(what the boto3 client of a Terraform-built serverless endpoint reads). The opt-in ``dlc-exact`` mode
+answers like the official Hugging Face SageMaker container with ``HF_TASK=feature-extraction``:
+unpooled token vectors as the transformers pipeline returns them, ``(1, tokens, hidden)`` for a string
+and ``(batch, 1, tokens, hidden)`` for a list.
 """
 
 from __future__ import annotations

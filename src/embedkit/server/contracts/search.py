@@ -1,4 +1,5 @@
-"""Seed 002's search contract: ``{"search_term": str}`` -> ``{"embedding": [float]}``.
+"""The search contract: ``{"search_term": str}`` -> ``{"embedding": [float]}``, what an application
+calling a local stand-in for a SageMaker endpoint sends.
 
 A list of search terms is an embedkit extension answered as ``{"embeddings": [[float], ...]}``;
 an optional ``parameters`` object works as in the HF contract.
