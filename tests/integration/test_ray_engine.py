@@ -101,7 +101,7 @@ def test_requests_the_cluster_cannot_hold_fail_fast_naming_what_it_has():
 # ------------------------------------------------------------- the actor's code, without Ray
 def _worker_job(inp: str, out: str, model: str, fingerprint_changes: dict | None = None, **options):
     """A WorkerJob as the driver builds it (plan, state, folder, fingerprint) for ``inp`` -> ``out``."""
-    from embedkit.batch.job import _fingerprint
+    from embedkit.batch.metadata import job_fingerprint
     from embedkit.batch.output import OutputFolder
     from embedkit.batch.plan import make_plan
     from embedkit.batch.ray_runner.worker import WorkerJob, driver_embedder, worker_engine_settings
@@ -112,7 +112,7 @@ def _worker_job(inp: str, out: str, model: str, fingerprint_changes: dict | None
     emb = driver_embedder(settings)
     plan = make_plan(inp, unit_rows=10, fail_fast=settings.fail_fast)
     fs, root = get_fs(out)
-    state = JobState(fs, root, {**_fingerprint(settings, emb, plan), **(fingerprint_changes or {})})
+    state = JobState(fs, root, {**job_fingerprint(settings, emb, plan), **(fingerprint_changes or {})})
     state.check(overwrite=False)
     folder = OutputFolder(fs, root)
     folder.scan()
@@ -124,7 +124,7 @@ def _worker_job(inp: str, out: str, model: str, fingerprint_changes: dict | None
 
 
 def test_actor_records_units_and_returns_errors_as_embedkit_errors(tmp_path, model_dir):
-    from embedkit.batch.ray_runner.worker import UnitWorker, _rebuild_error
+    from embedkit.batch.ray_runner.worker import UnitWorker, rebuild_error
 
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     col = [sentence(i) for i in range(20)]
@@ -142,13 +142,13 @@ def test_actor_records_units_and_returns_errors_as_embedkit_errors(tmp_path, mod
 
     strict = UnitWorker(_worker_job(inp, str(tmp_path / "strict"), model_dir, fail_fast=True))
     rec = json.loads(strict({"i": np.array([1])})["result"][0])
-    err = _rebuild_error(rec)
+    err = rebuild_error(rec)
     assert isinstance(err, InputError) and err.exit_code == 2 and "a.parquet row 13: null text" in str(err)
     assert count_markers(tmp_path / "strict") == 0
 
     # a node whose model differs from the driver's refuses to write into the job
     other = UnitWorker(_worker_job(inp, str(tmp_path / "other"), model_dir, {"model_hash": "0" * 16}))
-    err = _rebuild_error(json.loads(other({"i": np.array([0])})["result"][0]))
+    err = rebuild_error(json.loads(other({"i": np.array([0])})["result"][0]))
     assert (
         isinstance(err, ConfigError) and "differs from the driver's" in str(err) and "model_hash" in str(err)
     )

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embedkit.batch.plan import Unit, _ranges, make_plan
+from embedkit.batch.plan import Unit, make_plan, row_ranges
 from embedkit.batch.settings import JobSettings, detect_hosts
 from embedkit.cli import build_parser
 from embedkit.commands.embed import settings_from_args
@@ -34,7 +34,7 @@ def _pq(path, cols: dict, row_group_size: int | None = None) -> None:
 )
 def test_units_follow_row_groups_and_cover_every_row_once(groups, unit_rows, expected):
     info = FileInfo("p", "a.parquet", "parquet", num_rows=sum(groups), row_groups=groups)
-    ranges = _ranges(info, unit_rows)
+    ranges = row_ranges(info, unit_rows)
     assert ranges == expected
     assert ranges[0][0] == 0 and ranges[-1][1] == sum(groups)
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
@@ -42,8 +42,8 @@ def test_units_follow_row_groups_and_cover_every_row_once(groups, unit_rows, exp
 
 def test_csv_of_known_length_is_cut_in_plain_row_ranges():
     info = FileInfo("p", "a.csv", "csv", num_rows=250)
-    assert _ranges(info, 100) == [(0, 100), (100, 200), (200, 250)]
-    assert _ranges(FileInfo("p", "b.csv", "csv"), 100) == [(0, None)]
+    assert row_ranges(info, 100) == [(0, 100), (100, 200), (200, 250)]
+    assert row_ranges(FileInfo("p", "b.csv", "csv"), 100) == [(0, None)]
 
 
 def test_unit_keys_and_part_names_are_deterministic_and_distinct():

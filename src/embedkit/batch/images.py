@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import posixpath
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,10 +29,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedkit.batch.job import _Runner
-from embedkit.batch.plan import Plan, Unit, _count_or_reject, _describe_all, _ranges
-from embedkit.batch.prepare import Prepared, _failed
+from embedkit.batch.pipeline import UnitPipeline
+from embedkit.batch.plan import Plan, Unit, add_units, count_or_reject, describe_files, row_ranges
+from embedkit.batch.prepare import Prepared
 from embedkit.batch.settings import JobSettings
+from embedkit.batch.state import is_remote_fs
 from embedkit.errors import ConfigError, InputError
 from embedkit.io.fs import get_fs, is_remote, list_files
 from embedkit.io.images import (
@@ -187,7 +187,7 @@ def make_image_plan(settings: JobSettings) -> ImagePlan:
             if sibling in paths or fs.exists(sibling):
                 indexes[path] = sibling
     index_paths = set(indexes.values())
-    infos = _describe_all(fs, [(p, r) for p, r in tables if p not in index_paths])
+    infos = describe_files(fs, [(p, r) for p, r in tables if p not in index_paths])
     by_path = {i.path: i for i in infos}
     files: list[ShardInfo] = []
     for path, rel in listed:
@@ -210,16 +210,10 @@ def make_image_plan(settings: JobSettings) -> ImagePlan:
             units.append(Unit(info.source, 0, None, info, error=info.error))
             continue
         # A CSV / JSON Lines URL list is counted first; one that cannot be read becomes an error unit.
-        if info.layout == "urls" and info.num_rows is None and not _count_or_reject(fs, info, units):
+        if info.layout == "urls" and info.num_rows is None and not count_or_reject(fs, info, units):
             continue
-        spans = [(0, info.num_rows)] if info.layout == "webdataset" else _ranges(info, rows)
-        for start, stop in spans:
-            if budget is not None:
-                stop = start + budget if stop is None else min(stop, start + budget)
-                budget -= stop - start
-            units.append(Unit(info.source, start, stop, info))
-            if budget is not None and budget <= 0:
-                break
+        spans = [(0, info.num_rows)] if info.layout == "webdataset" else row_ranges(info, rows)
+        budget = add_units(units, info, spans, budget)
     fetch = FetchSettings(
         workers=settings.fetch_workers,
         timeout=settings.fetch_timeout,
@@ -272,47 +266,32 @@ def _table_info(info: FileInfo) -> ShardInfo:
 
 
 # ------------------------------------------------------------------------------- prepare
-@dataclass
-class ImagePrepared(Prepared):
-    """A unit read: its records with image bytes (one per valid row, aligned with ``ids``)."""
-
-    records: list[ImageRecord] = field(default_factory=list)
-
-
-def prepare_image_unit(plan: ImagePlan, unit: Unit, fetcher: Fetcher) -> ImagePrepared:
-    """Read ``unit``'s rows and their image bytes (fetching URLs); rows without usable bytes are
-    rejected with their reason. Decoding happens later, on the engine's decode pool."""
-    t0 = time.perf_counter()
-    if unit.error is not None:
-        return _as_image(_failed(unit, unit.error, t0))
+def read_image_unit(plan: ImagePlan, unit: Unit, fetcher: Fetcher) -> list[ImageRecord]:
+    """Read ``unit``'s rows and their image bytes (fetching URLs: a failed fetch is the record's
+    ``error``); raises on an unreadable file. Decoding happens later, on the engine's decode pool."""
     info: ShardInfo = unit.file  # type: ignore[assignment]
     fs = plan.fs
-    try:
-        if info.layout == "webdataset":
-            index = read_index(fs, info.index_path) if info.index_path else None
-            records = read_webdataset(fs, info.path, info.source, index)
-            # A whole shard also keeps the tar samples its parquet does not list (rows after its own).
-            whole = unit.start == 0 and unit.stop in (None, info.num_rows)
-            records = [r for r in records if whole or unit.start <= r.row < (unit.stop or 0)]
-        else:
-            cols = [c for c in META_COLUMNS if c in info.columns]
-            img_col = info.image_column
-            block = read_rows(fs, info, [*cols, *([img_col] if img_col else [])], unit.start, unit.stop)
-            metas = [
-                dict(zip(cols, vals, strict=True))
-                for vals in zip(*(block.columns[c] for c in cols), strict=True)
-            ]
-            if not cols:
-                metas = [{} for _ in range(block.num_rows)]
-            records = records_from_rows(
-                metas, block.columns[img_col] if img_col else None, unit.start, img_col
-            )
-            if info.layout == "urls":
-                _fetch(records, fetcher, _base_of(fs, info.path))
-    except Exception as exc:
-        return _as_image(_failed(unit, f"unreadable: {type(exc).__name__}: {exc}", t0))
+    if info.layout == "webdataset":
+        index = read_index(fs, info.index_path) if info.index_path else None
+        records = read_webdataset(fs, info.path, info.source, index)
+        # A whole shard also keeps the tar samples its parquet does not list (rows after its own).
+        whole = unit.start == 0 and unit.stop in (None, info.num_rows)
+        return [r for r in records if whole or unit.start <= r.row < (unit.stop or 0)]
+    cols = [c for c in META_COLUMNS if c in info.columns]
+    img_col = info.image_column
+    block = read_rows(fs, info, [*cols, *([img_col] if img_col else [])], unit.start, unit.stop)
+    metas = [{c: block.columns[c][i] for c in cols} for i in range(block.num_rows)]
+    records = records_from_rows(metas, block.columns[img_col] if img_col else None, unit.start, img_col)
+    if info.layout == "urls":
+        _fetch(records, fetcher, _base_of(fs, info.path))
+    return records
+
+
+def prepare_image_unit(plan: ImagePlan, unit: Unit, records: list[ImageRecord]) -> Prepared:
+    """``records`` with usable bytes become ``Prepared.records`` (one per valid row, aligned with
+    ``ids``); the others are rejected with their reason."""
     cap = plan.fetch.max_bytes
-    out = ImagePrepared(unit=unit, rows_in=len(records))
+    out = Prepared(unit=unit, rows_in=len(records))
     id_col = plan.id_column or "key"
     for rec in records:
         rid = rec.meta.get(id_col)
@@ -325,7 +304,6 @@ def prepare_image_unit(plan: ImagePlan, unit: Unit, fetcher: Fetcher) -> ImagePr
             out.ids.append(sid)
             out.records.append(rec)
     out.rows_rejected = len(out.rejects)
-    out.read_seconds = time.perf_counter() - t0
     return out
 
 
@@ -341,87 +319,70 @@ def _fetch(records: list[ImageRecord], fetcher: Fetcher, base: str) -> None:
 
 def _base_of(fs: Any, path: str) -> str:
     folder = posixpath.dirname(path)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
+    if not is_remote_fs(fs):
         return folder
     url = fs.unstrip_protocol(folder)
     return url if is_remote(url) else folder
 
 
-def _as_image(p: Prepared) -> ImagePrepared:
-    return ImagePrepared(**{f.name: getattr(p, f.name) for f in dataclasses.fields(Prepared)})
+# ------------------------------------------------------------------------------ modality
+class ImageModality:
+    """Images (:class:`~embedkit.batch.pipeline.Modality`): read + fetch on the reader thread,
+    decode on the engine's pool, CLIP on the calling thread; with ``embed_captions`` the captions'
+    CLIP text vectors too."""
 
+    name = "image"
 
-# -------------------------------------------------------------------------------- runner
-class ImageRunner(_Runner):
-    """The job's pipeline with image units: read + fetch on the reader thread, decode on the
-    engine's pool, the model on the calling thread, writes on the writer thread."""
+    def __init__(self) -> None:
+        self.fetcher: Fetcher | None = None  # made by the reader thread's first unit
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.fetcher = Fetcher(self.plan.fetch)  # type: ignore[attr-defined]
+    def plan(self, settings: JobSettings) -> ImagePlan:
+        return make_image_plan(settings)
 
-    def run(self) -> None:
-        try:
-            super().run()
-        finally:
-            self.fetcher.close()
+    def read(self, pipeline: UnitPipeline, unit: Unit) -> list[ImageRecord]:
+        plan: ImagePlan = pipeline.plan  # type: ignore[assignment]
+        if self.fetcher is None:
+            self.fetcher = Fetcher(plan.fetch)
+        return read_image_unit(plan, unit, self.fetcher)
 
-    def _prepare(self, unit: Unit) -> ImagePrepared:  # type: ignore[override]
-        return prepare_image_unit(self.plan, unit, self.fetcher)  # type: ignore[arg-type]
+    def prepare(self, pipeline: UnitPipeline, unit: Unit, records: list[ImageRecord]) -> Prepared:
+        return prepare_image_unit(pipeline.plan, unit, records)  # type: ignore[arg-type]
 
-    def _embed(self, p: Prepared) -> np.ndarray | None:
-        emb = self.embedder
-        assert isinstance(p, ImagePrepared)
+    def embed(self, pipeline: UnitPipeline, p: Prepared) -> np.ndarray | None:
+        emb, progress = pipeline.embedder, pipeline.progress
         if not p.records:  # nothing to embed: the unit writes rejects only
             return np.empty((0, emb.dimension), np.float32)
-        t0 = time.perf_counter()
         result = emb.embed_encoded(
-            (r.data for r in p.records),
-            stop=self.stop.is_set,
-            on_batch=lambda n: self.progress.add(rows=n),
+            (r.data for r in p.records), stop=pipeline.stop.is_set, on_batch=lambda n: progress.add(rows=n)
         )
         if result is None:
             return None
         src = p.unit.source
-        for i, err in sorted(result.failures.items()):
-            p.rejects.append((src, p.records[i].row, p.ids[i], err.reason))
-        if result.failures:
-            p.rejects.sort(key=lambda r: r[1] if r[1] is not None else -1)
-            self.progress.add(rejects=len(result.failures))
-            if self.s.fail_fast:
-                self._check_fail_fast(p)
-        kept = [p.records[i] for i in result.ok]
-        p.ids = [p.ids[i] for i in result.ok]
-        p.rows_rejected = len(p.rejects)
-        p.extra = meta_arrays(kept)
-        if self.plan.embed_captions:  # type: ignore[attr-defined]
-            p.extra["caption_embedding"] = self._captions(kept)
+        failed = [(src, p.records[i].row, p.ids[i], e.reason) for i, e in sorted(result.failures.items())]
+        p.drop(failed, result.ok)
+        if failed:
+            progress.add(rejects=len(failed))
+            pipeline.check(p)
+        p.extra = meta_arrays(p.records)
+        if pipeline.plan.embed_captions:  # type: ignore[attr-defined]
+            p.extra["caption_embedding"] = _captions(emb, p.records, pipeline.settings.dtype)
         p.records = []  # the bytes are not needed any more; the writer holds only the table
-        self.embed_seconds += time.perf_counter() - t0
         return result.vectors
 
-    def _captions(self, records: list[ImageRecord]) -> pa.Array:
-        """The captions' CLIP text vectors (null where a row has no caption)."""
-        emb = self.embedder
-        texts = [r.meta.get("caption") for r in records]
-        idx = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
-        vecs = np.empty((0, emb.dimension), np.float32)
-        if idx:
-            tok = emb.tokenize([texts[i] for i in idx], truncate=True, field="caption")
-            vecs = emb.embed_tokenized(tok)
-        return _caption_column(vecs, idx, len(records), self.s.dtype)
+    def close(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.close()
 
 
-def _caption_column(vecs: np.ndarray, idx: list[int], n: int = 0, dtype: str = "float32") -> pa.Array:
-    dim = vecs.shape[1]
+def _captions(emb: Any, records: list[ImageRecord], dtype: str) -> pa.Array:
+    """The captions' CLIP text vectors (null where a row has no caption)."""
+    texts = [r.meta.get("caption") for r in records]
+    idx = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    n, dim = len(records), emb.dimension
     full = np.zeros((n, dim), dtype=np.dtype(dtype))
-    valid = np.zeros(n, dtype=bool)
     if idx:
-        full[idx] = vecs
-        valid[idx] = True
+        full[idx] = emb.embed_tokenized(emb.tokenize([texts[i] for i in idx], truncate=True, field="caption"))
     values = pa.array(full.reshape(-1), pa.float32() if dtype == "float32" else pa.float16())
-    arr = pa.FixedSizeListArray.from_arrays(values, dim)
-    if n and not valid.all():
-        arr = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
-    return arr
+    valid = np.isin(np.arange(n), idx)
+    mask = pa.array(~valid) if n and not valid.all() else None
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedkit.batch.state import is_remote_fs, join_fs
+from embedkit.batch.state import is_remote_fs, join_fs, older_than
 from embedkit.errors import StorageError
 from embedkit.io.fs import TMP_PREFIX, remove, write_bytes
 from embedkit.io.readers import parquet_bytes
@@ -103,7 +103,7 @@ class OutputFolder:
         for folder in (self.root, self.rejects_dir):
             for name in self._ls(folder):
                 if name.startswith(TMP_PREFIX) and (
-                    all_temp or _old(self.fs, join_fs(self.fs, folder, name))
+                    all_temp or older_than(self.fs, join_fs(self.fs, folder, name))
                 ):
                     n += remove(self.fs, join_fs(self.fs, folder, name))
         return n
@@ -152,12 +152,3 @@ class OutputFolder:
         except Exception as exc:
             raise StorageError(f"cannot merge the parts into {target}: {exc}") from exc
         return rows
-
-
-def _old(fs: fsspec.AbstractFileSystem, path: str, seconds: float = 3600) -> bool:
-    import time
-
-    try:
-        return time.time() - fs.modified(path).timestamp() > seconds
-    except Exception:
-        return False

@@ -14,6 +14,7 @@ import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 
@@ -76,6 +77,16 @@ class Plan:
     fs: fsspec.AbstractFileSystem
 
     @property
+    def fingerprint_extra(self) -> dict[str, Any]:
+        """What a modality adds to the job's fingerprint (nothing for text)."""
+        return {}
+
+    @property
+    def metadata_extra(self) -> dict[str, Any]:
+        """What a modality adds to ``metadata.json`` (nothing for text)."""
+        return {}
+
+    @property
     def known_rows(self) -> int:
         return sum(u.rows or 0 for u in self.units)
 
@@ -110,7 +121,7 @@ def make_plan(
         raise InputError(
             f"no input files under {input_url} (looked for {', '.join(sorted(set(EXTENSIONS)))})"
         )
-    infos = _describe_all(fs, listed)
+    infos = describe_files(fs, listed)
     readable = [i for i in infos if i.error is None]
     if fail_fast and len(readable) < len(infos):
         bad = next(i for i in infos if i.error is not None)
@@ -146,15 +157,9 @@ def make_plan(
             budget is not None or (info.size is not None and info.size > SPLIT_BYTES)
         ):
             log.info("counting rows of %s (%.0f MiB) to split it", info.source, (info.size or 0) / 2**20)
-            if not _count_or_reject(fs, info, units):
+            if not count_or_reject(fs, info, units):
                 continue
-        for start, stop in _ranges(info, unit_rows):
-            if budget is not None:
-                stop = min(stop, start + budget) if stop is not None else start + budget
-                budget -= stop - start
-            units.append(Unit(info.source, start, stop, info))
-            if budget is not None and budget <= 0:
-                break
+        budget = add_units(units, info, row_ranges(info, unit_rows), budget)
     if id_col is not None and id_column is None:
         lacking = [i.source for i in readable if id_col not in i.columns]
         if lacking:
@@ -167,7 +172,7 @@ def make_plan(
     return Plan(input_url, units, infos, text_col, id_col, tuple(keep_columns), fs)
 
 
-def _describe_all(fs: fsspec.AbstractFileSystem, listed: list[tuple[str, str]]) -> list[FileInfo]:
+def describe_files(fs: fsspec.AbstractFileSystem, listed: list[tuple[str, str]]) -> list[FileInfo]:
     """Read every file's footer / header, a few at a time (object stores answer in parallel)."""
 
     def one(item: tuple[str, str]) -> FileInfo:
@@ -216,7 +221,7 @@ def _resolve_id_column(infos: list[FileInfo], id_column: str | None) -> str | No
     return "key" if "key" in infos[0].columns else None
 
 
-def _count_or_reject(fs: fsspec.AbstractFileSystem, info: FileInfo, units: list[Unit]) -> bool:
+def count_or_reject(fs: fsspec.AbstractFileSystem, info: FileInfo, units: list[Unit]) -> bool:
     """Count ``info``'s rows (sets ``info.num_rows``); a file that cannot be read becomes a unit
     carrying the error instead, and False is returned."""
     try:
@@ -227,13 +232,28 @@ def _count_or_reject(fs: fsspec.AbstractFileSystem, info: FileInfo, units: list[
     return True
 
 
-def _ranges(info: FileInfo, unit_rows: int) -> list[tuple[int, int | None]]:
+def add_units(
+    units: list[Unit], info: FileInfo, spans: list[tuple[int, int | None]], budget: int | None
+) -> int | None:
+    """Append a unit per row range of ``info`` to ``units``, cutting them to ``budget`` rows in all
+    (``--max-samples``; None: no limit). Returns the budget left."""
+    for start, stop in spans:
+        if budget is not None:
+            stop = start + budget if stop is None else min(stop, start + budget)
+            budget -= stop - start
+        units.append(Unit(info.source, start, stop, info))
+        if budget is not None and budget <= 0:
+            break
+    return budget
+
+
+def row_ranges(info: FileInfo, unit_rows: int) -> list[tuple[int, int | None]]:
     """Row ranges of about ``unit_rows`` rows, on Parquet row-group boundaries where possible.
 
     >>> info = FileInfo("p", "a.parquet", "parquet", num_rows=250, row_groups=[100, 100, 50])
-    >>> _ranges(info, 150)
+    >>> row_ranges(info, 150)
     [(0, 200), (200, 250)]
-    >>> _ranges(FileInfo("p", "b.parquet", "parquet", num_rows=400, row_groups=[400]), 100)
+    >>> row_ranges(FileInfo("p", "b.parquet", "parquet", num_rows=400, row_groups=[400]), 100)
     [(0, 100), (100, 200), (200, 300), (300, 400)]
     """
     if info.num_rows is None:

@@ -12,23 +12,24 @@ Reasons (the part before ``:`` is the kind counted in ``metadata.json``): ``null
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
 from embedkit.batch.plan import Plan, Unit
 from embedkit.engine.tokenize import Tokenized
-from embedkit.io.readers import StreamCache, read_rows
+from embedkit.io.readers import RowBlock, StreamCache, read_rows
 
 RejectRow = tuple[str, "int | None", "str | None", str]
 
 
 @dataclass
 class Prepared:
-    """A unit read and checked: the rows to embed (tokenised) and the rows rejected."""
+    """A unit read and checked: the rows to embed (tokenised texts, or image records) and the rows
+    rejected."""
 
     unit: Unit
     rows_in: int
@@ -40,6 +41,20 @@ class Prepared:
     truncated: int = 0
     read_seconds: float = 0.0
     failed: bool = False  # the whole unit could not be read
+    records: list[Any] = field(default_factory=list)  # image units: the valid rows' image records
+
+    def drop(self, rejected: list[RejectRow], keep: Sequence[int]) -> None:
+        """Reject valid rows after the fact (too long, undecodable): add their ``rejected`` records
+        (the rejects stay in row order) and keep only the valid rows at positions ``keep``."""
+        if rejected:
+            self.rejects.extend(rejected)
+            self.rejects.sort(key=lambda r: r[1] if r[1] is not None else -1)
+        self.ids = [self.ids[i] for i in keep]
+        if self.tok is not None:
+            self.tok = self.tok.select(keep)
+        if self.records:
+            self.records = [self.records[i] for i in keep]
+        self.rows_rejected = len(self.rejects)
 
     @property
     def num_valid(self) -> int:
@@ -55,27 +70,23 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def prepare_unit(
-    fs: fsspec.AbstractFileSystem,
-    plan: Plan,
-    unit: Unit,
-    embedder: Any,
-    *,
-    truncate: bool,
-    streams: StreamCache | None = None,
-) -> Prepared:
-    """Read ``unit``, reject what cannot be embedded, tokenise the rest with ``embedder``."""
-    t0 = time.perf_counter()
-    if unit.error is not None:
-        return _failed(unit, unit.error, t0)
-    id_col = plan.id_column if plan.id_column in unit.file.columns else None
+def _id_column(plan: Plan, unit: Unit) -> str | None:
+    return plan.id_column if plan.id_column in unit.file.columns else None
+
+
+def read_unit(plan: Plan, unit: Unit, streams: StreamCache | None = None) -> RowBlock:
+    """Read ``unit``'s text and id columns (and pass-through ones); raises on an unreadable file."""
+    id_col = _id_column(plan, unit)
     columns = [plan.text_column, *([id_col] if id_col and id_col != plan.text_column else [])]
-    try:
-        block = read_rows(
-            fs, unit.file, columns, unit.start, unit.stop, arrow_columns=plan.keep_columns, streams=streams
-        )
-    except Exception as exc:
-        return _failed(unit, f"unreadable: {type(exc).__name__}: {exc}", t0)
+    return read_rows(
+        plan.fs, unit.file, columns, unit.start, unit.stop, arrow_columns=plan.keep_columns, streams=streams
+    )
+
+
+def prepare_unit(plan: Plan, unit: Unit, block: RowBlock, embedder: Any, *, truncate: bool) -> Prepared:
+    """Reject ``unit``'s rows (read into ``block``) that cannot be embedded, tokenise the rest with
+    ``embedder``."""
+    id_col = _id_column(plan, unit)
     texts = block.columns[plan.text_column]
     raw_ids = block.columns[id_col] if id_col else None
     src, start = unit.source, unit.start
@@ -103,37 +114,31 @@ def prepare_unit(
             continue
         out.rejects.append((src, row, sid, reason))
     if valid_texts:
-        tok = embedder.tokenize(valid_texts, truncate=True, field=f"{src} rows")
+        out.tok = tok = embedder.tokenize(valid_texts, truncate=True, field=f"{src} rows")
         if not truncate and tok.truncated.any():
-            long_rows = np.flatnonzero(tok.truncated)
             limit = embedder.max_seq_length
-            for j in long_rows:
-                i = keep_idx[j]
-                out.rejects.append(
-                    (
-                        src,
-                        start + i,
-                        out.ids[j],
-                        f"too long: {int(tok.original_lengths[j])} tokens, over the model's maximum of "
-                        f"{limit} (allow truncation or shorten it)",
-                    )
+            too_long = [
+                (
+                    src,
+                    start + keep_idx[j],
+                    out.ids[j],
+                    f"too long: {int(tok.original_lengths[j])} tokens, over the model's maximum of "
+                    f"{limit} (allow truncation or shorten it)",
                 )
+                for j in np.flatnonzero(tok.truncated)
+            ]
             keep = np.flatnonzero(~tok.truncated)
-            tok = tok.select(keep)
             keep_idx = [keep_idx[j] for j in keep]
-            out.ids = [out.ids[j] for j in keep]
-            out.rejects.sort(key=lambda r: r[1] if r[1] is not None else -1)
-        out.tok = tok
-        out.truncated = tok.num_truncated
+            out.drop(too_long, keep)
+        out.truncated = out.tok.num_truncated
     out.rows_rejected = len(out.rejects)
     if plan.keep_columns:
         take = pa.array(keep_idx, pa.int64())
         out.extra = {c: block.arrow[c].take(take) for c in plan.keep_columns}
-    out.read_seconds = time.perf_counter() - t0
     return out
 
 
-def _failed(unit: Unit, reason: str, t0: float) -> Prepared:
+def failed_unit(unit: Unit, reason: str, t0: float) -> Prepared:
     """A unit that cannot be read. A known row range is rejected row by row; a whole file (CSV /
     JSON Lines of unknown length, or a file missing a column) is one reject record with
     ``row=None``, counting the file's rows when they are known."""

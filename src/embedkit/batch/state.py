@@ -160,7 +160,7 @@ class JobState:
         for name in self._marker_names():
             path = join_fs(self.fs, self.units_dir, name)
             if name.startswith(TMP_PREFIX):
-                stale = all_temp or _older_than(self.fs, path, 3600)
+                stale = all_temp or older_than(self.fs, path)
             else:
                 parsed = self._parse(name)
                 stale = (
@@ -196,7 +196,8 @@ def join_fs(fs: fsspec.AbstractFileSystem, base: str, *parts: str) -> str:
     return join(base, *parts)
 
 
-def _older_than(fs: fsspec.AbstractFileSystem, path: str, seconds: float) -> bool:
+def older_than(fs: fsspec.AbstractFileSystem, path: str, seconds: float = 3600) -> bool:
+    """True when ``path`` was last modified over ``seconds`` ago (False when that is unknown)."""
     try:
         mtime = fs.modified(path).timestamp()
     except Exception:
@@ -204,4 +205,4 @@ def _older_than(fs: fsspec.AbstractFileSystem, path: str, seconds: float) -> boo
     return time.time() - mtime > seconds
 
 
-__all__ = ["STATE_DIR", "JobState", "fingerprint_id", "is_remote", "join_fs"]
+__all__ = ["STATE_DIR", "JobState", "fingerprint_id", "is_remote", "is_remote_fs", "join_fs", "older_than"]

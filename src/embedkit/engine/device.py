@@ -28,6 +28,7 @@ _ALIASES = {
     "int8": "int8",
     "qint8": "int8",
 }
+DEVICE_ALIASES = _ALIASES  # public name of the precision aliases, for embedkit.batch.ray_runner
 # Compute budget (padded tokens per batch) on CPU: large enough that matmuls run near peak, small
 # enough that activations stay in cache-friendly sizes. Measured with `make bench`'s mixed corpus on
 # an idle 2-core AMX CPU, fp32, three interleaved rounds: 4096 tokens 10.1 s, 8192 10.3 s, 16384

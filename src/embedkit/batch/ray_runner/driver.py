@@ -13,19 +13,18 @@ import threading
 import time
 from typing import Any
 
-from embedkit.batch.job import STOP_GRACE_SECONDS, _Signals
+from embedkit.batch.pipeline import UnitPipeline
 from embedkit.batch.plan import Unit
-from embedkit.batch.ray_runner.sizing import Sizing, _describe_nodes, size_workers
+from embedkit.batch.ray_runner.sizing import Sizing, describe_nodes, size_workers
 from embedkit.batch.ray_runner.worker import (
     UnitWorker,
     WorkerJob,
-    _rebuild_error,
+    rebuild_error,
     require_ray,
     worker_device,
     worker_engine_settings,
 )
-from embedkit.batch.report import Progress
-from embedkit.batch.settings import JobSettings
+from embedkit.batch.signals import STOP_GRACE_SECONDS, StopSignals
 from embedkit.errors import ConfigError, EmbedkitError
 
 log = logging.getLogger("embedkit.batch")
@@ -35,17 +34,17 @@ MAX_BLOCKS = 10_000
 
 
 class RayRunner:
-    """Runs this host's units still to do on a Ray actor pool. Same interface as the local runner
-    (``run()``, ``markers``, ``units_done``, ``interrupted``), plus ``describe()`` for metadata."""
+    """Runs this host's units still to do (``todo``) on a Ray actor pool, each actor running its own
+    copy of ``pipeline`` (the driver's keeps the progress and the stop flag). Same interface as the
+    local runner (``run()``, ``markers``, ``units_done``, ``interrupted``), plus ``describe()`` for
+    metadata."""
 
-    def __init__(self, settings, embedder, plan, state, folder, hosts, todo, stream, stop_event) -> None:
+    def __init__(self, pipeline: UnitPipeline, todo: list[Unit]) -> None:
         require_ray()
-        self.s: JobSettings = settings
-        self.embedder = embedder
-        self.plan, self.state, self.folder, self.hosts = plan, state, folder, hosts
-        self.todo: list[Unit] = todo
-        self.stop = stop_event or threading.Event()
-        self.progress = Progress.for_units(todo, settings, stream)
+        self.pipeline = pipeline
+        self.s, self.embedder, self.state = pipeline.settings, pipeline.embedder, pipeline.state
+        self.todo = todo
+        self.stop, self.progress = pipeline.stop, pipeline.progress
         self.markers: list[dict[str, Any]] = []
         self.units_done = 0
         self.embed_seconds = 0.0
@@ -90,10 +89,10 @@ class RayRunner:
         self._started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # as markers' finished_at
         owned = False
         try:
-            with _Signals(self.stop):
+            with StopSignals(self.stop):
                 owned = self._connect()
             # again: ray.init installs its own SIGTERM handler (sys.exit) in this process
-            with _Signals(self.stop):
+            with StopSignals(self.stop):
                 if not self.stop.is_set():
                     self._run_pool(owned)
         finally:
@@ -161,7 +160,7 @@ class RayRunner:
             sz.cpus_per_worker,
             sz.threads,
             sz.gpus_per_worker,
-            _describe_nodes(nodes),
+            describe_nodes(nodes),
             device,
             len(self.todo),
             extra={"event": "ray_pool", "workers": sz.num_workers},
@@ -169,10 +168,10 @@ class RayRunner:
         job = WorkerJob(
             settings=self.s,
             engine=worker_engine_settings(self.embedder, device),
-            plan=self.plan,
+            plan=self.pipeline.plan,
             state=self.state,
-            folder=self.folder,
-            hosts=self.hosts,
+            folder=self.pipeline.folder,
+            hosts=self.pipeline.hosts,
             todo=self.todo,
             fingerprint=self.state.fingerprint,
             threads=sz.threads,
@@ -254,7 +253,7 @@ class RayRunner:
         res = json.loads(row["result"])
         if not res["ok"]:
             if raise_errors:
-                raise _rebuild_error(res)
+                raise rebuild_error(res)
             return
         if self.first_result_s is None:
             self.first_result_s = time.perf_counter() - self._t0

@@ -46,7 +46,8 @@ def _floor(x: float) -> float:
     return math.floor(x * 100) / 100 if x >= 0.01 else math.floor(x * 1e4) / 1e4
 
 
-def _describe_nodes(nodes: list[dict[str, Any]]) -> str:
+def describe_nodes(nodes: list[dict[str, Any]]) -> str:
+    """``"2 node(s) (a: 8 CPU, 1 GPU, b: ...)"``: the nodes' resources, for logs and errors."""
     shown = ", ".join(
         f"{n.get('name', '?')}: {float(n.get('CPU', 0)):g} CPU, {float(n.get('GPU', 0)):g} GPU"
         for n in nodes[:5]
@@ -86,7 +87,7 @@ def size_workers(
         raise ConfigError(f"num_workers must be >= 1, got {num_workers}")
     total_cpu = sum(float(n.get("CPU", 0)) for n in nodes)
     total_gpu = sum(float(n.get("GPU", 0)) for n in nodes)
-    have = _describe_nodes(nodes)
+    have = describe_nodes(nodes)
     if gpus > 0 and total_gpu == 0:
         raise ConfigError(
             f"--gpus-per-worker {gpus:g}: {where} has no GPU ({have}); run on CPUs with "

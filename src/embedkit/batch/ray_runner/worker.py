@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from embedkit import errors
-from embedkit.batch.job import _Runner, model_fingerprint
+from embedkit.batch.metadata import model_fingerprint
+from embedkit.batch.pipeline import TextModality, UnitPipeline
 from embedkit.batch.plan import Plan, Unit
 from embedkit.batch.settings import HostPlan, JobSettings
 from embedkit.errors import ConfigError, EmbedkitError
@@ -68,13 +69,13 @@ def worker_device(settings: JobSettings) -> str:
 
 def driver_embedder(settings: JobSettings) -> Any:
     """The engine the driver fingerprints the job with, loaded on the driver's CPU."""
-    from embedkit.engine.device import _ALIASES
+    from embedkit.engine.device import DEVICE_ALIASES
 
     require_ray()
     device = worker_device(settings)
     if device == "cpu":
         return dataclasses.replace(settings, device="cpu").build_embedder()
-    precision = _ALIASES.get((settings.precision or "fp32").strip().lower())
+    precision = DEVICE_ALIASES.get((settings.precision or "fp32").strip().lower())
     if precision is None:
         raise ConfigError(f"precision {settings.precision!r} is not one of fp32, bf16, fp16, int8")
     cpu_engine = dataclasses.replace(settings, device="cpu", precision="fp32").build_embedder()
@@ -125,7 +126,8 @@ def _error_record(exc: BaseException, worker: str, unit: Unit | None = None) -> 
     }
 
 
-def _rebuild_error(rec: dict[str, Any]) -> EmbedkitError:
+def rebuild_error(rec: dict[str, Any]) -> EmbedkitError:
+    """The embedkit error an actor returned as a record (see :class:`UnitWorker`), to raise again."""
     cls = getattr(errors, rec["type"], None)
     if isinstance(cls, type) and issubclass(cls, EmbedkitError):
         return cls(rec["message"])
@@ -149,14 +151,14 @@ class UnitWorker:
         self.error: dict[str, Any] | None = None
         self.first = True
         try:
-            self.runner = self._open(job)
+            self.pipeline = self._open(job)
         except Exception as exc:
             self.error = _error_record(exc, self.id)
         self.load_seconds = time.perf_counter() - t0
         self.ready_at = time.time()  # wall clock: the driver compares actors (on other nodes too)
 
     @staticmethod
-    def _open(job: WorkerJob) -> _Runner:
+    def _open(job: WorkerJob) -> UnitPipeline:
         import torch
 
         from embedkit import __version__
@@ -176,8 +178,11 @@ class UnitWorker:
                 f"({'; '.join(f'{k}: {a!r} vs {b!r}' for k, (a, b) in diff.items())}): every node must "
                 f"see the same model files and support the same precision"
             )
-        settings = dataclasses.replace(job.settings, progress="none")
-        return _Runner(settings, embedder, job.plan, job.state, job.folder, job.hosts, [], None, None)
+        # texts only (the Ray engine runs no image job); the driver shows the progress, and the
+        # actor's stop flag is never set (Ray ends the actors instead)
+        return UnitPipeline(
+            job.settings, embedder, job.plan, job.state, job.folder, job.hosts, TextModality()
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = [self._unit(int(k)) for k in batch["i"]]
@@ -187,14 +192,10 @@ class UnitWorker:
         if self.error is not None:
             return json.dumps(self.error)
         unit = self.job.todo[k]
-        runner = self.runner
-        before = runner.embed_seconds
+        pipeline = self.pipeline
+        before = pipeline.embed_seconds
         try:
-            prepared = runner._prepare(unit)
-            runner._check_fail_fast(prepared)
-            vectors = runner._embed(prepared)  # the actor's stop flag is never set: always vectors
-            runner._write(prepared, vectors)  # part + rejects durable, then the marker
-            marker = runner.markers.pop()
+            marker = pipeline.run_unit(unit)  # part + rejects durable, then the marker
         except Exception as exc:
             return json.dumps(_error_record(exc, self.id, unit))
         out = {
@@ -202,12 +203,12 @@ class UnitWorker:
             "marker": marker,
             "worker": self.id,
             "node": socket.gethostname(),
-            "embed_seconds": runner.embed_seconds - before,
+            "embed_seconds": pipeline.embed_seconds - before,
             "load_seconds": round(self.load_seconds, 3),
             "ready_at": self.ready_at,
             "done_at": time.time(),
         }
         if self.first:
             self.first = False
-            out["engine"] = runner.embedder.describe()
+            out["engine"] = pipeline.embedder.describe()
         return json.dumps(out, default=str)
