@@ -312,3 +312,14 @@ def test_a_stale_graph_folder_under_the_same_digest_is_replaced_on_export(tmp_pa
     key_file.write_text(json.dumps({**data, "outputs": "stale"}))
     again = Embedder(str(path), device="cpu", backend="onnx")
     assert json.loads((again.graph_path.parent / KEY_FILE).read_text()) == again.graph_key.to_dict()
+
+
+def test_forward_cost_in_tokens_comes_from_the_small_probes_line():
+    clock = FakeClock()
+    # torch: 10 ms fixed + 100 us/token -> 100 tokens; onnx: 2 ms fixed + 100 us/token -> 20 tokens
+    res = measure_crossover(
+        clock.runtime(0.010, 100e-6), clock.runtime(0.002, 100e-6), budget_s=100.0, clock=clock
+    )
+    assert res.forward_cost_tokens("torch") == pytest.approx(100, rel=1e-6)
+    assert res.forward_cost_tokens("onnx") == pytest.approx(20, rel=1e-6)
+    assert Crossover(max_onnx_tokens=0).forward_cost_tokens("onnx") is None

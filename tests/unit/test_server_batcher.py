@@ -138,3 +138,31 @@ def test_stop_drains_queued_work_then_refuses_new_work(tiny_embedder):
         return await asyncio.gather(*futs)
 
     assert len(asyncio.run(main())) == 10
+
+
+def test_merged_requests_are_split_by_the_engine_s_measured_forward_cost(tiny_embedder, monkeypatch):
+    """With a measured (cheap) forward pass, a merged batch of short and long texts is embedded as
+    length groups; with the default (dear) one, as one padded batch."""
+    import embedkit.server.batcher as batcher_mod
+
+    texts = ["tiny"] * 6 + ["a much longer text that runs on for a good number of tokens here"] * 2
+    tok = tiny_embedder.tokenize(texts)
+    groups: list[int] = []
+    real = batcher_mod.length_groups
+
+    def spy(lengths, max_tokens, forward_cost):
+        out = real(lengths, max_tokens, forward_cost)
+        groups.append((forward_cost, len(out)))
+        return out
+
+    monkeypatch.setattr(batcher_mod, "length_groups", spy)
+    b = Batcher(tiny_embedder, max_queue_tokens=100_000)
+    monkeypatch.setattr(type(tiny_embedder), "forward_cost_tokens", property(lambda self: None))
+    b._embed(tok, alone=False, normalize=None, dimensions=None)  # nothing measured: the default
+    monkeypatch.setattr(type(tiny_embedder), "forward_cost_tokens", property(lambda self: 1000.0))
+    dear = b._embed(tok, alone=False, normalize=None, dimensions=None)
+    monkeypatch.setattr(type(tiny_embedder), "forward_cost_tokens", property(lambda self: 4.0))
+    cheap = b._embed(tok, alone=False, normalize=None, dimensions=None)
+    assert groups[0][0] == batcher_mod.FORWARD_COST_TOKENS
+    assert groups[1:] == [(1000, 1), (4, 2)]
+    np.testing.assert_allclose(cheap, dear, atol=1e-5)

@@ -374,6 +374,16 @@ class Embedder:
             self._onnx = self.graph_path = None  # never faster here: free its copy of the weights
         log.info("backend auto: %s (%s, %.2fs)", self.backend_note, how, measured.seconds)
 
+    @property
+    def forward_cost_tokens(self) -> float | None:
+        """What one more forward pass costs, in padded tokens' worth of compute, on the runtime that
+        takes small batches here (from ``auto``'s measurement; ``None`` when nothing was measured).
+        The server uses it to decide when splitting merged requests by length saves more padding
+        than the extra pass costs."""
+        if self.crossover is None:
+            return None
+        return self.crossover.forward_cost_tokens("onnx" if self._onnx is not None else "torch")
+
     def _check_dimensions(self, dimensions: int | None) -> int | None:
         if dimensions is None:
             return None
