@@ -53,9 +53,11 @@ $(INFINITY_STAMP):
 demo: install
 	$(BIN)/python -m embedkit.demo
 
+# lint-imports checks the layers of src/embedkit ([tool.importlinter] in pyproject.toml).
 lint: install
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/lint-imports
 
 # The documentation (docs/, mkdocs.yml); --strict turns a broken link or anchor into a failure.
 docs: install

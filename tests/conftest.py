@@ -17,9 +17,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests compare vectors bit for bit across processes (server vs engine). auto's start-up measurement
 # may route the same batch to a different runtime in two processes (results then agree to ~1e-7, not
 # bit for bit), so the suite pins one backend; tests of ONNX Runtime and of auto name theirs.
+# The environment pins it for the processes tests start (their settings read EMBEDKIT_BACKEND); the
+# engine reads no environment, so in this process Embedder(backend=None) gets it as its default.
 os.environ.setdefault("EMBEDKIT_BACKEND", "torch")
 # Local Ray clusters started by tests bind to 127.0.0.1, not the host's own address (read on import).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import embedkit.engine.backend  # after the environment above
+
+embedkit.engine.backend.DEFAULT_BACKEND = os.environ["EMBEDKIT_BACKEND"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -98,24 +98,12 @@ def test_remote_embed_stages_inputs_model_and_code_and_sends_a_valid_request(
         "2.6.0-transformers4.49.0-gpu-py312-cu124-ubuntu22.04"
     )
     assert req["AppSpecification"]["ContainerEntrypoint"] == ["bash", f"{CODE}/bootstrap.sh"]
+    # the job travels as its resolved settings, not as a command line rebuilt from flags
     assert req["AppSpecification"]["ContainerArguments"] == [
         "embedkit",
         "embed",
-        "/opt/ml/processing/input/data",
-        "/opt/ml/processing/output/output",
-        "--model",
-        "/opt/ml/processing/input/model",
-        "--backend",  # resolved on the user's side: the test suite's EMBEDKIT_BACKEND
-        "torch",
-        "--no-truncate",
-        "--text-column",
-        "text",
-        "--dtype",
-        "float16",
-        "--sagemaker-run",
-        "no",
-        "--num-shards",  # ShardedByS3Key: each host embeds every file it received
-        "1",
+        "--settings-json",
+        f"{CODE}/settings.json",
     ]
     assert req["ProcessingResources"] == {
         "ClusterConfig": {"InstanceCount": 2, "InstanceType": "ml.g4dn.xlarge", "VolumeSizeInGB": 60}
@@ -160,6 +148,7 @@ def test_remote_embed_stages_inputs_model_and_code_and_sends_a_valid_request(
         "inputs/data/shard-00.parquet",
         "inputs/data/shard-01.parquet",
         "inputs/model/modules.json",
+        "code/settings.json",
     ):
         assert expected in rel, expected
     s3 = boto3.client("s3")
@@ -170,6 +159,26 @@ def test_remote_embed_stages_inputs_model_and_code_and_sends_a_valid_request(
             "to": "/opt/ml/processing/output/output/_state",
         }
     ]
+    assert manifest["settings_file"] == "settings.json"
+    shipped = json.loads(s3.get_object(Bucket=s3_bucket, Key=prefix + "code/settings.json")["Body"].read())
+    assert {k: shipped[k] for k in ("input", "output", "model", "num_shards", "shard_index")} == {
+        "input": "/opt/ml/processing/input/data",
+        "output": "/opt/ml/processing/output/output",
+        "model": "/opt/ml/processing/input/model",
+        "num_shards": 1,  # ShardedByS3Key: each host embeds every file it received
+        "shard_index": None,
+    }
+    # resolved on the user's side: flags, and the test suite's EMBEDKIT_BACKEND from the environment
+    assert (shipped["text_column"], shipped["dtype"], shipped["truncate"], shipped["backend"]) == (
+        "text",
+        "float16",
+        False,
+        "torch",
+    )
+    from embedkit.batch.settings import JobSettings
+
+    assert JobSettings.from_json(json.dumps(shipped)).unit_rows == 50_000  # complete: every field
+    assert set(shipped) == set(JobSettings.field_names())
     command = s3.get_object(Bucket=s3_bucket, Key=prefix + "code/command.sh")["Body"].read()
     assert command == b"export HF_HUB_OFFLINE=1\n"
     # What moto recorded matches what was sent (it leaves out ProcessingResources and Environment).
@@ -373,5 +382,8 @@ def test_local_output_folder_is_staged_in_the_default_bucket_and_downloaded_afte
     assert output["S3Output"]["S3Uri"] == f"s3://{bucket}/{remote}/"
     data_in = next(i for i in req["ProcessingInputs"] if i["InputName"] == "data")["S3Input"]
     assert data_in["S3Uri"] == f"s3://{bucket}/embedkit/{req['ProcessingJobName']}/inputs/data/texts.jsonl"
-    assert req["AppSpecification"]["ContainerArguments"][2] == "/opt/ml/processing/input/data/texts.jsonl"
+    shipped = boto3.client("s3").get_object(
+        Bucket=bucket, Key=f"embedkit/{req['ProcessingJobName']}/code/settings.json"
+    )
+    assert json.loads(shipped["Body"].read())["input"] == "/opt/ml/processing/input/data/texts.jsonl"
     assert (out / "part-x.parquet").read_bytes() == b"PAR1"  # downloaded once the job completed

@@ -15,6 +15,7 @@ from tests.contract.serving import ServerProcess
 
 HANDLER = """
 import json
+import os
 import time
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def model_fn(model_dir, context):
         if time.monotonic() > deadline:
             raise RuntimeError("never released")
         time.sleep(0.05)
-    return Embedder(model_dir)
+    # the engine reads no environment: the suite's pinned backend (conftest) is passed in
+    return Embedder(model_dir, backend=os.environ.get("EMBEDKIT_BACKEND"))
 
 
 class BadQuery(Exception):

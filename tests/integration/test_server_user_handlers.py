@@ -55,6 +55,7 @@ def predict_fn(data, model_and_tokenizer):
 # All four hooks; output_fn returns a str. Errors as users write them.
 FOUR_HOOKS = """
 import json
+import os
 
 from embedkit import Embedder
 
@@ -64,7 +65,8 @@ class Unsupported(Exception):
 
 
 def model_fn(model_dir):
-    return Embedder(model_dir)
+    # the engine reads no environment: the suite's pinned backend (conftest) is passed in
+    return Embedder(model_dir, backend=os.environ.get("EMBEDKIT_BACKEND"))
 
 
 def input_fn(body, content_type):

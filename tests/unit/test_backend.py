@@ -42,16 +42,25 @@ def _st_vectors(path, texts):
 
 # ------------------------------------------------------------------- choosing
 def test_backend_names_are_normalised_and_unknown_ones_refused(monkeypatch):
-    monkeypatch.delenv("EMBEDKIT_BACKEND", raising=False)
-    assert resolve_backend(None) == "auto"
+    import embedkit.engine.backend as backend
+
+    monkeypatch.setattr(backend, "DEFAULT_BACKEND", "auto")
     monkeypatch.setenv("EMBEDKIT_BACKEND", "onnxruntime")
-    assert resolve_backend(None) == "onnx"
-    assert resolve_backend("torch") == "torch"  # an explicit choice wins over the environment
+    assert resolve_backend(None) == "auto"  # the engine reads no environment
     assert resolve_backend(" ONNXRuntime ") == "onnx"
     assert resolve_backend("ort") == "onnx"
     assert resolve_backend("torch") == "torch"
     with pytest.raises(ConfigError, match="backend must be one of auto, torch, onnx"):
         resolve_backend("tensorrt")
+
+
+def test_the_backend_variable_is_read_by_the_settings_and_a_flag_beats_it():
+    from embedkit.settings import EngineSettings
+
+    env = {"EMBEDKIT_BACKEND": "onnxruntime"}
+    assert resolve_backend(EngineSettings.resolve(environ=env).backend) == "onnx"
+    assert EngineSettings.resolve({"backend": "torch"}, environ=env).backend == "torch"
+    assert EngineSettings.resolve(environ={}).backend is None  # Embedder(backend=None): auto
 
 
 class FakeClock:

@@ -153,7 +153,7 @@ def test_hosts_from_sagemaker_resourceconfig_and_flags(tmp_path):
     assert (h.num_shards, h.host, h.multi, h.sees_everything) == (1, "algo-2", True, False)
 
 
-def test_settings_precedence_flag_over_yaml_over_env(tmp_path):
+def test_settings_precedence_flag_over_env_over_yaml(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(
         "input_dir: s3://bucket/in\nbatch_size: 16\nprecision: bf16\nno_checkpoint: true\nkeep-columns: [a, b]\n"
@@ -164,7 +164,7 @@ def test_settings_precedence_flag_over_yaml_over_env(tmp_path):
     assert (s.input, s.batch_size, s.precision, s.resume, s.keep_columns, s.unit_rows) == (
         "s3://bucket/in",
         64,
-        "bf16",
+        "int8",
         False,
         ("a", "b"),
         7,

@@ -210,13 +210,18 @@ def test_mixed_device_types_are_refused(tiny_model):
 
 
 def test_cpu_fusion_replaces_linear_layers_and_keeps_vectors(tiny_model, monkeypatch):
+    from embedkit.engine import build_embedder
     from embedkit.engine.cpu_fusion import FusedLinear
+    from embedkit.settings import EngineSettings
 
     fused = Embedder(str(tiny_model), device="cpu")
     assert fused.fused_modules > 0
     assert any(isinstance(m, FusedLinear) for m in fused._transformer.modules())
     monkeypatch.setenv("EMBEDKIT_CPU_FUSION", "0")
-    plain = Embedder(str(tiny_model), device="cpu")
+    assert Embedder(str(tiny_model), device="cpu").fused_modules > 0  # the engine reads no environment
+    # the settings read EMBEDKIT_CPU_FUSION and pass cpu_fusion=False in
+    plain = build_embedder(EngineSettings.resolve({"model": str(tiny_model), "device": "cpu"}))
+    assert plain.cpu_fusion is False
     assert plain.fused_modules == 0
     assert not any(isinstance(m, FusedLinear) for m in plain._transformer.modules())
     texts = ["hello world", "the cat sat on the mat " * 5, "a"]

@@ -259,7 +259,7 @@ def test_rebuilt_arguments_replace_paths_with_placeholders_and_drop_sagemaker_fl
     assert p.parse_args([a if isinstance(a, str) else "X" for a in out]).filter_width == 64
 
 
-def test_settings_precedence_flag_over_file_over_env_over_code_defaults(tmp_path):
+def test_settings_precedence_flag_over_env_over_file_over_code_defaults(tmp_path):
     cfg = tmp_path / "sm.yaml"
     cfg.write_text("role: arn:aws:iam::123456789012:role/from-file\nsagemaker_instance: ml.g4dn.xlarge\n")
     env = {
@@ -269,7 +269,7 @@ def test_settings_precedence_flag_over_file_over_env_over_code_defaults(tmp_path
     s = SageMakerSettings.build(
         {"instance_count": "3"}, config=str(cfg), environ=env, defaults={"retries": 1, "volume_size": 80}
     )
-    assert s.role.endswith("from-file") and s.instance == "ml.g4dn.xlarge"
+    assert s.role.endswith("from-env") and s.instance == "ml.g4dn.xlarge"
     assert (s.retries, s.instance_count, s.volume_size) == (2, 3, 80)
     s = SageMakerSettings.build({}, environ={"SAGEMAKER_ROLE": "arn:aws:iam::123456789012:role/r"})
     assert s.role.endswith("role/r")

@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from embedkit.aws import s3
 from embedkit.aws.container import (
@@ -26,6 +27,7 @@ from embedkit.aws.container import (
     CODE_DIR,
     MANIFEST,
     MANIFEST_FORMAT,
+    SETTINGS_FILE,
 )
 from embedkit.aws.names import job_name as make_job_name
 from embedkit.aws.names import retry_name, sanitize
@@ -86,6 +88,11 @@ class RemoteProgram:
     base_job_name: str = "embedkit"
     # added when an input is split across instances by S3 key (each host then sees only its files)
     sharded_arguments: list[str] = field(default_factory=list)
+    # The program's complete, resolved settings (a door's settings object as a dict, Refs where
+    # container paths go), written to the code channel as settings.json; None: the program has none.
+    settings: dict[str, Any] | None = None
+    # merged into ``settings`` when an input is split across instances by S3 key
+    sharded_settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -198,6 +205,7 @@ def _manifest(program: RemoteProgram, resume: list[dict], args_file: bool) -> by
         "pythonpath": pythonpath,
         "resume": resume,
         "arguments_file": ARGUMENTS_FILE if args_file else None,
+        "settings_file": SETTINGS_FILE if program.settings is not None else None,
     }
     return (json.dumps(doc, indent=2) + "\n").encode()
 
@@ -269,6 +277,14 @@ def prepare(program: RemoteProgram, settings: SageMakerSettings, *, local: bool 
     ]
     if sharded:
         arguments += program.sharded_arguments
+    if program.settings is not None:
+        resolved = {
+            k: container_paths[(v.kind, v.name)] if isinstance(v, Ref) else v
+            for k, v in program.settings.items()
+        }
+        if sharded:
+            resolved.update(program.sharded_settings)
+        code_files[SETTINGS_FILE] = (json.dumps(resolved, indent=2, sort_keys=True) + "\n").encode()
     args_file = not arguments_fit(arguments)
     if args_file:
         log.warning(

@@ -1,70 +1,38 @@
 """``embedkit embed ... --sagemaker-run yes|no|local``: the batch job as a SageMaker Processing job.
 
-The embed command calls :func:`add_sagemaker_arguments` on its parser and, first thing in its run
-function, :func:`maybe_run_on_sagemaker`; that returns None for ``--sagemaker-run no`` (the job runs
-here as usual) and the exit code otherwise.
-
-Remote runs resolve the job's settings here (flags, ``--config`` file and ``EMBEDKIT_*`` environment)
-and send them as explicit flags, so the container runs exactly this job: the input becomes the
-``data`` channel (``ShardedByS3Key`` across instances, with ``--num-shards 1`` so each host embeds
-every file it received and writes ``metadata-<host>.json``), a local model the ``model`` channel,
-the output the ``output`` channel (``S3UploadMode=Continuous``) whose ``_state/`` a relaunch
-restores so the job resumes.
+The job's settings are resolved on the user's side, where the precedence applies (flags >
+``EMBEDKIT_*`` environment > ``--config`` file > defaults), and shipped whole: the container runs
+``embedkit embed --settings-json <code channel>/settings.json`` and reads nothing else (its own
+environment and the user's config file do not apply again). Only the places change: the input
+becomes the ``data`` channel (``ShardedByS3Key`` across instances, with ``num_shards: 1`` so each
+host embeds every file it received and writes ``metadata-<host>.json``), a local model the
+``model`` channel, the output the ``output`` channel (``S3UploadMode=Continuous``) whose
+``_state/`` a relaunch restores so the job resumes.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from embedkit.aws import settings as sm_settings
+from embedkit.aws.container import CODE_DIR, SETTINGS_FILE
 from embedkit.aws.job import InputSpec, OutputSpec, Ref, RemoteProgram, prepare
+from embedkit.aws.settings import SageMakerSettings
+from embedkit.batch.settings import JobSettings
 from embedkit.errors import ConfigError
 
 log = logging.getLogger("embedkit.sagemaker")
 
-# Settings that describe one host, or that SageMaker's layout replaces.
-_HOST_FIELDS = ("input", "output", "model", "num_shards", "shard_index")
 STATE_SUBDIR = "_state"
 
 
-def add_sagemaker_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
-    """Add ``--sagemaker-run`` and the other ``--sagemaker-*`` flags to ``parser``."""
-    sm_settings.add_arguments(parser, defaults)
-    parser.set_defaults(_sagemaker_parser=parser)
+def embed_program(job: JobSettings, *, cli_options: Sequence[str] = ()) -> RemoteProgram:
+    """The :class:`RemoteProgram` that runs the resolved ``job`` in a container.
 
-
-def _long_flag(action: argparse.Action) -> str:
-    longs = [s for s in action.option_strings if s.startswith("--")]
-    dashed = [s for s in longs if "_" not in s]
-    return (dashed or longs or action.option_strings)[0]
-
-
-def _flags_for(parser: argparse.ArgumentParser, name: str, value: Any) -> list[str] | None:
-    """The command-line tokens that set ``name`` to ``value`` with ``parser``, or None if none can."""
-    actions = [a for a in parser._actions if a.dest == name and a.option_strings]
-    for a in actions:
-        if isinstance(a, argparse._StoreConstAction) and a.const == value:
-            return [_long_flag(a)]
-    for a in actions:
-        if type(a) is argparse._StoreAction:
-            if isinstance(value, list | tuple):
-                value = ",".join(str(v) for v in value)
-            return [_long_flag(a), str(value)]
-    return None
-
-
-def embed_program(args: argparse.Namespace) -> RemoteProgram:
-    """The :class:`RemoteProgram` that runs the ``embed`` job ``args`` describes, in a container."""
-    from embedkit.batch.settings import JobSettings
-    from embedkit.commands.embed import settings_from_args
-
-    parser: argparse.ArgumentParser = args._sagemaker_parser
-    job = settings_from_args(args)
+    ``cli_options`` are global ``embedkit`` options for the container's command line (logging:
+    ``--log-level DEBUG``, ``--log-format json``); the job itself travels as settings."""
     if not job.input or not job.output:
         raise ConfigError("embed needs an input and an output (INPUT OUTPUT, or --input-path/--output-path)")
     if job.single_file:
@@ -76,39 +44,25 @@ def embed_program(args: argparse.Namespace) -> RemoteProgram:
         )
     if job.num_shards is not None or job.shard_index is not None:
         log.warning("--num-shards/--shard-index are ignored on SageMaker: the instances split the work")
-    arguments: list[str | Ref] = [Ref("input", "data"), Ref("output", "output")]
+    settings: dict[str, Any] = job.to_dict(mask_secrets=False)
+    settings.update(input=Ref("input", "data"), output=Ref("output", "output"))
+    settings.update(num_shards=None, shard_index=None)  # the container's resourceconfig.json decides
     inputs = [InputSpec("data", job.input, shardable=True)]
     model = _model_source(job.model)
     if model != job.model or os.path.exists(model):
         inputs.append(InputSpec("model", model))
-        arguments += ["--model", Ref("input", "model")]
+        settings["model"] = Ref("input", "model")
     else:
-        arguments += ["--model", model]
-    defaults = {f.name: f.default for f in dataclasses.fields(JobSettings)}
-    for f in dataclasses.fields(JobSettings):
-        value = getattr(job, f.name)
-        if f.name in _HOST_FIELDS or value is None or value == defaults[f.name]:
-            continue
-        flags = _flags_for(parser, f.name, value)
-        if flags is None:
-            raise ConfigError(f"cannot pass {f.name}={value!r} to the SageMaker job: no flag sets it")
-        arguments += flags
-    level = getattr(args, "log_level", None)
-    if level and str(level).upper() != "INFO":
-        arguments += ["--log-level", str(level)]
-    if getattr(args, "log_format", None) == "json":
-        arguments += ["--log-format", "json"]
-    if getattr(args, "env", None) == "dev":
-        arguments += ["--env", "dev"]
-    arguments += ["--sagemaker-run", "no"]
+        settings["model"] = model
     return RemoteProgram(
         program="embedkit",
-        arguments=["embed", *arguments],
+        arguments=[*cli_options, "embed", "--settings-json", f"{CODE_DIR}/{SETTINGS_FILE}"],
         inputs=inputs,
         outputs=[OutputSpec("output", job.output, resume_subdir=STATE_SUBDIR)],
         base_job_name="embedkit-embed",
+        settings=settings,
         # with ShardedByS3Key each host embeds all the files it received, writing metadata-<host>.json
-        sharded_arguments=["--num-shards", "1"],
+        sharded_settings={"num_shards": 1},
     )
 
 
@@ -123,7 +77,7 @@ def _model_source(spec: str) -> str:
     return str(resolve_model(spec))  # raises ModelNotFoundError saying how to provide it
 
 
-def run_program(program: RemoteProgram, settings: sm_settings.SageMakerSettings) -> int:
+def run_program(program: RemoteProgram, settings: SageMakerSettings) -> int:
     """Run ``program`` as ``settings.run`` says (``yes``: on SageMaker; ``local``: here)."""
     if settings.run == "local":
         from embedkit.aws.local import run_local
@@ -134,12 +88,9 @@ def run_program(program: RemoteProgram, settings: sm_settings.SageMakerSettings)
     return launch(prepare(program, settings))
 
 
-def maybe_run_on_sagemaker(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int | None:
-    """None when ``--sagemaker-run`` is falsy (run the job here); else run it on SageMaker (or its
-    container locally for ``local``) and return the exit code."""
-    settings = sm_settings.from_args(args)
+def run_embed(job: JobSettings, settings: SageMakerSettings, *, cli_options: Sequence[str] = ()) -> int:
+    """Run the resolved ``job`` on SageMaker (``--sagemaker-run yes``) or in its container here
+    (``local``); returns the exit code."""
     if settings.run == "no":
-        return None
-    if argv is not None:
-        log.debug("sagemaker run of: embedkit %s", " ".join(argv))
-    return run_program(embed_program(args), settings)
+        raise ConfigError("run_embed needs --sagemaker-run yes or local")
+    return run_program(embed_program(job, cli_options=cli_options), settings)

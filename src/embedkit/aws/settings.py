@@ -1,9 +1,10 @@
 """The ``--sagemaker-*`` options, shared by ``embedkit embed`` and :func:`embedkit.sagemaker.processing_main`.
 
-Precedence: flag > YAML file (``--sagemaker-config``, env ``EMBEDKIT_SAGEMAKER_CONFIG``, default
-``~/.config/embedkit/sagemaker.yaml`` when it exists) > environment ``EMBEDKIT_SAGEMAKER_<FIELD>``
-> default. The YAML file is a flat mapping of these field names (``role: arn:...``), so a team sets its
-role, staging bucket and image once.
+Precedence, as everywhere: flag > environment ``EMBEDKIT_SAGEMAKER_<FIELD>`` > YAML file
+(``--sagemaker-config``, env ``EMBEDKIT_SAGEMAKER_CONFIG``, default
+``~/.config/embedkit/sagemaker.yaml`` when it exists) > a script's ``processing_main`` defaults >
+built-in default. The YAML file is a flat mapping of these field names (``role: arn:...``), so a
+team sets its role, staging bucket and image once.
 
 >>> s = SageMakerSettings.build({"run": "yes", "instance_count": "2"}, environ={})
 >>> (s.mode, s.instance_count, s.wait)
@@ -13,14 +14,13 @@ role, staging bucket and image once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from embedkit.errors import ConfigError
-from embedkit.settings import Settings, parse_bool, setting
+from embedkit.settings import Settings, load_config, parse_bool, setting
 
 DEFAULT_CONFIG = os.path.join("~", ".config", "embedkit", "sagemaker.yaml")
 DEFAULT_INSTANCE = "ml.m5.xlarge"
@@ -85,8 +85,13 @@ class SageMakerSettings(Settings):
     """Where and how a job runs on SageMaker Processing."""
 
     env_prefix: ClassVar[str] = "EMBEDKIT_SAGEMAKER_"
+    flag_prefix: ClassVar[str] = "sagemaker-"
 
-    run: str = setting("no", "yes: run as a SageMaker Processing job; local: run its container here; no")
+    run: str = setting(
+        "no",
+        "yes: run as a SageMaker Processing job; local: run its container here; no",
+        metavar="yes|no|local",
+    )
     wait: bool = setting(True, "wait for the job, tail its CloudWatch logs, exit with its outcome")
     image: str | None = setting(None, "container image URI; default the Hugging Face PyTorch DLC")
     instance: str = setting(DEFAULT_INSTANCE, "instance type, e.g. ml.m5.xlarge (CPU), ml.g4dn.xlarge (T4)")
@@ -106,9 +111,12 @@ class SageMakerSettings(Settings):
     region: str | None = setting(None, "AWS region; default AWS_REGION / the profile's")
     python: str = setting("python3", "Python executable inside the container")
     log_poll: float = setting(5.0, "seconds between status/log polls while waiting")
-    env: tuple[str, ...] = setting((), "KEY=VALUE set in the container (repeat the flag)")
+    env: tuple[str, ...] = setting(
+        (), "KEY=VALUE set in the container (repeat the flag)", repeat=True, metavar="KEY=VALUE"
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.run = parse_run_mode(self.run)
         if isinstance(self.env, str):
             self.env = tuple(f"{k}={v}" for k, v in parse_env_pairs(self.env).items())
@@ -133,6 +141,19 @@ class SageMakerSettings(Settings):
         return self.run
 
     @classmethod
+    def config_values(cls, config: str | Mapping[str, Any] | None) -> dict[str, Any]:
+        """The YAML file's fields; keys may carry the flags' ``sagemaker_`` prefix."""
+        data = load_config(config) if isinstance(config, str) else dict(config or {})
+        origin = config if isinstance(config, str) else "SageMaker config"
+        keys = {}
+        for key, value in data.items():
+            k = str(key).replace("-", "_")
+            keys[k[len("sagemaker_") :] if k.startswith("sagemaker_") else k] = value
+        if isinstance(keys.get("env"), dict):
+            keys["env"] = tuple(f"{k}={v}" for k, v in keys["env"].items())
+        return cls.normalize_keys(keys, origin=f"SageMaker config file {origin}")
+
+    @classmethod
     def build(
         cls,
         options: Mapping[str, Any] | None = None,
@@ -141,86 +162,25 @@ class SageMakerSettings(Settings):
         environ: Mapping[str, str] | None = None,
         defaults: Mapping[str, Any] | None = None,
     ) -> SageMakerSettings:
-        """Settings from built-in defaults < ``defaults`` (code) < environment < YAML file <
-        ``options`` (flags; None values ignored)."""
+        """Settings from ``options`` (flags; None values ignored) > environment > YAML file
+        (``config``, else ``EMBEDKIT_SAGEMAKER_CONFIG``, else the default file when it exists) >
+        ``defaults`` (code) > built-in defaults."""
         environ = os.environ if environ is None else environ
-        names = [f.name for f in dataclasses.fields(cls)]
-        values: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v is not None}
-        for name in names:
-            for env_name in (cls.env_prefix + name.upper(), *_EXTRA_ENV.get(name, ())):
-                if environ.get(env_name):
-                    values[name] = environ[env_name]
-                    break
         path = config or environ.get("EMBEDKIT_SAGEMAKER_CONFIG")
         if not path and os.path.exists(os.path.expanduser(DEFAULT_CONFIG)):
             path = os.path.expanduser(DEFAULT_CONFIG)
-        if path:
-            values.update(_load_yaml(path, set(names)))
-        values.update({k: v for k, v in (options or {}).items() if v is not None and v != ()})
-        env = values.get("env")
-        if isinstance(env, dict):
-            values["env"] = tuple(f"{k}={v}" for k, v in env.items())
-        elif isinstance(env, list):
-            values["env"] = tuple(env)
-        return cls(**{k: cls._coerce(k, v) for k, v in values.items()})
-
-    @classmethod
-    def _coerce(cls, name: str, raw: Any) -> Any:
-        if name == "env":
-            return raw
-        return super()._coerce(name, raw)
-
-
-_EXTRA_ENV = {"role": ("SAGEMAKER_ROLE",)}
-
-
-def _load_yaml(path: str, names: set[str]) -> dict[str, Any]:
-    import yaml
-
-    try:
-        with open(os.path.expanduser(path), encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"SageMaker config file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"SageMaker config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"SageMaker config file {path} must hold a mapping of option: value")
-    out = {}
-    for key, value in data.items():
-        k = str(key).replace("-", "_")
-        k = k[len("sagemaker_") :] if k.startswith("sagemaker_") else k
-        if k not in names:
-            raise ConfigError(f"{path}: unknown option {key!r}; valid: {', '.join(sorted(names))}")
-        out[k] = value
-    return out
-
-
-FLAG_HELP = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(SageMakerSettings)}
+        return cls.resolve(options, environ=environ, config=path, defaults=defaults)
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
-    """Add the ``--sagemaker-*`` flags (dest ``sagemaker_<field>``) in one argument group.
+    """Add the ``--sagemaker-*`` flags (dest ``sagemaker_<field>``), generated from
+    :class:`SageMakerSettings`, in one argument group.
 
     ``defaults`` (e.g. from :func:`embedkit.sagemaker.processing_main`) replace the built-in
     defaults; flags stay None unless given, so the environment and config file still apply."""
     defaults = dict(defaults or {})
     group = parser.add_argument_group("SageMaker", "run this job as a SageMaker Processing job")
-    for f in dataclasses.fields(SageMakerSettings):
-        flag = "--sagemaker-" + f.name.replace("_", "-")
-        default = defaults.get(f.name, f.default)
-        env_name = SageMakerSettings.env_prefix + f.name.upper()
-        help_text = f"{FLAG_HELP[f.name]} (env {env_name}; default {default!r})"
-        if f.name == "env":
-            group.add_argument(
-                flag, dest="sagemaker_env", action="append", default=None, metavar="KEY=VALUE", help=help_text
-            )
-        elif f.name == "run":
-            group.add_argument(
-                flag, dest="sagemaker_run", default=None, metavar="yes|no|local", help=help_text
-            )
-        else:
-            group.add_argument(flag, dest="sagemaker_" + f.name, default=None, help=help_text)
+    SageMakerSettings.add_arguments(group, defaults=defaults)
     group.add_argument(
         "--sagemaker-config",
         dest="sagemaker_config",
@@ -231,14 +191,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] |
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> SageMakerSettings:
-    """The settings the parsed ``args`` name (flags > config file > environment > code defaults)."""
-    options: dict[str, Any] = {}
-    for f in dataclasses.fields(SageMakerSettings):
-        v = getattr(args, "sagemaker_" + f.name, None)
-        if v is not None:
-            options[f.name] = tuple(v) if f.name == "env" else v
+    """The settings the parsed ``args`` name (flags > environment > config file > code defaults)."""
     return SageMakerSettings.build(
-        options,
+        SageMakerSettings.flag_values(args),
         config=getattr(args, "sagemaker_config", None),
         environ=environ,
         defaults=getattr(args, "_sagemaker_defaults", None),

@@ -74,7 +74,9 @@ def embed_dataset(
 
         embedder = driver_embedder(settings)  # on the driver's CPU; the workers load their own
     if embedder is None:
-        embedder = settings.build_embedder()
+        from embedkit.engine import build_embedder
+
+        embedder = build_embedder(settings)
     modality: Modality = TextModality()
     if settings.modality != "text":  # images: img2dataset shards or URL lists, a CLIP model
         from embedkit.batch.images import ImageModality, resolve_modality

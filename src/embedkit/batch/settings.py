@@ -1,17 +1,17 @@
-"""Settings of the batch job: engine fields plus the job's own, from env, a YAML file and flags.
+"""Settings of the batch job: engine fields plus the job's own, from flags, env and a YAML file.
 
-Precedence: flag > ``--config`` YAML file > environment (``EMBEDKIT_<FIELD>``) > default. The option
-names of the command lines embedkit replaces (``--input-path``, ``--input_dir``, ``model_directory``,
-``no_checkpoint``...) are accepted as aliases in the YAML file as on the command line.
+Precedence, as everywhere: flag (or keyword argument) > environment (``EMBEDKIT_<FIELD>``) >
+``--config`` YAML file > default. The option names of the command lines embedkit replaces
+(``--input-path``, ``--input_dir``, ``model_directory``, ``no_checkpoint``...) are declared as
+aliases of their fields, so the YAML file takes them as the command line does.
 
->>> s = JobSettings.build({"input_dir": "data/", "output_dir": "out/", "batch_size": 32})
+>>> s = JobSettings.build({"input_dir": "data/", "output_dir": "out/", "batch_size": 32}, environ={})
 >>> (s.input, s.output, s.batch_size, s.resume)
 ('data/', 'out/', 32, True)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -20,26 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedkit.errors import ConfigError
-from embedkit.settings import EngineSettings, setting
+from embedkit.settings import EngineSettings, parse_config, setting
 
-# Other names for the same field: the spellings of the spot-safe Processing job (--input-path...)
-# and of the img2dataset CLIP job (--input_dir...).
-ALIASES = {
-    "input_path": "input",
-    "input_dir": "input",
-    "output_path": "output",
-    "output_dir": "output",
-    "model_directory": "model",
-    "model_dir": "model",
-}
-# The spot-safe Processing job's --no-checkpoint: process everything again (here: do not skip
-# recorded units).
-NEGATED = {
-    "no_checkpoint": "resume",
-    "no_resume": "resume",
-    "no_normalize": "normalize",
-    "no_truncate": "truncate",
-}
 RESOURCE_CONFIG = "/opt/ml/config/resourceconfig.json"
 DTYPES = ("float32", "float16")
 ENGINES = ("local", "ray")
@@ -49,8 +31,14 @@ ENGINES = ("local", "ray")
 class JobSettings(EngineSettings):
     """Everything ``embedkit embed`` / :func:`embedkit.batch.embed_dataset` accepts."""
 
-    input: str | None = setting(None, "input: a file, a folder, an s3:// prefix, or a glob")
-    output: str | None = setting(None, "output folder, local or s3://")
+    input: str | None = setting(
+        None,
+        "input: a file, a folder, an s3:// prefix, or a glob (same as INPUT)",
+        aliases=("input_path", "input_dir"),
+    )
+    output: str | None = setting(
+        None, "output folder, local or s3:// (same as OUTPUT)", aliases=("output_path", "output_dir")
+    )
     text_column: str | None = setting(
         None, "text column; default the first of text, texto, caption, sentence, content"
     )
@@ -59,8 +47,10 @@ class JobSettings(EngineSettings):
         None, "input columns copied into the output, comma-separated"
     )
     max_samples: int | None = setting(None, "embed only the first N rows of the dataset (testing)")
-    dtype: str = setting("float32", "embedding dtype in the output: float32 or float16")
-    resume: bool = setting(True, "skip units recorded by a previous run of the same job")
+    dtype: str = setting("float32", "embedding dtype in the output: float32 or float16", choices=DTYPES)
+    resume: bool = setting(
+        True, "skip units recorded by a previous run of the same job", negations=("no_checkpoint",)
+    )
     overwrite: bool = setting(False, "replace a job made with other settings instead of refusing")
     num_shards: int | None = setting(
         None, "hosts splitting the units; default from resourceconfig.json, else 1"
@@ -72,7 +62,9 @@ class JobSettings(EngineSettings):
     num_workers: int | None = setting(
         None, "ray engine: actors in the pool (default one per GPU, else one per node); local: logged only"
     )
-    engine: str = setting("local", "local (one engine in this process) or ray (an actor pool on Ray Data)")
+    engine: str = setting(
+        "local", "local (one engine in this process) or ray (an actor pool on Ray Data)", choices=ENGINES
+    )
     ray_address: str | None = setting(
         None,
         "ray engine: the cluster to join (ray://host:10001, host:6379); unset: start a local Ray",
@@ -82,11 +74,17 @@ class JobSettings(EngineSettings):
         None, "ray engine: CPUs each actor reserves (default: its share, leaving some free)"
     )
     gpus_per_worker: float = setting(0.0, "ray engine: GPUs each actor reserves (0: run on CPUs)")
-    aws_region: str | None = setting(None, "S3 region (also --aws_region)")
-    progress: str = setting("auto", "auto (a bar on a terminal, log lines elsewhere), bar, log, none")
+    aws_region: str | None = setting(None, "S3 region")
+    progress: str = setting(
+        "auto",
+        "auto (a bar on a terminal, log lines elsewhere), bar, log, none",
+        choices=("auto", "bar", "log", "none"),
+    )
     log_every: float = setting(30.0, "seconds between progress log lines when not on a terminal")
     modality: str = setting(
-        "auto", "auto (from the data), text, or image (img2dataset shards, URL lists; a CLIP model)"
+        "auto",
+        "auto (from the data), text, or image (img2dataset shards, URL lists; a CLIP model)",
+        choices=("auto", "text", "image"),
     )
     embed_captions: bool = setting(False, "image jobs: also embed captions (caption_embedding column)")
     fetch_workers: int = setting(16, "image URL lists: URLs fetched at once")
@@ -95,20 +93,15 @@ class JobSettings(EngineSettings):
     max_image_bytes: int = setting(20 * 2**20, "image jobs: images over this many bytes are rejected")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.keep_columns, str):
             self.keep_columns = tuple(c.strip() for c in self.keep_columns.split(",") if c.strip())
         elif self.keep_columns is not None:
             self.keep_columns = tuple(str(c) for c in self.keep_columns)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.unit_rows < 1:
             raise ConfigError(f"unit_rows must be >= 1, got {self.unit_rows}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"max_samples must be >= 1, got {self.max_samples}")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.modality not in ("auto", "text", "image"):
-            raise ConfigError(f"modality must be auto, text or image, got {self.modality!r}")
         if self.modality == "text" and self.embed_captions:
             raise ConfigError(
                 "--embed-captions applies to image datasets; with --modality text the captions are the text"
@@ -117,8 +110,6 @@ class JobSettings(EngineSettings):
             raise ConfigError("fetch_workers must be >= 1, fetch_timeout > 0 and fetch_retries >= 0")
         if self.max_image_bytes < 1:
             raise ConfigError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
-        if self.progress not in ("auto", "bar", "log", "none"):
-            raise ConfigError(f"progress must be auto, bar, log or none, got {self.progress!r}")
         for name in ("id", "embedding"):
             if self.keep_columns and name in self.keep_columns:
                 raise ConfigError(
@@ -126,27 +117,11 @@ class JobSettings(EngineSettings):
                 )
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def normalize_keys(cls, values: Mapping[str, Any], origin: str = "options") -> dict[str, Any]:
-        """Map option aliases (``input_dir``, ``no_checkpoint``...) and dashes onto field names."""
-        names = set(cls.field_names())
-        out: dict[str, Any] = {}
-        for key, value in values.items():
-            k = str(key).replace("-", "_")
-            if k in NEGATED:
-                if value is not None:
-                    out[NEGATED[k]] = not _as_bool(value, k)
-                continue
-            k = ALIASES.get(k, k)
-            if k not in names:
-                raise ConfigError(
-                    f"{origin}: unknown option {key!r}; valid options: {', '.join(sorted(names))}"
-                )
-            out[k] = value
-        return out
+    def config_values(cls, config: str | Mapping[str, Any] | None) -> dict[str, Any]:
+        """A ``--config`` file's fields; the file may be local or ``s3://`` (read through storage)."""
+        if isinstance(config, str) and config:
+            return cls.normalize_keys(load_config(config), origin=config)
+        return super().config_values(config)
 
     @classmethod
     def build(
@@ -154,44 +129,24 @@ class JobSettings(EngineSettings):
         options: Mapping[str, Any] | None = None,
         *,
         config: str | Mapping[str, Any] | None = None,
-        environ=None,
+        environ: Mapping[str, str] | None = None,
     ) -> JobSettings:
-        """Settings from defaults < environment < ``config`` (a YAML file, or its mapping) < ``options``."""
-        merged: dict[str, Any] = {}
-        if config:
-            values = load_config(config) if isinstance(config, str) else config
-            merged.update(cls.normalize_keys(values, origin=config if isinstance(config, str) else "config"))
-        merged.update({k: v for k, v in cls.normalize_keys(options or {}).items() if v is not None})
-        return cls.from_env(environ, **merged)
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    from embedkit.settings import parse_bool
-
-    return parse_bool(value, name)
+        """Settings from ``options`` (flags, keyword arguments) > environment > ``config`` (a YAML
+        file, or its mapping) > default; see :meth:`~embedkit.settings.Settings.resolve`."""
+        return cls.resolve(options, environ=environ, config=config)
 
 
 def load_config(path: str) -> dict[str, Any]:
     """A flat YAML (or JSON) mapping of job options; local path or s3://."""
-    import yaml
-
     from embedkit.io.fs import get_fs
 
     fs, p = get_fs(path)
     try:
         with fs.open(p, "rb") as fh:
-            data = yaml.safe_load(fh.read())
+            raw = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {path} must hold a mapping of option: value, got {type(data).__name__}"
-        )
-    return data
+    return parse_config(raw, path)
 
 
 @dataclass(frozen=True)

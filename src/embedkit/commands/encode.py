@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    embedder = EngineSettings.from_args(args).build_embedder()
+    from embedkit.engine import build_embedder
+
+    embedder = build_embedder(EngineSettings.from_args(args))
     vecs = embedder.encode(texts)
     json.dump(
         {"model": embedder.model.name, "dimension": embedder.dimension, "embeddings": vecs.tolist()},

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+
+from embedkit.settings import EngineSettings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,21 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "into <dir>/.embedkit/graphs/<digest>/, where the engine finds it when the model's content "
         "hash, precision, outputs and ONNX Runtime version match. Exit 1 when the model gets no graph.",
     )
-    bake.add_argument(
-        "--model",
-        default=os.environ.get("EMBEDKIT_MODEL") or "default",
-        help="default, a local dir, a model.tar.gz, s3://... (env EMBEDKIT_MODEL; default: default)",
-    )
+    # --model and --pooling as the server takes them (flag > EMBEDKIT_MODEL / HF_MODEL_ID > default)
+    EngineSettings.add_arguments(bake, skip=tuple(set(EngineSettings.field_names()) - {"model", "pooling"}))
     bake.add_argument(
         "--into", default=None, help="folder that receives .embedkit/graphs/ (default: the model's folder)"
     )
-    bake.add_argument("--pooling", default=None, help="the pooling the server will run with, if overridden")
     bake.set_defaults(func=_bake)
 
 
 def _bake(args: argparse.Namespace) -> int:
     from embedkit.engine.bake import bake_graph
 
-    info = bake_graph(args.model, args.into, pooling=args.pooling)
+    engine = EngineSettings.from_args(args)
+    info = bake_graph(engine.model, args.into, pooling=engine.pooling)
     print(json.dumps(info, indent=2))
     return 0 if info["baked"] else 1

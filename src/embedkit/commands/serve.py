@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     environ = os.environ
     engine = EngineSettings.from_args(args)
-    explicit = args.model or environ.get("EMBEDKIT_MODEL") or environ.get("HF_MODEL_ID")
+    explicit = engine.model if engine.source("model") != "default" else None  # flag or env
     engine.model, model_dir = choose_model(explicit, environ)
     server = ServerSettings.from_args(args)
     level = environ.get("SAGEMAKER_CONTAINER_LOG_LEVEL")

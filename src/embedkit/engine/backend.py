@@ -45,11 +45,16 @@ PROBE_BUDGET_S = 5.0
 PROBE_MARGIN = 1.05
 
 
+# What ``Embedder(backend=None)`` runs. The engine reads no environment: ``--backend`` /
+# ``EMBEDKIT_BACKEND`` are resolved by the settings layer and passed in; a test suite may pin this.
+DEFAULT_BACKEND = "auto"
+
+
 def resolve_backend(name: str | None) -> str:
     """Normalise a backend name (``auto``, ``torch``, ``onnx``/``onnxruntime``/``ort``); ``None``
-    takes ``EMBEDKIT_BACKEND`` from the environment, else ``auto``."""
+    is :data:`DEFAULT_BACKEND` (``auto``)."""
     if name is None:
-        name = os.environ.get("EMBEDKIT_BACKEND") or "auto"
+        name = DEFAULT_BACKEND
     value = name.strip().lower()
     value = {"onnxruntime": "onnx", "ort": "onnx", "pytorch": "torch"}.get(value, value)
     if value not in BACKENDS:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 
 import torch
@@ -16,7 +15,8 @@ from embedkit.errors import ConfigError, DeviceError
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-_ALIASES = {
+# Spellings of each precision, lower case.
+PRECISION_ALIASES = {
     "float32": "fp32",
     "fp32": "fp32",
     "exact": "fp32",
@@ -28,7 +28,6 @@ _ALIASES = {
     "int8": "int8",
     "qint8": "int8",
 }
-DEVICE_ALIASES = _ALIASES  # public name of the precision aliases, for embedkit.batch.ray_runner
 # Compute budget (padded tokens per batch) on CPU: large enough that matmuls run near peak, small
 # enough that activations stay in cache-friendly sizes. Measured with `make bench`'s mixed corpus on
 # an idle 2-core AMX CPU, fp32, three interleaved rounds: 4096 tokens 10.1 s, 8192 10.3 s, 16384
@@ -106,7 +105,7 @@ def cpu_supports_int8() -> bool:
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
     """Normalise a precision name and check ``device`` can run it."""
-    name = _ALIASES.get((precision or "fp32").strip().lower())
+    name = PRECISION_ALIASES.get((precision or "fp32").strip().lower())
     if name is None:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if name == "fp16" and device.type == "cpu":
@@ -136,10 +135,11 @@ def torch_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def prepare_module(
-    module: torch.nn.Module, device: torch.device, precision: str
+    module: torch.nn.Module, device: torch.device, precision: str, *, cpu_fusion: bool = True
 ) -> tuple[torch.nn.Module, int]:
     """``module`` on ``device`` in ``precision``, ready for inference: cast (fp32/bf16/fp16) or
-    quantised (int8, from fp32), and on CPU with its linear layers fused (fp32/bf16).
+    quantised (int8, from fp32), and on CPU with its linear layers fused (fp32/bf16) unless
+    ``cpu_fusion`` is False.
 
     Returns the module (in eval mode) and the number of modules :func:`fuse_for_cpu` replaced."""
     if precision == "int8":
@@ -148,7 +148,7 @@ def prepare_module(
         fused = 0
     else:
         module = module.to(device=device, dtype=torch_dtype(precision, device))
-        fused = fuse_for_cpu(module) if device.type == "cpu" else 0
+        fused = fuse_for_cpu(module) if device.type == "cpu" and cpu_fusion else 0
     return module.eval(), fused
 
 
@@ -171,11 +171,10 @@ def auto_batch_tokens(
 
     GPU: a quarter of free memory divided by the activation bytes one token needs in the worst layer
     (hidden states, the 4x feed-forward and one attention row at the model's width). CPU: the
-    measured sweet spot, since batches beyond it do not run faster and only cost memory.
+    measured sweet spot, since batches beyond it do not run faster and only cost memory. (An
+    explicit budget, ``--max-batch-tokens`` / ``EMBEDKIT_MAX_BATCH_TOKENS``, never reaches here: the
+    settings layer resolves it and the embedder takes it as given.)
     """
-    env = os.environ.get("EMBEDKIT_MAX_BATCH_TOKENS")
-    if env and env.strip() not in ("", "0", "auto"):
-        return int(env)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         bytes_per_token = 4 * (hidden_size * 8 + num_heads * 512)

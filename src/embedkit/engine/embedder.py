@@ -141,7 +141,7 @@ class Embedder:
         truncate: cut inputs longer than the model's maximum (default, counted) or raise naming them.
         prompt_name: a prompt from the model's ``config_sentence_transformers.json`` to prepend.
         pooling: override the pooling mode (``mean``, ``cls``, ``max``, ``lasttoken``, ...).
-        backend: ``auto`` (the default, or ``EMBEDKIT_BACKEND``: ONNX Runtime for the small
+        backend: ``auto`` (the default, ``None``: ONNX Runtime for the small
             batches where it measured faster on this machine, torch for the rest), ``torch``, or
             ``onnx`` (every batch on ONNX Runtime). ONNX Runtime runs fp32 on CPU for the BERT family, XLM-RoBERTa and MPNet;
             elsewhere torch runs, with one log line saying why. Backends agree within 1e-5, not
@@ -149,6 +149,11 @@ class Embedder:
         defer_graph: with ``auto``, find (or export) the graph now but open it and measure later,
             through :meth:`open_graph` and :meth:`use_graph` (what ``embedkit serve`` does once it
             answers, so neither counts in its cold start).
+        cpu_fusion: fuse linear layers (and Linear+GELU) into oneDNN kernels on CPU (fp32/bf16);
+            see :mod:`embedkit.engine.cpu_fusion`.
+
+    The engine reads no environment variable: ``EMBEDKIT_*`` settings are resolved by
+    :mod:`embedkit.settings` and passed in (:func:`embedkit.engine.build_embedder`).
     """
 
     def __init__(
@@ -167,6 +172,7 @@ class Embedder:
         num_threads: int | None = None,
         backend: str | None = None,
         defer_graph: bool = False,
+        cpu_fusion: bool = True,
     ) -> None:
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -180,6 +186,7 @@ class Embedder:
         self.precision = resolve_precision(precision, self.device)
         self.normalize = self.model.normalize if normalize is None else bool(normalize)
         self.truncate = truncate
+        self.cpu_fusion = bool(cpu_fusion)
         self.max_batch_size = int(max_batch_size) if max_batch_size else None
         self.prompt_name = prompt_name
         if prompt_name is not None and prompt_name not in self.model.prompts:
@@ -224,7 +231,7 @@ class Embedder:
     # ----------------------------------------------------------------- set-up
     def _prepare_model(self) -> None:
         self._transformer, self.fused_modules = prepare_module(
-            self.model.transformer, self.device, self.precision
+            self.model.transformer, self.device, self.precision, cpu_fusion=self.cpu_fusion
         )
         self._dense = [layer.to(self.device).float().eval() for layer in self.model.dense]
         # Extra devices get their own replica; batches are spread over all of them.

@@ -200,6 +200,7 @@ class ImageEmbedder(Embedder):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         backend: str | None = None,
         defer_graph: bool = False,
+        cpu_fusion: bool = True,
     ) -> None:
         if pooling not in (None, "clip"):
             raise ConfigError(
@@ -224,6 +225,7 @@ class ImageEmbedder(Embedder):
             num_threads=num_threads,
             backend=backend,
             defer_graph=defer_graph,
+            cpu_fusion=cpu_fusion,
         )
         self.model: ClipModel = clip
         self.spec = str(model) if not isinstance(model, ClipModel) else str(model.path)
@@ -243,7 +245,9 @@ class ImageEmbedder(Embedder):
 
     # ----------------------------------------------------------------- set-up
     def _prepare_model(self) -> None:
-        clip, self.fused_modules = prepare_module(self.model.clip, self.device, self.precision)
+        clip, self.fused_modules = prepare_module(
+            self.model.clip, self.device, self.precision, cpu_fusion=self.cpu_fusion
+        )
         self._clip = clip
         self._transformer = clip.text_model
         self._dense = []

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from embedkit.engine import Embedder, Tokenized
+from embedkit.engine import Embedder, Tokenized, build_embedder
 from embedkit.errors import ConfigError, NotReadyError
 from embedkit.models.resolve import model_directory
 from embedkit.server.batcher import Batcher
@@ -147,7 +147,7 @@ class Service:
                     "predict_fn cannot use; define predict_fn (or transform_fn) or return an embedkit.Embedder"
                 )
             return model
-        return self.engine_settings.build_embedder(defer_graph=True)
+        return build_embedder(self.engine_settings, defer_graph=True)
 
     def _queue_tokens(self) -> int:
         if self.settings.max_queue_tokens:

@@ -1,7 +1,8 @@
 """Settings of ``embedkit serve``: where to listen, limits, batching, auth and custom handlers.
 
-Every field has an ``EMBEDKIT_*`` environment name and a flag; the SageMaker names are read too
-(``SAGEMAKER_BIND_TO_PORT``, ``SAGEMAKER_PROGRAM``, ``SAGEMAKER_SUBMIT_DIRECTORY``).
+Every field has an ``EMBEDKIT_*`` environment name and a flag, generated from its declaration; the
+SageMaker names are read too (``SAGEMAKER_BIND_TO_PORT``, ``SAGEMAKER_PROGRAM``,
+``SAGEMAKER_SUBMIT_DIRECTORY``). Precedence, as everywhere: flag > environment > default.
 
 >>> s = ServerSettings.from_env({"SAGEMAKER_BIND_TO_PORT": "9000"})
 >>> (s.host, s.port, s.max_body_bytes)
@@ -45,6 +46,7 @@ class ServerSettings(Settings):
         "embeddings",
         "what {'inputs'} on /invocations returns: embeddings ({'embeddings': ...}), tei (a bare list of "
         "vectors, as the TEI SageMaker container) or dlc-exact (token-level, as the HF DLC)",
+        choices=HF_MODES,
     )
     api_key: str | None = setting(None, "bearer token required on every route but /ping", secret=True)
     program: str | None = setting(
@@ -64,8 +66,7 @@ class ServerSettings(Settings):
     graceful_timeout: float = setting(25.0, "seconds to finish in-flight requests after SIGTERM")
 
     def __post_init__(self) -> None:
-        if self.hf_mode not in HF_MODES:
-            raise ConfigError(f"hf_mode must be one of {', '.join(HF_MODES)}, got {self.hf_mode!r}")
+        super().__post_init__()
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be between 1 and 65535, got {self.port}")
         for name in ("max_body_bytes", "max_client_batch_size"):

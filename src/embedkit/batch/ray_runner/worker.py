@@ -69,16 +69,17 @@ def worker_device(settings: JobSettings) -> str:
 
 def driver_embedder(settings: JobSettings) -> Any:
     """The engine the driver fingerprints the job with, loaded on the driver's CPU."""
-    from embedkit.engine.device import DEVICE_ALIASES
+    from embedkit.engine import build_embedder
+    from embedkit.engine.device import PRECISION_ALIASES
 
     require_ray()
     device = worker_device(settings)
     if device == "cpu":
-        return dataclasses.replace(settings, device="cpu").build_embedder()
-    precision = DEVICE_ALIASES.get((settings.precision or "fp32").strip().lower())
+        return build_embedder(dataclasses.replace(settings, device="cpu"))
+    precision = PRECISION_ALIASES.get((settings.precision or "fp32").strip().lower())
     if precision is None:
         raise ConfigError(f"precision {settings.precision!r} is not one of fp32, bf16, fp16, int8")
-    cpu_engine = dataclasses.replace(settings, device="cpu", precision="fp32").build_embedder()
+    cpu_engine = build_embedder(dataclasses.replace(settings, device="cpu", precision="fp32"))
     return _WorkersEngine(cpu_engine, precision, device)
 
 
@@ -96,6 +97,7 @@ def worker_engine_settings(embedder: Any, device: str) -> dict[str, Any]:
         "truncate": embedder.truncate,
         "pooling": embedder.model.pooling,
         "prompt_name": embedder.prompt_name,
+        "cpu_fusion": embedder.cpu_fusion,
     }
 
 
@@ -162,6 +164,7 @@ class UnitWorker:
         import torch
 
         from embedkit import __version__
+        from embedkit.engine import build_embedder
 
         torch.set_num_threads(job.threads)
         if __version__ != job.version:
@@ -169,7 +172,7 @@ class UnitWorker:
                 f"Ray worker {socket.gethostname()} runs embedkit {__version__}, the driver {job.version}: "
                 f"install the same version on every node"
             )
-        embedder = EngineSettings(**job.engine).build_embedder()
+        embedder = build_embedder(EngineSettings(**job.engine))
         got = model_fingerprint(embedder)
         diff = {k: (job.fingerprint.get(k), v) for k, v in got.items() if job.fingerprint.get(k) != v}
         if diff:
