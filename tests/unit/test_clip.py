@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from embedkit.engine import build_embedder
 from embedkit.engine.image import ImageEmbedder, ImageTransform, decode_image
 from embedkit.errors import InvalidImageError, ModelLoadError
 from embedkit.models.clip import is_clip_dir, load_clip_model, read_preprocess
@@ -151,11 +152,11 @@ def test_dimensions_and_normalisation_apply_to_images(clip_embedder):
 
 
 def test_engine_settings_build_an_image_embedder_for_clip_dirs_only(tiny_clip, tiny_model):
-    emb = EngineSettings(model=str(tiny_clip), device="cpu", batch_size=4).build_embedder()
+    emb = build_embedder(EngineSettings(model=str(tiny_clip), device="cpu", batch_size=4))
     assert isinstance(emb, ImageEmbedder)
     assert emb.image_batch_size == 4 and emb.dimension == 16 and emb.max_seq_length == 24
     assert emb.describe()["modality"] == "image+text" and emb.info().pooling == "clip"
-    assert not isinstance(EngineSettings(model=str(tiny_model), device="cpu").build_embedder(), ImageEmbedder)
+    assert not isinstance(build_embedder(EngineSettings(model=str(tiny_model), device="cpu")), ImageEmbedder)
     assert is_clip_dir(tiny_clip) and not is_clip_dir(tiny_model)
     with pytest.raises(ModelLoadError, match="not a CLIP-family model"):
         load_clip_model(tiny_model)
@@ -183,7 +184,7 @@ def test_clip_model_from_an_s3_archive(tiny_clip, clip_embedder, moto_server, s3
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tiny_clip, arcname=".")
     boto3.client("s3", endpoint_url=moto_server).upload_file(str(archive), s3_bucket, "clip/model.tar.gz")
-    emb = EngineSettings(model=f"s3://{s3_bucket}/clip/model.tar.gz", device="cpu").build_embedder()
+    emb = build_embedder(EngineSettings(model=f"s3://{s3_bucket}/clip/model.tar.gz", device="cpu"))
     assert isinstance(emb, ImageEmbedder)
     blobs = [jpeg(40), jpeg(41)]
     np.testing.assert_array_equal(emb.encode_images(blobs), clip_embedder.encode_images(blobs))
