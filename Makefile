@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install clients bench-venvs demo test lint docs format bench clean
+.PHONY: install clients bench-venvs demo test test-fast lint docs format bench clean
 
 install: $(STAMP)
 
@@ -66,6 +66,11 @@ docs: install
 format: install
 	$(BIN)/ruff format src tests bench scripts
 	$(BIN)/ruff check --fix src tests bench scripts
+
+# The inner loop: lint, the docs build and the unit tests not marked slow (no servers, no jobs);
+# a few minutes on 2 cores once .venv exists. `make test` is the full suite CI runs.
+test-fast: lint docs
+	$(BIN)/python -m pytest -q tests/unit -m "not slow"
 
 test: lint docs clients
 	EMBEDKIT_CLIENTS_PYTHON=$(CURDIR)/$(CLIENTS)/bin/python EMBEDKIT_REQUIRE_CLIENTS=1 $(BIN)/python -m pytest -q

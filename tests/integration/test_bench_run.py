@@ -12,6 +12,8 @@ import pytest
 from bench import report
 from bench import run as bench_run
 
+pytestmark = pytest.mark.slow  # ~2 minutes on 2 cores: worker processes and interleaved rounds
+
 
 @pytest.fixture
 def fake_job_door(tmp_path, monkeypatch, tiny_model):
