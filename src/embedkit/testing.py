@@ -232,9 +232,9 @@ def build_tiny_clip(
     import torch
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
-    from embedkit.models.text import _quiet_transformers
+    from embedkit.models.text import quiet_transformers
 
-    _quiet_transformers()  # no progress bars from save_pretrained
+    quiet_transformers()  # no progress bars from save_pretrained
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = _clip_vocab_and_merges()

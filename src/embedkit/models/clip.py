@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from embedkit.errors import ModelLoadError
-from embedkit.models.text import TextModel, _display_name, _quiet_transformers, _read_json
+from embedkit.models.text import TextModel, display_name, quiet_transformers, read_json
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ def read_preprocess(path: Path) -> ImagePreprocess:
     """The image preprocessing of the model in ``path`` (classic or transformers-5 layout)."""
     pre_cfg = path / "preprocessor_config.json"
     if pre_cfg.is_file():
-        return preprocess_from_config(_read_json(pre_cfg))
-    proc_cfg = _read_json(path / "processor_config.json")
+        return preprocess_from_config(read_json(pre_cfg))
+    proc_cfg = read_json(path / "processor_config.json")
     if isinstance(proc_cfg.get("image_processor"), dict):
         return preprocess_from_config(proc_cfg["image_processor"])
     raise ModelLoadError(
@@ -192,7 +192,7 @@ def load_clip_model(path: str | Path, *, normalize: bool | None = None) -> ClipM
     """Load the CLIP model in ``path`` (already resolved to a local directory) on the CPU in float32."""
     from transformers import AutoModel, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     path = Path(path)
     model_type = clip_model_type(path)
     if model_type is None:
@@ -210,7 +210,7 @@ def load_clip_model(path: str | Path, *, normalize: bool | None = None) -> ClipM
     if not hasattr(clip, "get_image_features") or not hasattr(clip, "get_text_features"):
         raise ModelLoadError(f"{path}: {type(clip).__name__} has no image and text towers")
     clip.eval()
-    raw_cfg = _read_json(path / "config.json")
+    raw_cfg = read_json(path / "config.json")
     text_cfg = clip.config.text_config
     limits = [int(text_cfg.max_position_embeddings)]
     tml = getattr(tokenizer, "model_max_length", None)
@@ -224,7 +224,7 @@ def load_clip_model(path: str | Path, *, normalize: bool | None = None) -> ClipM
         normalize=True if normalize is None else bool(normalize),
         max_seq_length=min(limits),
         model_type=model_type,
-        name=_display_name(path, raw_cfg),
+        name=display_name(path, raw_cfg),
         clip=clip,
         image=read_preprocess(path),
         projection_dim=int(clip.config.projection_dim),

@@ -62,7 +62,8 @@ class TextModel:
         return n + sum(p.numel() for layer in self.dense for p in layer.parameters())
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A model directory's JSON file as a dict (``{}`` when absent; :class:`ModelLoadError` when invalid)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -76,7 +77,8 @@ def _is_bge(path: Path, config: dict) -> bool:
     return any("bge" in n.lower() for n in names)
 
 
-def _display_name(path: Path, config: dict) -> str:
+def display_name(path: Path, config: dict) -> str:
+    """The name a model goes by in ``describe()`` and ``/info``: the default model's id, else its folder."""
     from embedkit.models.resolve import DEFAULT_MODEL_ID, default_model_path
 
     try:
@@ -102,7 +104,7 @@ def _max_seq_length(tokenizer: Any, config: Any, declared: int | None) -> int:
 
 
 def _load_dense(module_dir: Path) -> torch.nn.Module:
-    cfg = _read_json(module_dir / "config.json")
+    cfg = read_json(module_dir / "config.json")
     linear = torch.nn.Linear(cfg["in_features"], cfg["out_features"], bias=cfg.get("bias", True))
     state: dict[str, torch.Tensor]
     if (module_dir / "model.safetensors").is_file():
@@ -121,7 +123,8 @@ def _load_dense(module_dir: Path) -> torch.nn.Module:
     return torch.nn.Sequential(linear, act_cls())
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
+    """Silence transformers' warnings and progress bars (best effort)."""
     try:
         from transformers.utils import logging as hf_logging
 
@@ -135,9 +138,9 @@ def load_text_model(path: Path, *, pooling: str | None = None, normalize: bool |
     """Load the model in ``path`` (already resolved to a local directory) on the CPU in float32."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     path = Path(path)
-    modules = _read_json(path / "modules.json") if (path / "modules.json").is_file() else None
+    modules = read_json(path / "modules.json") if (path / "modules.json").is_file() else None
     transformer_dir = path
     pool_mode = None
     use_normalize = False
@@ -150,11 +153,11 @@ def load_text_model(path: Path, *, pooling: str | None = None, normalize: bool |
             mod_dir = path / mod.get("path", "")
             if kind == "Transformer":
                 transformer_dir = mod_dir
-                st_cfg = _read_json(mod_dir / "sentence_bert_config.json")
+                st_cfg = read_json(mod_dir / "sentence_bert_config.json")
                 declared_len = st_cfg.get("max_seq_length")
                 do_lower = bool(st_cfg.get("do_lower_case", False))
             elif kind == "Pooling":
-                pool_cfg = _read_json(mod_dir / "config.json")
+                pool_cfg = read_json(mod_dir / "config.json")
                 pool_mode = pooling_from_st_config(pool_cfg)
                 if pool_cfg.get("include_prompt") is False:
                     raise ModelLoadError(
@@ -180,7 +183,7 @@ def load_text_model(path: Path, *, pooling: str | None = None, normalize: bool |
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"Cannot load the transformer in {transformer_dir}: {exc}") from exc
     transformer.eval()
-    raw_cfg = _read_json(transformer_dir / "config.json")
+    raw_cfg = read_json(transformer_dir / "config.json")
     if modules is None:
         pool_mode = "cls" if _is_bge(path, raw_cfg) else "mean"
         use_normalize = _is_bge(path, raw_cfg)
@@ -190,7 +193,7 @@ def load_text_model(path: Path, *, pooling: str | None = None, normalize: bool |
         pool_mode = pooling
     if normalize is not None:
         use_normalize = bool(normalize)
-    st_model_cfg = _read_json(path / "config_sentence_transformers.json")
+    st_model_cfg = read_json(path / "config_sentence_transformers.json")
     return TextModel(
         path=path,
         tokenizer=tokenizer,
@@ -203,5 +206,5 @@ def load_text_model(path: Path, *, pooling: str | None = None, normalize: bool |
         prompts=dict(st_model_cfg.get("prompts") or {}),
         default_prompt_name=st_model_cfg.get("default_prompt_name"),
         model_type=str(getattr(hf_config, "model_type", "")),
-        name=_display_name(path, raw_cfg),
+        name=display_name(path, raw_cfg),
     )
