@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from embedkit.engine.image import ImageEmbedder, ImageTransform, decode_image
+from embedkit.engine.image import ImageEmbedder
 from embedkit.errors import InvalidImageError, ModelLoadError
-from embedkit.models.clip import is_clip_dir, load_clip_model, read_preprocess
+from embedkit.io.image_decode import decode_image
+from embedkit.models.clip import ImageTransform, is_clip_dir, load_clip_model, read_preprocess
 from embedkit.settings import EngineSettings
 from tests.integration.image_data import encode, image_array, jpeg
 

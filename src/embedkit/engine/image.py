@@ -1,7 +1,8 @@
 """The image engine: encoded images in, CLIP vectors out, in the same space as CLIP text queries.
 
-Three stages, overlapped: *decode* (PIL in a thread pool: EXIF orientation, transparency onto white,
-RGB, resize and crop per the model's processor, kept as uint8), *core* (the vision tower in batches
+Three stages, overlapped: *decode* (in a thread pool: :mod:`embedkit.io.image_decode` for EXIF
+orientation, transparency onto white and RGB, then :class:`~embedkit.models.clip.ImageTransform` to
+resize and crop per the model's processor, kept as uint8), *core* (the vision tower in batches
 of ``image_batch_size``, at the engine's precision) and *post* (projection, normalisation,
 Matryoshka slice). While the model runs one batch the pool decodes the next ones, so the model does
 not wait on JPEG decoding. Texts go through the CLIP text tower with the text engine's own
@@ -21,7 +22,6 @@ Pixels match ``CLIPImageProcessor`` (within float32 rounding), so vectors match 
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import os
 import time
@@ -34,118 +34,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from embedkit.engine.device import inference_context, is_oom, prepare_module
 from embedkit.engine.embedder import Embedder, RunningTotals
 from embedkit.errors import ConfigError, InvalidImageError, OutOfMemoryError
-from embedkit.models.clip import ClipModel, ImagePreprocess, features, load_clip_model
+from embedkit.io.image_decode import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, to_image
+from embedkit.models.clip import ClipModel, ImageTransform, features, load_clip_model
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # decoded size cap (a decompression bomb guard)
-ImageInput = bytes | bytearray | memoryview | Image.Image | np.ndarray
-
-
-def decode_image(
-    data: bytes | bytearray | memoryview, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-) -> Image.Image:
-    """Decode encoded image bytes (JPEG, PNG, WebP, ...) into an RGB image, upright per its EXIF
-    orientation, transparency composited onto white (as CLIP's processor does).
-
-    Raises :class:`~embedkit.errors.InvalidImageError` whose ``kind`` is ``missing image`` (no
-    bytes), ``not an image``, ``image too large`` (over ``max_pixels``), ``truncated image`` or
-    ``undecodable image``.
-    """
-    if data is None or len(data) == 0:
-        raise InvalidImageError("missing image", "no bytes")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise InvalidImageError("not an image", f"{_sniff(data)} is no image format Pillow reads") from None
-    except Image.DecompressionBombError as exc:
-        raise InvalidImageError("image too large", str(exc)) from None
-    except Exception as exc:
-        raise InvalidImageError(_failure_kind(exc), f"{type(exc).__name__}: {exc}") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise InvalidImageError(
-            "image too large", f"{width}x{height} pixels, over the limit of {max_pixels} (max_image_pixels)"
-        )
-    if width == 0 or height == 0:
-        raise InvalidImageError("undecodable image", f"{width}x{height} pixels")
-    try:
-        img.load()
-    except Exception as exc:
-        detail = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-        raise InvalidImageError(_failure_kind(exc), detail) from None
-    try:
-        img = ImageOps.exif_transpose(img) or img
-    except Exception:  # a damaged EXIF block: keep the pixels as stored
-        pass
-    return to_rgb(img)
-
-
-def _failure_kind(exc: BaseException) -> str:
-    """``truncated image`` when Pillow says the data ended early, else ``undecodable image``."""
-    msg = str(exc).lower()
-    cut = isinstance(exc, (OSError, EOFError)) and ("truncated" in msg or "broken data stream" in msg)
-    return "truncated image" if cut or isinstance(exc, EOFError) else "undecodable image"
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white (what transformers' CLIP processor does)."""
-    if img.mode == "RGB":
-        return img
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _sniff(data: bytes | bytearray | memoryview) -> str:
-    head = bytes(data[:16])
-    if head.lstrip().startswith((b"<", b"{", b"[")):
-        return "text/markup"
-    return f"{len(data)} bytes starting {head[:8].hex()}"
-
-
-class ImageTransform:
-    """Resize + center crop as the model's processor does, on the CPU, into uint8 ``(H, W, 3)``."""
-
-    def __init__(self, pre: ImagePreprocess) -> None:
-        self.pre = pre
-        self.out_h, self.out_w = pre.output_size
-
-    def __call__(self, img: Image.Image) -> np.ndarray:
-        pre = self.pre
-        w, h = img.size
-        if pre.shortest_edge is not None:
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = pre.shortest_edge, int(pre.shortest_edge * long / short)
-            size = (new_short, new_long) if w <= h else (new_long, new_short)
-            if size != (w, h):
-                img = img.resize(size, resample=pre.resample)
-        elif pre.resize_to is not None and (h, w) != pre.resize_to:
-            img = img.resize((pre.resize_to[1], pre.resize_to[0]), resample=pre.resample)
-        arr = np.asarray(img, dtype=np.uint8)
-        if pre.crop is not None:
-            arr = _center_crop(arr, *pre.crop)
-        return arr
-
-
-def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
-    """Center crop to ``(ch, cw)``, zero-padding a side that is smaller (as transformers does)."""
-    h, w = arr.shape[:2]
-    if h >= ch and w >= cw:
-        top, left = (h - ch) // 2, (w - cw) // 2
-        return arr[top : top + ch, left : left + cw]
-    out = np.zeros((max(h, ch), max(w, cw), arr.shape[2]), dtype=arr.dtype)
-    top, left = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
-    out[top : top + h, left : left + w] = arr
-    top, left = (out.shape[0] - ch) // 2, (out.shape[1] - cw) // 2
-    return out[top : top + ch, left : left + cw]
 
 
 @dataclass
@@ -232,12 +129,6 @@ class ImageEmbedder(Embedder):
         self.decode_workers = int(decode_workers or max(2, min(8, os.cpu_count() or 2)))
         self.max_image_pixels = int(max_image_pixels)
         self.transform = ImageTransform(clip.image)
-        pre = clip.image
-        self._scale = float(pre.rescale_factor) if pre.rescale_factor is not None else 1.0
-        mean = pre.mean if pre.mean is not None else (0.0, 0.0, 0.0)
-        std = pre.std if pre.std is not None else (1.0, 1.0, 1.0)
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.image_stats = ImageStats()
         self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="embedkit-decode")
 
@@ -279,20 +170,7 @@ class ImageEmbedder(Embedder):
     def load_image(self, image: ImageInput) -> np.ndarray:
         """One image (encoded bytes, a PIL image, or an ``(H, W, 3)`` uint8 array) as the model's
         uint8 ``(H, W, 3)`` input. Raises :class:`~embedkit.errors.InvalidImageError`."""
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise InvalidImageError(
-                    "undecodable image", "arrays must be uint8 of shape (height, width, 3)"
-                )
-            image = Image.fromarray(image)
-        elif isinstance(image, Image.Image):
-            image = to_rgb(image)
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            image = decode_image(image, max_pixels=self.max_image_pixels)
-        else:
-            kind = "null" if image is None else type(image).__name__
-            raise InvalidImageError("missing image" if image is None else "not an image", f"got {kind}")
-        return self.transform(image)
+        return self.transform(to_image(image, max_pixels=self.max_image_pixels))
 
     def load_images(self, images: Sequence[ImageInput]) -> list[np.ndarray | InvalidImageError]:
         """Decode ``images`` on the decode pool; each entry is an array or the error it raised."""
@@ -311,8 +189,7 @@ class ImageEmbedder(Embedder):
             batch = batch.pin_memory().to(device, non_blocking=True)
         elif device.type != "cpu":
             batch = batch.to(device)
-        x = batch.float() * self._scale
-        return (x - self._mean.to(device)) / self._std.to(device)
+        return self.transform.normalize(batch)
 
     def _forward_images(self, arrays: Sequence[np.ndarray], replica: int = 0) -> torch.Tensor:
         device, clip, _ = self._replicas[replica]
