@@ -2,12 +2,13 @@
 
 Three stages, overlapped: *decode* (in a thread pool: :mod:`embedkit.io.image_decode` for EXIF
 orientation, transparency onto white and RGB, then :class:`~embedkit.models.clip.ImageTransform` to
-resize and crop per the model's processor, kept as uint8), *core* (the vision tower in batches
-of ``image_batch_size``, at the engine's precision) and *post* (projection, normalisation,
-Matryoshka slice). While the model runs one batch the pool decodes the next ones, so the model does
-not wait on JPEG decoding. Texts go through the CLIP text tower with the text engine's own
-tokenisation and token-budget batching (:class:`ImageEmbedder` is an :class:`~embedkit.Embedder`),
-so ``encode(["a photo of a cat"])`` and ``encode_images([jpeg_bytes])`` are directly comparable.
+resize and crop per the model's processor, kept as uint8), *core* (the vision tower in batches of
+``image_batch_size``, at the engine's precision, run by :class:`~embedkit.engine.runner.ModelRunner`)
+and *post* (projection, normalisation, Matryoshka slice). While the model runs one batch the pool
+decodes the next ones, so the model does not wait on JPEG decoding. Texts go through the CLIP text
+tower with the text engine's own tokenisation and token-budget batching (:class:`ImageEmbedder` is
+an :class:`~embedkit.Embedder`), so ``encode(["a photo of a cat"])`` and
+``encode_images([jpeg_bytes])`` are directly comparable.
 
 Pixels match ``CLIPImageProcessor`` (within float32 rounding), so vectors match transformers'
 ``CLIPModel.get_image_features`` / ``get_text_features`` (normalised) to 1e-5.
@@ -21,10 +22,7 @@ Pixels match ``CLIPImageProcessor`` (within float32 rounding), so vectors match 
 
 from __future__ import annotations
 
-import copy
-import logging
 import os
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,13 +34,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from embedkit.engine.device import inference_context, is_oom, prepare_module
-from embedkit.engine.embedder import Embedder, RunningTotals
+from embedkit.engine.embedder import Embedder
+from embedkit.engine.runner import Replica, RunningTotals, Workload
 from embedkit.errors import ConfigError, InvalidImageError, OutOfMemoryError
 from embedkit.io.image_decode import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, to_image
 from embedkit.models.clip import ClipModel, ImageTransform, features, load_clip_model
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,21 +78,11 @@ class ImageEmbedder(Embedder):
         self,
         model: str | Path | ClipModel,
         *,
-        device: str = "auto",
-        precision: str = "fp32",
-        max_batch_tokens: int | str | None = "auto",
-        max_batch_size: int | None = None,
-        normalize: bool | None = None,
-        dimensions: int | None = None,
-        truncate: bool = True,
-        prompt_name: str | None = None,
         pooling: str | None = None,
-        num_threads: int | None = None,
         image_batch_size: int | None = None,
         decode_workers: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        backend: str | None = None,
-        defer_graph: bool = False,
+        **engine: Any,
     ) -> None:
         if pooling not in (None, "clip"):
             raise ConfigError(
@@ -108,24 +94,11 @@ class ImageEmbedder(Embedder):
             from embedkit.models import resolve_model
 
             clip = load_clip_model(resolve_model(model))
-        super().__init__(
-            clip,
-            device=device,
-            precision=precision,
-            max_batch_tokens=max_batch_tokens,
-            max_batch_size=max_batch_size,
-            normalize=normalize,
-            dimensions=dimensions,
-            truncate=truncate,
-            prompt_name=prompt_name,
-            num_threads=num_threads,
-            backend=backend,
-            defer_graph=defer_graph,
-        )
+        super().__init__(clip, **engine)
         self.model: ClipModel = clip
         self.spec = str(model) if not isinstance(model, ClipModel) else str(model.path)
         default_batch = 128 if self.device.type == "cuda" else 32
-        self.image_batch_size = int(image_batch_size or max_batch_size or default_batch)
+        self.image_batch_size = int(image_batch_size or engine.get("max_batch_size") or default_batch)
         self.decode_workers = int(decode_workers or max(2, min(8, os.cpu_count() or 2)))
         self.max_image_pixels = int(max_image_pixels)
         self.transform = ImageTransform(clip.image)
@@ -134,13 +107,9 @@ class ImageEmbedder(Embedder):
 
     # ----------------------------------------------------------------- set-up
     def _prepare_model(self) -> None:
-        clip, self.fused_modules = prepare_module(self.model.clip, self.device, self.precision)
-        self._clip = clip
-        self._transformer = clip.text_model
-        self._dense = []
-        self._replicas = [(self.device, clip, [])]
-        for dev in self.devices[1:]:
-            self._replicas.append((dev, copy.deepcopy(clip).to(dev), []))
+        """Place the whole CLIP model (both towers) on the runner's devices."""
+        self._clip = self.runner.place(self.model.clip)
+        self._transformer = self._clip.text_model
 
     # ------------------------------------------------------------ description
     def describe(self) -> dict[str, Any]:
@@ -156,15 +125,10 @@ class ImageEmbedder(Embedder):
 
     # ------------------------------------------------------------- text tower
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, replica: int = 0) -> torch.Tensor:
-        device, clip, _ = self._replicas[replica]
-        with inference_context(self.precision, device):
+        clip = self.runner.replicas[replica].module
+        with self.runner.context(replica):
             vecs = features(clip.get_text_features(input_ids=input_ids, attention_mask=mask))
         return vecs.float()
-
-    def _token_level(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with inference_context(self.precision, self.device):
-            out = self._clip.text_model(input_ids=input_ids, attention_mask=mask)
-        return out.last_hidden_state.float()
 
     # ------------------------------------------------------- stage: decode
     def load_image(self, image: ImageInput) -> np.ndarray:
@@ -185,65 +149,42 @@ class ImageEmbedder(Embedder):
     # --------------------------------------------------------- stage: core
     def _pixels(self, arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # uint8 NCHW
-        if device.type == "cuda":
-            batch = batch.pin_memory().to(device, non_blocking=True)
-        elif device.type != "cpu":
-            batch = batch.to(device)
-        return self.transform.normalize(batch)
+        return self.transform.normalize(self.runner.to_device(batch, device))
 
-    def _forward_images(self, arrays: Sequence[np.ndarray], replica: int = 0) -> torch.Tensor:
-        device, clip, _ = self._replicas[replica]
-        try:
-            pixels = self._pixels(arrays, device)
-            dtype = next(clip.vision_model.parameters()).dtype
-            if dtype in (torch.float16, torch.bfloat16):
-                pixels = pixels.to(dtype)
-            t0 = time.perf_counter()
-            with inference_context(self.precision, device):
-                vecs = features(clip.get_image_features(pixel_values=pixels)).float()
-            self.image_stats.add(batches=1, images=len(arrays), model_seconds=time.perf_counter() - t0)
-            return vecs
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            if device.type == "cuda":
-                with torch.cuda.device(device):
-                    torch.cuda.empty_cache()
-            if len(arrays) == 1:
-                raise OutOfMemoryError(f"one image does not fit in memory on {device}") from exc
-            half = len(arrays) // 2
-            self.image_batch_size = max(1, min(self.image_batch_size, half))
-            self.image_stats.add(oom_splits=1)
-            log.warning(
-                "out of memory on %d images; image batch size now %d", len(arrays), self.image_batch_size
-            )
-            return torch.cat(
-                [self._forward_images(arrays[:half], replica), self._forward_images(arrays[half:], replica)]
-            )
+    def _image_forward(self, pixels: torch.Tensor, replica: int) -> tuple[torch.Tensor, dict]:
+        with self.runner.context(replica):
+            out = self.runner.replicas[replica].module.get_image_features(pixel_values=pixels)
+            vecs = features(out).float()
+        return vecs, {"images": len(pixels)}
+
+    def _image_workload(self, arrays: Sequence[np.ndarray]) -> Workload:
+        """The runner's view of ``arrays``: pixel batches, the image batch size as the budget."""
+
+        def prepare(idx: np.ndarray, replica: Replica) -> torch.Tensor:
+            pixels = self._pixels([arrays[i] for i in idx], replica.device)
+            dtype = next(replica.module.vision_model.parameters()).dtype
+            return pixels.to(dtype) if dtype in (torch.float16, torch.bfloat16) else pixels
+
+        def shrink(idx: np.ndarray) -> str:
+            self.image_batch_size = max(1, min(self.image_batch_size, len(idx) // 2))
+            return f"out of memory on {len(idx)} images; image batch size now {self.image_batch_size}"
+
+        return Workload(
+            prepare=prepare,
+            forward=self._image_forward,
+            shrink=shrink,
+            too_big=lambda i, device: OutOfMemoryError(f"one image does not fit in memory on {device}"),
+            stats=self.image_stats,
+        )
 
     def embed_arrays(
         self, arrays: Sequence[np.ndarray], *, normalize: bool | None = None, dimensions: int | None = None
     ) -> np.ndarray:
         """Vectors of already decoded images (uint8 ``(H, W, 3)`` at the model's input size), in
         batches of ``image_batch_size``; rows in input order (float32)."""
-        dims = self._check_dimensions(dimensions) if dimensions is not None else self.dimensions
-        norm = self.normalize if normalize is None else bool(normalize)
-        out = np.empty((len(arrays), dims or self.model.dimension), dtype=np.float32)
-        step = self.image_batch_size
-        spans = [(i, min(i + step, len(arrays))) for i in range(0, len(arrays), step)]
-        if len(self._replicas) > 1 and len(spans) > 1:
-
-            def run(k: int) -> None:
-                a, b = spans[k]
-                vecs = self._forward_images(arrays[a:b], k % len(self._replicas))
-                out[a:b] = self._post(vecs, norm, dims).cpu().numpy()
-
-            with ThreadPoolExecutor(len(self._replicas), thread_name_prefix="embedkit-dev") as pool:
-                list(pool.map(run, range(len(spans))))
-            return out
-        for a, b in spans:
-            out[a:b] = self._post(self._forward_images(arrays[a:b]), norm, dims).cpu().numpy()
-        return out
+        step, n = self.image_batch_size, len(arrays)
+        batches = [np.arange(a, min(a + step, n)) for a in range(0, n, step)]
+        return self._run(self._image_workload(arrays), batches, n, normalize, dimensions)
 
     # ---------------------------------------------------------- public API
     def encode_images(
