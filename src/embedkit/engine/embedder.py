@@ -535,17 +535,10 @@ class Embedder:
 
         A single string gives a 1-D vector.
         """
+        opts = dict(normalize=normalize, dimensions=dimensions, truncate=truncate, prompt_name=prompt_name)
         if isinstance(texts, str):
-            return self.encode(
-                [texts],
-                normalize=normalize,
-                dimensions=dimensions,
-                truncate=truncate,
-                prompt_name=prompt_name,
-            )[0]
-        return self.embed(
-            texts, normalize=normalize, dimensions=dimensions, truncate=truncate, prompt_name=prompt_name
-        ).embeddings
+            return self.encode([texts], **opts)[0]
+        return self.embed(texts, **opts).embeddings
 
     def encode_iter(
         self,
@@ -561,30 +554,18 @@ class Embedder:
         of up to ``chunk_size`` inputs, in input order. Memory stays bounded by the chunk size; the
         next chunk is tokenised while the model runs the current one."""
         it = iter(texts)
-        offset = 0
 
-        def take(start: int) -> tuple[int, Tokenized | None, BaseException | None]:
+        def take(start: int) -> Tokenized | None:  # an error raised here re-raises from result()
             chunk = list(itertools.islice(it, chunk_size))
             if not chunk:
-                return start, None, None
-            try:
-                return (
-                    start,
-                    self.tokenize(chunk, truncate=truncate, prompt_name=prompt_name, offset=start),
-                    None,
-                )
-            except BaseException as exc:  # re-raised in the caller's thread
-                return start, None, exc
+                return None
+            return self.tokenize(chunk, truncate=truncate, prompt_name=prompt_name, offset=start)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-tok") as tok_pool:
-            fut = tok_pool.submit(take, offset)
-            while True:
-                start, tok, err = fut.result()
-                if err is not None:
-                    raise err
-                if tok is None:
-                    return
-                fut = tok_pool.submit(take, start + len(tok))
+            fut, start = tok_pool.submit(take, 0), 0
+            while (tok := fut.result()) is not None:
+                start += len(tok)
+                fut = tok_pool.submit(take, start)
                 yield self.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
 
     def token_embeddings(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[np.ndarray]:
