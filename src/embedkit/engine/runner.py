@@ -191,7 +191,12 @@ class ModelRunner:
             first = self.replicas[0]
             pending = self._prefetch.submit(work.prepare, batches[0], first)
             for k, batch in enumerate(batches):
-                inputs = pending.result()
+                try:
+                    inputs = pending.result()
+                except Exception as exc:  # out of memory while preparing: run() prepares it again
+                    if not is_oom(exc):
+                        raise
+                    inputs = None
                 if k + 1 < len(batches):
                     pending = self._prefetch.submit(work.prepare, batches[k + 1], first)
                 emit(self.run(work, batch, 0, inputs))
