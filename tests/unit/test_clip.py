@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from embedkit.engine import build_embedder
-from embedkit.engine.image import ImageEmbedder, ImageTransform, decode_image
-from embedkit.errors import InvalidImageError, ModelLoadError
-from embedkit.models.clip import is_clip_dir, load_clip_model, read_preprocess
+from embedkit.engine.image import ImageEmbedder
+from embedkit.errors import InvalidImageError, ModelLoadError, OutOfMemoryError
+from embedkit.io.image_decode import decode_image
+from embedkit.models.clip import ImageTransform, is_clip_dir, load_clip_model, read_preprocess
 from embedkit.settings import EngineSettings
 from tests.integration.image_data import encode, image_array, jpeg
 
@@ -213,3 +214,32 @@ def test_info_describes_a_clip_model(tiny_clip, capsys):
         "clip",
         24,
     )
+
+
+def test_out_of_memory_on_images_splits_the_batch_and_loses_nothing(tiny_clip, clip_embedder):
+    emb = ImageEmbedder(str(tiny_clip), device="cpu", image_batch_size=16)
+    blobs = [jpeg(60 + i) for i in range(12)]
+    real = emb._clip.get_image_features
+
+    def oom_on_big_batches(*args, **kwargs):
+        if kwargs["pixel_values"].shape[0] > 4:
+            raise MemoryError("simulated: batch too large for this device")
+        return real(*args, **kwargs)
+
+    emb._clip.get_image_features = oom_on_big_batches
+    assert np.abs(emb.encode_images(blobs) - clip_embedder.encode_images(blobs)).max() <= 1e-6
+    assert emb.image_stats.oom_splits >= 2 and emb.image_batch_size <= 4
+
+    def always_oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    emb._clip.get_image_features = always_oom
+    with pytest.raises(OutOfMemoryError, match="one image does not fit"):
+        emb.encode_images(blobs[:1])
+
+
+def test_image_replicas_on_several_devices_give_identical_vectors(tiny_clip, clip_embedder):
+    multi = ImageEmbedder(str(tiny_clip), device="cpu,cpu", image_batch_size=3)
+    blobs = [jpeg(70 + i) for i in range(10)]
+    assert np.abs(multi.encode_images(blobs) - clip_embedder.encode_images(blobs)).max() <= 1e-6
+    assert multi.image_stats.batches == 4 and multi.describe()["device"] == "cpu,cpu"

@@ -8,10 +8,9 @@ import tarfile
 import pytest
 
 from embedkit.errors import InvalidImageError
+from embedkit.io.fetch import Fetcher, FetchSettings
 from embedkit.io.fs import get_fs
 from embedkit.io.images import (
-    Fetcher,
-    FetchSettings,
     meta_arrays,
     read_index,
     read_tar,

@@ -173,6 +173,24 @@ def test_out_of_memory_on_a_single_input_is_a_clear_error(tiny_model):
         emb.encode(["hello"])
 
 
+def test_out_of_memory_while_padding_ahead_splits_the_batch_too(tiny_model):
+    # The next batch is padded (and moved to the device) in a helper thread; running out of memory
+    # there splits the batch like running out of memory in the model does.
+    emb = Embedder(str(tiny_model), device="cpu", max_batch_tokens=10_000, backend="torch")
+    texts = [f"hello world {i}" for i in range(40)]
+    expected = emb.encode(texts)
+    real_to_tensors = emb._to_tensors
+
+    def to_tensors_that_ooms_on_big_batches(ids, device=None):
+        if len(ids) > 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_to_tensors(ids, device)
+
+    emb._to_tensors = to_tensors_that_ooms_on_big_batches
+    assert np.abs(emb.encode(texts) - expected).max() <= 1e-6
+    assert emb.stats.oom_splits >= 2
+
+
 def test_fp16_on_cpu_is_refused_with_advice(tiny_model):
     with pytest.raises(DeviceError, match="bf16"):
         Embedder(str(tiny_model), device="cpu", precision="fp16")

@@ -35,11 +35,10 @@ from embedkit.batch.prepare import Prepared
 from embedkit.batch.settings import JobSettings
 from embedkit.batch.state import is_remote_fs
 from embedkit.errors import ConfigError, InputError
+from embedkit.io.fetch import Fetcher, FetchSettings
 from embedkit.io.fs import get_fs, is_remote, list_files
 from embedkit.io.images import (
     META_COLUMNS,
-    Fetcher,
-    FetchSettings,
     ImageRecord,
     image_column,
     meta_arrays,

@@ -14,14 +14,11 @@ the current one; in :meth:`Embedder.encode_iter` the next chunk is tokenised mea
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
-import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +36,7 @@ from embedkit.engine.backend import (
     second_copy_fits,
 )
 from embedkit.engine.batching import pad_batch, plan_batches
-from embedkit.engine.device import (
-    auto_batch_tokens,
-    inference_context,
-    is_oom,
-    prepare_module,
-    resolve_devices,
-    resolve_precision,
-)
+from embedkit.engine.device import auto_batch_tokens
 from embedkit.engine.graph import (
     SUPPORTED_MODEL_TYPES,
     GraphKey,
@@ -56,6 +46,7 @@ from embedkit.engine.graph import (
     graph_outputs,
     runtime_version,
 )
+from embedkit.engine.runner import ModelRunner, Workload
 from embedkit.engine.tokenize import TextTokenizer, Tokenized, validate_texts
 from embedkit.errors import ConfigError, InputError, OutOfMemoryError
 from embedkit.models import ModelInfo, TextModel, cache_dir, content_hash, load_text_model, resolve_model
@@ -79,35 +70,6 @@ class EncodeResult:
     @property
     def num_truncated(self) -> int:
         return int(self.truncated.sum())
-
-
-@dataclass
-class RunningTotals:
-    """Counters that several threads add to; subclasses declare the counters as fields."""
-
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False, kw_only=True)
-
-    def add(self, **kw: float) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self, k, getattr(self, k) + v)
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-
-@dataclass
-class EngineStats(RunningTotals):
-    """Running totals of an :class:`Embedder` (thread-safe updates)."""
-
-    texts: int = 0
-    tokens: int = 0
-    padded_tokens: int = 0
-    truncated: int = 0
-    batches: int = 0
-    onnx_batches: int = 0
-    oom_splits: int = 0
-    model_seconds: float = 0.0
 
 
 def _parse_budget(value: int | str | None) -> int | None:
@@ -181,9 +143,9 @@ class Embedder:
             self.model = model
         else:
             self.model = load_text_model(resolve_model(model), pooling=pooling)
-        self.devices = resolve_devices(device)
-        self.device = self.devices[0]
-        self.precision = resolve_precision(precision, self.device)
+        # Devices, precision, replicas, OOM retries and the spread over devices: see engine/runner.py.
+        runner = self.runner = ModelRunner(device, precision)
+        self.devices, self.device, self.precision = runner.devices, runner.device, runner.precision
         self.normalize = self.model.normalize if normalize is None else bool(normalize)
         self.truncate = truncate
         self.cpu_fusion = bool(cpu_fusion)
@@ -203,6 +165,7 @@ class Embedder:
         self.backend_note = ""
         graph = self._find_or_export_graph()
         self._prepare_model()
+        self.fused_modules = self.runner.fused_modules
         cfg = self.model.transformer.config
         explicit = _parse_budget(max_batch_tokens)
         self.auto_budget = explicit is None
@@ -213,8 +176,7 @@ class Embedder:
             int(getattr(cfg, "num_attention_heads", 12)),
             self.precision,
         )
-        self.stats = EngineStats()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-pre")
+        self.stats = self.runner.stats
         self._onnx: GraphSession | None = None
         self.graph_path: Path | None = None
         self.onnx_max_tokens = 0
@@ -230,22 +192,10 @@ class Embedder:
 
     # ----------------------------------------------------------------- set-up
     def _prepare_model(self) -> None:
-        self._transformer, self.fused_modules = prepare_module(
-            self.model.transformer, self.device, self.precision, cpu_fusion=self.cpu_fusion
+        """Place the model on the runner's devices (the dense layers run in fp32 after it)."""
+        self._transformer = self.runner.place(
+            self.model.transformer, self.model.dense, cpu_fusion=self.cpu_fusion
         )
-        self._dense = [layer.to(self.device).float().eval() for layer in self.model.dense]
-        # Extra devices get their own replica; batches are spread over all of them.
-        self._replicas: list[tuple[torch.device, torch.nn.Module, list[torch.nn.Module]]] = [
-            (self.device, self._transformer, self._dense)
-        ]
-        for dev in self.devices[1:]:
-            self._replicas.append(
-                (
-                    dev,
-                    copy.deepcopy(self._transformer).to(dev),
-                    [copy.deepcopy(d).to(dev) for d in self._dense],
-                )
-            )
 
     # ------------------------------------------------------------ backends
     @property
@@ -490,19 +440,13 @@ class Embedder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         device = device or self.device
         input_ids, mask = pad_batch(ids, self.tokenizer.pad_id)
-        t_ids = torch.from_numpy(input_ids)
-        t_mask = torch.from_numpy(mask)
-        if device.type == "cuda":
-            t_ids = t_ids.pin_memory().to(device, non_blocking=True)
-            t_mask = t_mask.pin_memory().to(device, non_blocking=True)
-        elif device.type != "cpu":
-            t_ids, t_mask = t_ids.to(device), t_mask.to(device)
-        return t_ids, t_mask
+        to_device = self.runner.to_device
+        return to_device(torch.from_numpy(input_ids), device), to_device(torch.from_numpy(mask), device)
 
     # ------------------------------------------------------------- stage: core
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, replica: int = 0) -> torch.Tensor:
-        device, transformer, dense = self._replicas[replica]
-        with inference_context(self.precision, device):
+        _, transformer, dense = self.runner.replicas[replica]
+        with self.runner.context(replica):
             out = transformer(input_ids=input_ids, attention_mask=mask)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
             pooled = pool(self.model.pooling, hidden, mask)
@@ -511,7 +455,7 @@ class Embedder:
         return pooled.float()
 
     def _token_level(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with inference_context(self.precision, self.device):
+        with self.runner.context():
             out = self._transformer(input_ids=input_ids, attention_mask=mask)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return hidden.float()
@@ -524,56 +468,40 @@ class Embedder:
             vecs = torch.nn.functional.normalize(vecs, p=2, dim=1)
         return vecs
 
-    def _run_one(
-        self,
-        tok: Tokenized,
-        idx: np.ndarray,
-        tensors: tuple[torch.Tensor, torch.Tensor] | None,
-        replica: int = 0,
-    ) -> list[tuple[np.ndarray, torch.Tensor]]:
-        """Run the batch ``idx``; on out-of-memory split it in two and lower the budget."""
-        device = self._replicas[replica][0]
-        try:
-            if tensors is None:
-                tensors = self._to_tensors([tok.ids[i] for i in idx], device)
-            t0 = time.perf_counter()
-            padded = int(tensors[0].numel())
-            on_graph = self._onnx is not None and replica == 0 and padded <= self.onnx_max_tokens
-            if on_graph:
-                vecs = torch.from_numpy(self._onnx.run(tensors[0].numpy(), tensors[1].numpy()))
-            else:
-                vecs = self._forward(*tensors, replica=replica)
-            self.stats.add(
-                model_seconds=time.perf_counter() - t0,
-                batches=1,
-                onnx_batches=int(on_graph),
-                padded_tokens=padded,
+    def _run_model(self, tensors: tuple[torch.Tensor, ...], replica: int) -> tuple[torch.Tensor, dict]:
+        """One padded batch on ONNX Runtime (the first replica, when the backend plan gives it this
+        many padded tokens) or on torch; the vectors and the counters the runner adds to stats."""
+        padded = int(tensors[0].numel())
+        on_graph = self._onnx is not None and replica == 0 and padded <= self.onnx_max_tokens
+        if on_graph:
+            vecs = torch.from_numpy(self._onnx.run(tensors[0].numpy(), tensors[1].numpy()))
+        else:
+            vecs = self._forward(*tensors, replica=replica)
+        return vecs, {"onnx_batches": int(on_graph), "padded_tokens": padded}
+
+    def _workload(self, tok: Tokenized) -> Workload:
+        """The runner's view of ``tok``: padded batches, this engine's budget, errors naming the input."""
+
+        def shrink(idx: np.ndarray) -> str:
+            longest = int(tok.lengths[idx].max())
+            self.max_batch_tokens = max(longest, min(self.max_batch_tokens, len(idx) // 2 * longest))
+            return f"out of memory on a batch of {len(idx)}; splitting, budget now {self.max_batch_tokens}"
+
+        def too_big(i: int, device: torch.device) -> OutOfMemoryError:
+            return OutOfMemoryError(
+                f"input {i} ({int(tok.lengths[i])} tokens) does not fit in memory on {device} even "
+                f"alone; lower max_seq_length or use a device with more memory",
+                index=i,
             )
-            return [(idx, vecs)]
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            tensors = None
-            if device.type == "cuda":
-                with torch.cuda.device(device):
-                    torch.cuda.empty_cache()
-            if len(idx) == 1:
-                i = int(idx[0])
-                raise OutOfMemoryError(
-                    f"input {i} ({int(tok.lengths[i])} tokens) does not fit in memory on {device} even "
-                    f"alone; lower max_seq_length or use a device with more memory",
-                    index=i,
-                ) from exc
-            half = len(idx) // 2
-            longest = int(max(tok.lengths[i] for i in idx))
-            self.max_batch_tokens = max(longest, min(self.max_batch_tokens, half * longest))
-            self.stats.add(oom_splits=1)
-            log.warning(
-                "out of memory on a batch of %d; splitting, budget now %d", len(idx), self.max_batch_tokens
-            )
-            return self._run_one(tok, idx[:half], None, replica) + self._run_one(
-                tok, idx[half:], None, replica
-            )
+
+        return Workload(
+            prepare=lambda idx, replica: self._to_tensors([tok.ids[i] for i in idx], replica.device),
+            forward=self._run_model,
+            shrink=shrink,
+            too_big=too_big,
+            stats=self.stats,
+            cost=lambda idx: len(idx) * int(tok.lengths[idx].max()),
+        )
 
     def embed_tokenized(
         self,
@@ -583,51 +511,20 @@ class Embedder:
         dimensions: int | None = None,
     ) -> np.ndarray:
         """Embed already tokenised inputs; rows come back in ``tok``'s order (float32)."""
-        n = len(tok)
-        dims = self._check_dimensions(dimensions) if dimensions is not None else self.dimensions
-        norm = self.normalize if normalize is None else bool(normalize)
-        out_dim = dims or self.model.dimension
-        result = np.empty((n, out_dim), dtype=np.float32)
-        if n == 0:
-            return result
         batches = plan_batches(tok.lengths, self.max_batch_tokens, self.max_batch_size)
-        if len(self._replicas) > 1:
-            self._embed_on_replicas(tok, batches, result, norm, dims)
-            self.stats.add(texts=n, tokens=tok.num_tokens, truncated=tok.num_truncated)
-            return result
-        # Pad batch k+1 in the helper thread while the model runs batch k.
-        pending: Future | None = self._pool.submit(self._to_tensors, [tok.ids[i] for i in batches[0]])
-        for k, idx in enumerate(batches):
-            tensors = pending.result() if pending is not None else None
-            pending = None
-            if k + 1 < len(batches):
-                nxt = batches[k + 1]
-                pending = self._pool.submit(self._to_tensors, [tok.ids[i] for i in nxt])
-            for sub_idx, vecs in self._run_one(tok, idx, tensors):
-                result[sub_idx] = self._post(vecs, norm, dims).cpu().numpy()
-        self.stats.add(texts=n, tokens=tok.num_tokens, truncated=tok.num_truncated)
+        result = self._run(self._workload(tok), batches, len(tok), normalize, dimensions)
+        self.stats.add(texts=len(tok), tokens=tok.num_tokens, truncated=tok.num_truncated)
         return result
 
-    def _embed_on_replicas(
-        self, tok: Tokenized, batches: list[np.ndarray], result: np.ndarray, norm: bool, dims: int | None
-    ) -> None:
-        """Data parallelism: each replica (one per device) runs its share of the batches in its own
-        thread (torch releases the GIL in kernels); shares are balanced by padded tokens."""
-        shares: list[list[np.ndarray]] = [[] for _ in self._replicas]
-        load = [0] * len(self._replicas)
-        for idx in batches:  # longest first, so greedy least-loaded balances well
-            r = load.index(min(load))
-            shares[r].append(idx)
-            load[r] += len(idx) * int(tok.lengths[idx].max())
-
-        def work(replica: int) -> None:
-            for idx in shares[replica]:
-                for sub_idx, vecs in self._run_one(tok, idx, None, replica):
-                    result[sub_idx] = self._post(vecs, norm, dims).cpu().numpy()
-
-        with ThreadPoolExecutor(max_workers=len(self._replicas), thread_name_prefix="embedkit-dev") as pool_:
-            for fut in [pool_.submit(work, r) for r in range(len(self._replicas))]:
-                fut.result()
+    def _run(
+        self, work: Workload, batches: list, n: int, normalize: bool | None, dims: int | None
+    ) -> np.ndarray:
+        """``n`` rows of float32 vectors: ``batches`` through the runner, then the post stage."""
+        dims = self._check_dimensions(dims) if dims is not None else self.dimensions
+        norm = self.normalize if normalize is None else bool(normalize)
+        out = np.empty((n, dims or self.model.dimension), dtype=np.float32)
+        self.runner.run_all(work, batches, out, lambda vecs: self._post(vecs, norm, dims))
+        return out
 
     # -------------------------------------------------------------- public API
     def embed(
@@ -657,17 +554,10 @@ class Embedder:
 
         A single string gives a 1-D vector.
         """
+        opts = dict(normalize=normalize, dimensions=dimensions, truncate=truncate, prompt_name=prompt_name)
         if isinstance(texts, str):
-            return self.encode(
-                [texts],
-                normalize=normalize,
-                dimensions=dimensions,
-                truncate=truncate,
-                prompt_name=prompt_name,
-            )[0]
-        return self.embed(
-            texts, normalize=normalize, dimensions=dimensions, truncate=truncate, prompt_name=prompt_name
-        ).embeddings
+            return self.encode([texts], **opts)[0]
+        return self.embed(texts, **opts).embeddings
 
     def encode_iter(
         self,
@@ -683,30 +573,18 @@ class Embedder:
         of up to ``chunk_size`` inputs, in input order. Memory stays bounded by the chunk size; the
         next chunk is tokenised while the model runs the current one."""
         it = iter(texts)
-        offset = 0
 
-        def take(start: int) -> tuple[int, Tokenized | None, BaseException | None]:
+        def take(start: int) -> Tokenized | None:  # an error raised here re-raises from result()
             chunk = list(itertools.islice(it, chunk_size))
             if not chunk:
-                return start, None, None
-            try:
-                return (
-                    start,
-                    self.tokenize(chunk, truncate=truncate, prompt_name=prompt_name, offset=start),
-                    None,
-                )
-            except BaseException as exc:  # re-raised in the caller's thread
-                return start, None, exc
+                return None
+            return self.tokenize(chunk, truncate=truncate, prompt_name=prompt_name, offset=start)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-tok") as tok_pool:
-            fut = tok_pool.submit(take, offset)
-            while True:
-                start, tok, err = fut.result()
-                if err is not None:
-                    raise err
-                if tok is None:
-                    return
-                fut = tok_pool.submit(take, start + len(tok))
+            fut, start = tok_pool.submit(take, 0), 0
+            while (tok := fut.result()) is not None:
+                start += len(tok)
+                fut = tok_pool.submit(take, start)
                 yield self.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
 
     def token_embeddings(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[np.ndarray]:
@@ -724,4 +602,4 @@ class Embedder:
         self.encode(["warm up the model"])
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        self.runner.close()

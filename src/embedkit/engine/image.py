@@ -1,12 +1,14 @@
 """The image engine: encoded images in, CLIP vectors out, in the same space as CLIP text queries.
 
-Three stages, overlapped: *decode* (PIL in a thread pool: EXIF orientation, transparency onto white,
-RGB, resize and crop per the model's processor, kept as uint8), *core* (the vision tower in batches
-of ``image_batch_size``, at the engine's precision) and *post* (projection, normalisation,
-Matryoshka slice). While the model runs one batch the pool decodes the next ones, so the model does
-not wait on JPEG decoding. Texts go through the CLIP text tower with the text engine's own
-tokenisation and token-budget batching (:class:`ImageEmbedder` is an :class:`~embedkit.Embedder`),
-so ``encode(["a photo of a cat"])`` and ``encode_images([jpeg_bytes])`` are directly comparable.
+Three stages, overlapped: *decode* (in a thread pool: :mod:`embedkit.io.image_decode` for EXIF
+orientation, transparency onto white and RGB, then :class:`~embedkit.models.clip.ImageTransform` to
+resize and crop per the model's processor, kept as uint8), *core* (the vision tower in batches of
+``image_batch_size``, at the engine's precision, run by :class:`~embedkit.engine.runner.ModelRunner`)
+and *post* (projection, normalisation, Matryoshka slice). While the model runs one batch the pool
+decodes the next ones, so the model does not wait on JPEG decoding. Texts go through the CLIP text
+tower with the text engine's own tokenisation and token-budget batching (:class:`ImageEmbedder` is
+an :class:`~embedkit.Embedder`), so ``encode(["a photo of a cat"])`` and
+``encode_images([jpeg_bytes])`` are directly comparable.
 
 Pixels match ``CLIPImageProcessor`` (within float32 rounding), so vectors match transformers'
 ``CLIPModel.get_image_features`` / ``get_text_features`` (normalised) to 1e-5.
@@ -20,11 +22,7 @@ Pixels match ``CLIPImageProcessor`` (within float32 rounding), so vectors match 
 
 from __future__ import annotations
 
-import copy
-import io
-import logging
 import os
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,118 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from embedkit.engine.device import inference_context, is_oom, prepare_module
-from embedkit.engine.embedder import Embedder, RunningTotals
+from embedkit.engine.embedder import Embedder
+from embedkit.engine.runner import Replica, RunningTotals, Workload
 from embedkit.errors import ConfigError, InvalidImageError, OutOfMemoryError
-from embedkit.models.clip import ClipModel, ImagePreprocess, features, load_clip_model
-
-log = logging.getLogger(__name__)
-
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # decoded size cap (a decompression bomb guard)
-ImageInput = bytes | bytearray | memoryview | Image.Image | np.ndarray
-
-
-def decode_image(
-    data: bytes | bytearray | memoryview, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-) -> Image.Image:
-    """Decode encoded image bytes (JPEG, PNG, WebP, ...) into an RGB image, upright per its EXIF
-    orientation, transparency composited onto white (as CLIP's processor does).
-
-    Raises :class:`~embedkit.errors.InvalidImageError` whose ``kind`` is ``missing image`` (no
-    bytes), ``not an image``, ``image too large`` (over ``max_pixels``), ``truncated image`` or
-    ``undecodable image``.
-    """
-    if data is None or len(data) == 0:
-        raise InvalidImageError("missing image", "no bytes")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise InvalidImageError("not an image", f"{_sniff(data)} is no image format Pillow reads") from None
-    except Image.DecompressionBombError as exc:
-        raise InvalidImageError("image too large", str(exc)) from None
-    except Exception as exc:
-        raise InvalidImageError(_failure_kind(exc), f"{type(exc).__name__}: {exc}") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise InvalidImageError(
-            "image too large", f"{width}x{height} pixels, over the limit of {max_pixels} (max_image_pixels)"
-        )
-    if width == 0 or height == 0:
-        raise InvalidImageError("undecodable image", f"{width}x{height} pixels")
-    try:
-        img.load()
-    except Exception as exc:
-        detail = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-        raise InvalidImageError(_failure_kind(exc), detail) from None
-    try:
-        img = ImageOps.exif_transpose(img) or img
-    except Exception:  # a damaged EXIF block: keep the pixels as stored
-        pass
-    return to_rgb(img)
-
-
-def _failure_kind(exc: BaseException) -> str:
-    """``truncated image`` when Pillow says the data ended early, else ``undecodable image``."""
-    msg = str(exc).lower()
-    cut = isinstance(exc, (OSError, EOFError)) and ("truncated" in msg or "broken data stream" in msg)
-    return "truncated image" if cut or isinstance(exc, EOFError) else "undecodable image"
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white (what transformers' CLIP processor does)."""
-    if img.mode == "RGB":
-        return img
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _sniff(data: bytes | bytearray | memoryview) -> str:
-    head = bytes(data[:16])
-    if head.lstrip().startswith((b"<", b"{", b"[")):
-        return "text/markup"
-    return f"{len(data)} bytes starting {head[:8].hex()}"
-
-
-class ImageTransform:
-    """Resize + center crop as the model's processor does, on the CPU, into uint8 ``(H, W, 3)``."""
-
-    def __init__(self, pre: ImagePreprocess) -> None:
-        self.pre = pre
-        self.out_h, self.out_w = pre.output_size
-
-    def __call__(self, img: Image.Image) -> np.ndarray:
-        pre = self.pre
-        w, h = img.size
-        if pre.shortest_edge is not None:
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = pre.shortest_edge, int(pre.shortest_edge * long / short)
-            size = (new_short, new_long) if w <= h else (new_long, new_short)
-            if size != (w, h):
-                img = img.resize(size, resample=pre.resample)
-        elif pre.resize_to is not None and (h, w) != pre.resize_to:
-            img = img.resize((pre.resize_to[1], pre.resize_to[0]), resample=pre.resample)
-        arr = np.asarray(img, dtype=np.uint8)
-        if pre.crop is not None:
-            arr = _center_crop(arr, *pre.crop)
-        return arr
-
-
-def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
-    """Center crop to ``(ch, cw)``, zero-padding a side that is smaller (as transformers does)."""
-    h, w = arr.shape[:2]
-    if h >= ch and w >= cw:
-        top, left = (h - ch) // 2, (w - cw) // 2
-        return arr[top : top + ch, left : left + cw]
-    out = np.zeros((max(h, ch), max(w, cw), arr.shape[2]), dtype=arr.dtype)
-    top, left = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
-    out[top : top + h, left : left + w] = arr
-    top, left = (out.shape[0] - ch) // 2, (out.shape[1] - cw) // 2
-    return out[top : top + ch, left : left + cw]
+from embedkit.io.image_decode import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, to_image
+from embedkit.models.clip import ClipModel, ImageTransform, features, load_clip_model
 
 
 @dataclass
@@ -185,22 +78,11 @@ class ImageEmbedder(Embedder):
         self,
         model: str | Path | ClipModel,
         *,
-        device: str = "auto",
-        precision: str = "fp32",
-        max_batch_tokens: int | str | None = "auto",
-        max_batch_size: int | None = None,
-        normalize: bool | None = None,
-        dimensions: int | None = None,
-        truncate: bool = True,
-        prompt_name: str | None = None,
         pooling: str | None = None,
-        num_threads: int | None = None,
         image_batch_size: int | None = None,
         decode_workers: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        backend: str | None = None,
-        defer_graph: bool = False,
-        cpu_fusion: bool = True,
+        **engine: Any,
     ) -> None:
         if pooling not in (None, "clip"):
             raise ConfigError(
@@ -212,48 +94,22 @@ class ImageEmbedder(Embedder):
             from embedkit.models import resolve_model
 
             clip = load_clip_model(resolve_model(model))
-        super().__init__(
-            clip,
-            device=device,
-            precision=precision,
-            max_batch_tokens=max_batch_tokens,
-            max_batch_size=max_batch_size,
-            normalize=normalize,
-            dimensions=dimensions,
-            truncate=truncate,
-            prompt_name=prompt_name,
-            num_threads=num_threads,
-            backend=backend,
-            defer_graph=defer_graph,
-            cpu_fusion=cpu_fusion,
-        )
+        super().__init__(clip, **engine)
         self.model: ClipModel = clip
         self.spec = str(model) if not isinstance(model, ClipModel) else str(model.path)
         default_batch = 128 if self.device.type == "cuda" else 32
-        self.image_batch_size = int(image_batch_size or max_batch_size or default_batch)
+        self.image_batch_size = int(image_batch_size or engine.get("max_batch_size") or default_batch)
         self.decode_workers = int(decode_workers or max(2, min(8, os.cpu_count() or 2)))
         self.max_image_pixels = int(max_image_pixels)
         self.transform = ImageTransform(clip.image)
-        pre = clip.image
-        self._scale = float(pre.rescale_factor) if pre.rescale_factor is not None else 1.0
-        mean = pre.mean if pre.mean is not None else (0.0, 0.0, 0.0)
-        std = pre.std if pre.std is not None else (1.0, 1.0, 1.0)
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.image_stats = ImageStats()
         self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="embedkit-decode")
 
     # ----------------------------------------------------------------- set-up
     def _prepare_model(self) -> None:
-        clip, self.fused_modules = prepare_module(
-            self.model.clip, self.device, self.precision, cpu_fusion=self.cpu_fusion
-        )
-        self._clip = clip
-        self._transformer = clip.text_model
-        self._dense = []
-        self._replicas = [(self.device, clip, [])]
-        for dev in self.devices[1:]:
-            self._replicas.append((dev, copy.deepcopy(clip).to(dev), []))
+        """Place the whole CLIP model (both towers) on the runner's devices."""
+        self._clip = self.runner.place(self.model.clip, cpu_fusion=self.cpu_fusion)
+        self._transformer = self._clip.text_model
 
     # ------------------------------------------------------------ description
     def describe(self) -> dict[str, Any]:
@@ -269,34 +125,16 @@ class ImageEmbedder(Embedder):
 
     # ------------------------------------------------------------- text tower
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, replica: int = 0) -> torch.Tensor:
-        device, clip, _ = self._replicas[replica]
-        with inference_context(self.precision, device):
+        clip = self.runner.replicas[replica].module
+        with self.runner.context(replica):
             vecs = features(clip.get_text_features(input_ids=input_ids, attention_mask=mask))
         return vecs.float()
-
-    def _token_level(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with inference_context(self.precision, self.device):
-            out = self._clip.text_model(input_ids=input_ids, attention_mask=mask)
-        return out.last_hidden_state.float()
 
     # ------------------------------------------------------- stage: decode
     def load_image(self, image: ImageInput) -> np.ndarray:
         """One image (encoded bytes, a PIL image, or an ``(H, W, 3)`` uint8 array) as the model's
         uint8 ``(H, W, 3)`` input. Raises :class:`~embedkit.errors.InvalidImageError`."""
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise InvalidImageError(
-                    "undecodable image", "arrays must be uint8 of shape (height, width, 3)"
-                )
-            image = Image.fromarray(image)
-        elif isinstance(image, Image.Image):
-            image = to_rgb(image)
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            image = decode_image(image, max_pixels=self.max_image_pixels)
-        else:
-            kind = "null" if image is None else type(image).__name__
-            raise InvalidImageError("missing image" if image is None else "not an image", f"got {kind}")
-        return self.transform(image)
+        return self.transform(to_image(image, max_pixels=self.max_image_pixels))
 
     def load_images(self, images: Sequence[ImageInput]) -> list[np.ndarray | InvalidImageError]:
         """Decode ``images`` on the decode pool; each entry is an array or the error it raised."""
@@ -311,66 +149,42 @@ class ImageEmbedder(Embedder):
     # --------------------------------------------------------- stage: core
     def _pixels(self, arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # uint8 NCHW
-        if device.type == "cuda":
-            batch = batch.pin_memory().to(device, non_blocking=True)
-        elif device.type != "cpu":
-            batch = batch.to(device)
-        x = batch.float() * self._scale
-        return (x - self._mean.to(device)) / self._std.to(device)
+        return self.transform.normalize(self.runner.to_device(batch, device))
 
-    def _forward_images(self, arrays: Sequence[np.ndarray], replica: int = 0) -> torch.Tensor:
-        device, clip, _ = self._replicas[replica]
-        try:
-            pixels = self._pixels(arrays, device)
-            dtype = next(clip.vision_model.parameters()).dtype
-            if dtype in (torch.float16, torch.bfloat16):
-                pixels = pixels.to(dtype)
-            t0 = time.perf_counter()
-            with inference_context(self.precision, device):
-                vecs = features(clip.get_image_features(pixel_values=pixels)).float()
-            self.image_stats.add(batches=1, images=len(arrays), model_seconds=time.perf_counter() - t0)
-            return vecs
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            if device.type == "cuda":
-                with torch.cuda.device(device):
-                    torch.cuda.empty_cache()
-            if len(arrays) == 1:
-                raise OutOfMemoryError(f"one image does not fit in memory on {device}") from exc
-            half = len(arrays) // 2
-            self.image_batch_size = max(1, min(self.image_batch_size, half))
-            self.image_stats.add(oom_splits=1)
-            log.warning(
-                "out of memory on %d images; image batch size now %d", len(arrays), self.image_batch_size
-            )
-            return torch.cat(
-                [self._forward_images(arrays[:half], replica), self._forward_images(arrays[half:], replica)]
-            )
+    def _image_forward(self, pixels: torch.Tensor, replica: int) -> tuple[torch.Tensor, dict]:
+        with self.runner.context(replica):
+            out = self.runner.replicas[replica].module.get_image_features(pixel_values=pixels)
+            vecs = features(out).float()
+        return vecs, {"images": len(pixels)}
+
+    def _image_workload(self, arrays: Sequence[np.ndarray]) -> Workload:
+        """The runner's view of ``arrays``: pixel batches, the image batch size as the budget."""
+
+        def prepare(idx: np.ndarray, replica: Replica) -> torch.Tensor:
+            pixels = self._pixels([arrays[i] for i in idx], replica.device)
+            dtype = next(replica.module.vision_model.parameters()).dtype
+            return pixels.to(dtype) if dtype in (torch.float16, torch.bfloat16) else pixels
+
+        def shrink(idx: np.ndarray) -> str:
+            self.image_batch_size = max(1, min(self.image_batch_size, len(idx) // 2))
+            return f"out of memory on {len(idx)} images; image batch size now {self.image_batch_size}"
+
+        return Workload(
+            prepare=prepare,
+            forward=self._image_forward,
+            shrink=shrink,
+            too_big=lambda i, device: OutOfMemoryError(f"one image does not fit in memory on {device}"),
+            stats=self.image_stats,
+        )
 
     def embed_arrays(
         self, arrays: Sequence[np.ndarray], *, normalize: bool | None = None, dimensions: int | None = None
     ) -> np.ndarray:
         """Vectors of already decoded images (uint8 ``(H, W, 3)`` at the model's input size), in
         batches of ``image_batch_size``; rows in input order (float32)."""
-        dims = self._check_dimensions(dimensions) if dimensions is not None else self.dimensions
-        norm = self.normalize if normalize is None else bool(normalize)
-        out = np.empty((len(arrays), dims or self.model.dimension), dtype=np.float32)
-        step = self.image_batch_size
-        spans = [(i, min(i + step, len(arrays))) for i in range(0, len(arrays), step)]
-        if len(self._replicas) > 1 and len(spans) > 1:
-
-            def run(k: int) -> None:
-                a, b = spans[k]
-                vecs = self._forward_images(arrays[a:b], k % len(self._replicas))
-                out[a:b] = self._post(vecs, norm, dims).cpu().numpy()
-
-            with ThreadPoolExecutor(len(self._replicas), thread_name_prefix="embedkit-dev") as pool:
-                list(pool.map(run, range(len(spans))))
-            return out
-        for a, b in spans:
-            out[a:b] = self._post(self._forward_images(arrays[a:b]), norm, dims).cpu().numpy()
-        return out
+        step, n = self.image_batch_size, len(arrays)
+        batches = [np.arange(a, min(a + step, n)) for a in range(0, n, step)]
+        return self._run(self._image_workload(arrays), batches, n, normalize, dimensions)
 
     # ---------------------------------------------------------- public API
     def encode_images(

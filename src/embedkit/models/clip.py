@@ -5,7 +5,8 @@ tokenizer files, and ``preprocessor_config.json`` or ``processor_config.json``);
 and prefixes reach it through :func:`~embedkit.models.resolve_model`. The result is a
 :class:`ClipModel`: a :class:`~embedkit.models.TextModel` (so the text engine runs its text tower
 unchanged) that also carries the image tower and the image preprocessing read from the processor's
-configuration.
+configuration; :class:`ImageTransform` does that preprocessing (resize, center crop, normalise) on
+images decoded by :mod:`embedkit.io.image_decode`.
 
 Environment notes (transformers 5): ``CLIPImageProcessor`` needs torchvision, which does not install
 beside a pinned CPU torch; ``AutoImageProcessor`` then gives ``CLIPImageProcessorPil``. embedkit only
@@ -27,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from embedkit.errors import ModelLoadError
 from embedkit.models.text import TextModel, display_name, quiet_transformers, read_config_json
@@ -122,6 +125,54 @@ def read_preprocess(path: Path) -> ImagePreprocess:
         f"{path} holds a CLIP model but no image processor settings (preprocessor_config.json or "
         f"processor_config.json); save the model's processor beside it (processor.save_pretrained(dir))"
     )
+
+
+class ImageTransform:
+    """Resize + center crop as the model's processor does, on the CPU, into uint8 ``(H, W, 3)``
+    (calling it); then :meth:`normalize` rescales a uint8 batch on the model's device."""
+
+    def __init__(self, pre: ImagePreprocess) -> None:
+        self.pre = pre
+        self.out_h, self.out_w = pre.output_size
+        self.scale = float(pre.rescale_factor) if pre.rescale_factor is not None else 1.0
+        mean = pre.mean if pre.mean is not None else (0.0, 0.0, 0.0)
+        std = pre.std if pre.std is not None else (1.0, 1.0, 1.0)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """A uint8 NCHW batch (on any device) as float32 pixels: rescaled, minus mean, over std."""
+        x = batch.float() * self.scale
+        return (x - self.mean.to(batch.device)) / self.std.to(batch.device)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        pre = self.pre
+        w, h = img.size
+        if pre.shortest_edge is not None:
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = pre.shortest_edge, int(pre.shortest_edge * long / short)
+            size = (new_short, new_long) if w <= h else (new_long, new_short)
+            if size != (w, h):
+                img = img.resize(size, resample=pre.resample)
+        elif pre.resize_to is not None and (h, w) != pre.resize_to:
+            img = img.resize((pre.resize_to[1], pre.resize_to[0]), resample=pre.resample)
+        arr = np.asarray(img, dtype=np.uint8)
+        if pre.crop is not None:
+            arr = _center_crop(arr, *pre.crop)
+        return arr
+
+
+def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """Center crop to ``(ch, cw)``, zero-padding a side that is smaller (as transformers does)."""
+    h, w = arr.shape[:2]
+    if h >= ch and w >= cw:
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return arr[top : top + ch, left : left + cw]
+    out = np.zeros((max(h, ch), max(w, cw), arr.shape[2]), dtype=arr.dtype)
+    top, left = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
+    out[top : top + h, left : left + w] = arr
+    top, left = (out.shape[0] - ch) // 2, (out.shape[1] - cw) // 2
+    return out[top : top + ch, left : left + cw]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from embedkit.errors import InputError, InvalidImageError
-from embedkit.io.images import Fetcher, FetchSettings
+from embedkit.io.fetch import Fetcher, FetchSettings
 from embedkit.server.contracts import image as contract
 
 URL_TIMEOUT_SECONDS = 10.0
