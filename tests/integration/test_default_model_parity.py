@@ -10,6 +10,8 @@ from embedkit.engine.device import cpu_supports_bf16
 from embedkit.models import default_model_path
 from tests.parity_texts import parity_texts
 
+pytestmark = pytest.mark.slow  # ~45 s: the real default model on 2 cores
+
 
 @pytest.fixture(scope="module")
 def reference():

@@ -18,6 +18,8 @@ import pytest
 from embedkit.cli import main
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow  # ~30 s: the compose stack's consumer against a live server on 2 cores
+
 ROOT = Path(__file__).resolve().parents[2]
 CONSUMER = ROOT / "deploy" / "compose" / "consumer" / "app.py"
 BIN = Path(sys.executable).parent

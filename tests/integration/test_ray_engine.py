@@ -35,6 +35,8 @@ from tests.integration.batch_data import (
     write_parquet_dataset,
 )
 
+pytestmark = pytest.mark.slow  # ~95 s: Ray clusters and actors on 2 cores
+
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'embedkit[ray]')")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

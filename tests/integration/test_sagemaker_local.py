@@ -10,9 +10,12 @@ import sys
 import textwrap
 
 import boto3
+import pytest
 
 from embedkit.cli import main as cli
 from tests.integration.batch_data import read_parts, write_parquet_dataset
+
+pytestmark = pytest.mark.slow  # ~35 s: local /opt/ml runs on 2 cores
 
 
 def _markers(bucket: str, prefix: str) -> list[dict]:

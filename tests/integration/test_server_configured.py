@@ -10,6 +10,8 @@ import pytest
 
 from tests.contract.serving import ServerProcess, local_runtime_client
 
+pytestmark = pytest.mark.slow  # ~40 s: configured server processes on 2 cores
+
 KEY = "s3cret-test-key"
 
 

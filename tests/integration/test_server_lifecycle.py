@@ -23,6 +23,8 @@ import numpy as np
 
 from embedkit import Embedder
 
+pytestmark = pytest.mark.slow  # ~65 s: server processes started, signalled and stopped on 2 cores
+
 
 def model_fn(model_dir, context):
     release = Path(model_dir) / "release"

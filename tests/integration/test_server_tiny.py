@@ -20,6 +20,8 @@ import pytest
 
 from tests.contract.serving import ServerProcess, local_runtime_client
 
+pytestmark = pytest.mark.slow  # ~90 s: real uvicorn servers on 2 cores
+
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):

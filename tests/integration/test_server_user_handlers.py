@@ -59,6 +59,8 @@ import os
 
 from embedkit import Embedder
 
+pytestmark = pytest.mark.slow  # ~40 s: servers loading user handlers on 2 cores
+
 
 class Unsupported(Exception):
     status_code = 415
