@@ -124,11 +124,17 @@ def moto_server():
             else:
                 os.environ[k] = v
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=10)
+
+
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """Terminate ``proc``; kill it if it has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 _AWS_ENV = (
@@ -150,3 +156,23 @@ def s3_bucket(moto_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def sagemaker_calls(moto_server):
+    """Every SageMaker (and SageMaker runtime) API call boto3 makes during the test: ``(operation,
+    parameters as sent)``."""
+    import copy
+
+    import boto3
+
+    boto3.setup_default_session()
+    calls: list[tuple[str, dict]] = []
+
+    def capture(params, model, **_):
+        calls.append((model.name, copy.deepcopy(params)))
+
+    for service in ("sagemaker", "sagemaker-runtime"):
+        boto3.DEFAULT_SESSION.events.register(f"provide-client-params.{service}.*", capture)
+    yield calls
+    boto3.setup_default_session()

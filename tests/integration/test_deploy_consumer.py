@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from embedkit.cli import main
-from tests.conftest import free_port
+from tests.conftest import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSUMER = ROOT / "deploy" / "compose" / "consumer" / "app.py"
@@ -55,12 +55,7 @@ def served(tiny_model, tmp_path_factory):
             time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc, timeout=40)
 
 
 def run_consumer(env: dict[str, str], *queries: str) -> dict:
