@@ -56,7 +56,9 @@ def _options(normalize: bool | None, dimensions: int | None, truncate: bool | No
 
 
 class _Base:
-    """What both clients share: settings, contract, splitting, decoding, counters."""
+    """What both clients share: settings, contract, transport, splitting, decoding, counters."""
+
+    _http: Any  # the HTTP transport class: sync or async
 
     def __init__(self, settings: ClientSettings | None = None, /, **overrides: Any) -> None:
         if settings is None:
@@ -87,6 +89,10 @@ class _Base:
         )
         self.stats = ClientStats()
         self._lock = threading.Lock()
+        if self.settings.transport == "sagemaker":
+            self._transport: Any = SageMakerTransport(self.settings)
+        else:
+            self._transport = self._http(self.settings, self.contract.path)
 
     @property
     def transport_name(self) -> str:
@@ -116,6 +122,13 @@ class _Base:
             self.stats.retries += int(retry)
             self.stats.failures += int(failure)
 
+    def _failed(self, attempts: Any, failure: TransportFailure) -> float:
+        try:
+            return attempts.failed(failure=failure)
+        except Exception:
+            self._count(failure=True)
+            raise
+
     def _what(self, start: int, end: int) -> str:
         return f"texts[{start}]" if end - start == 1 else f"texts[{start}:{end}]"
 
@@ -138,12 +151,10 @@ class EmbeddingClient(_Base):
     (``EmbeddingClient(endpoint_url="http://localhost:8080", contract="search_term")``), or pass a
     :class:`ClientSettings`."""
 
+    _http = HttpTransport
+
     def __init__(self, settings: ClientSettings | None = None, /, **overrides: Any) -> None:
         super().__init__(settings, **overrides)
-        if self.settings.transport == "sagemaker":
-            self._transport: Any = SageMakerTransport(self.settings)
-        else:
-            self._transport = HttpTransport(self.settings, self.contract.path)
         self._pool: ThreadPoolExecutor | None = None
 
     def embed(
@@ -198,13 +209,6 @@ class EmbeddingClient(_Base):
             log.debug("retrying %s in %.2fs (attempt %d)", attempts.what, delay, attempts.count)
             time.sleep(delay)
 
-    def _failed(self, attempts: Any, failure: TransportFailure) -> float:
-        try:
-            return attempts.failed(failure=failure)
-        except Exception:
-            self._count(failure=True)
-            raise
-
     def close(self) -> None:
         """Close connections and worker threads."""
         if self._pool is not None:
@@ -229,12 +233,7 @@ class AsyncEmbeddingClient(_Base):
     ...         return await client.embed(["hello", "world"])
     """
 
-    def __init__(self, settings: ClientSettings | None = None, /, **overrides: Any) -> None:
-        super().__init__(settings, **overrides)
-        if self.settings.transport == "sagemaker":
-            self._transport: Any = SageMakerTransport(self.settings)
-        else:
-            self._transport = AsyncHttpTransport(self.settings, self.contract.path)
+    _http = AsyncHttpTransport
 
     async def embed(
         self,
@@ -288,11 +287,7 @@ class AsyncEmbeddingClient(_Base):
                     return result
                 delay = attempts.failed(response=response)
             except TransportFailure as failure:
-                try:
-                    delay = attempts.failed(failure=failure)
-                except Exception:
-                    self._count(failure=True)
-                    raise
+                delay = self._failed(attempts, failure)
             except Exception:
                 self._count(failure=True)
                 raise
