@@ -71,34 +71,25 @@ def build_parser(
     """The script's parser: its paths, its own arguments and the ``--sagemaker-*`` flags."""
     parser = argparse.ArgumentParser(description=description)
     group = parser.add_argument_group("inputs, outputs and modules")
-    for key, value in inputs.items():
+
+    def path(key: str, default: Any, text: str, suffix: str = "") -> None:
         group.add_argument(
-            _flag(key),
-            dest=key,
-            default=value,
-            help=f"input {key}: local path, folder, glob or s3:// (default {value!r})",
+            _flag(key) + suffix, dest=key + suffix.replace("-", "_"), default=default, help=text
         )
+
+    for key, value in inputs.items():
+        path(key, value, f"input {key}: local path, folder, glob or s3:// (default {value!r})")
     for key, value in outputs.items():
         local, remote = _output_default(value)
-        group.add_argument(
-            _flag(key),
-            dest=key,
-            default=local,
-            help=f"output {key}: local folder or s3:// (default {local!r})",
-        )
-        group.add_argument(
-            _flag(key) + "-s3",
-            dest=f"{key}_s3",
-            default=remote,
-            help=f"where output {key} goes on S3 when run on SageMaker; default: beside the staged code",
+        path(key, local, f"output {key}: local folder or s3:// (default {local!r})")
+        path(
+            key,
+            remote,
+            f"where output {key} goes on S3 when run on SageMaker; default: beside the staged code",
+            "-s3",
         )
     for key, value in dependencies.items():
-        group.add_argument(
-            _flag(key),
-            dest=key,
-            default=value,
-            help=f"module folder shipped on PYTHONPATH (default {value!r})",
-        )
+        path(key, value, f"module folder shipped on PYTHONPATH (default {value!r})")
     for item in additional_arguments or ():
         if isinstance(item, Mapping):
             kwargs = dict(item)
