@@ -8,10 +8,7 @@ Only configuration differs between the two (see :class:`~embedkit.client.setting
 ...     vecs = client.embed(["a cat sits on the mat", "ein Hund im Park"])   # float32 (2, dim)
 ...     one = client.embed_one("a query")                                      # float32 (dim,)
 
-A long list is split into requests by count (``max_batch``) and by body size (``max_payload_bytes``),
-sent ``concurrency`` at a time, and reassembled in input order. Each request is retried on
-429/502/503/504, connection errors and timeouts within ``retry_deadline``; any other error raises an
-:class:`~embedkit.client.errors.EndpointError` carrying the server's status and message.
+Splitting, concurrency and retries: docs/client.md ("Splitting", "Retries and errors").
 """
 
 from __future__ import annotations
