@@ -43,12 +43,7 @@ class ClientStats:
 
 
 def _options(normalize: bool | None, dimensions: int | None, truncate: bool | None, prompt_name: str | None):
-    given = {
-        "normalize": normalize,
-        "dimensions": dimensions,
-        "truncate": truncate,
-        "prompt_name": prompt_name,
-    }
+    given = dict(normalize=normalize, dimensions=dimensions, truncate=truncate, prompt_name=prompt_name)
     return {k: v for k, v in given.items() if v is not None}
 
 
