@@ -34,12 +34,23 @@ def _isolated_cache(tmp_path_factory):
     os.environ["EMBEDKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("embedkit-cache"))
 
 
+def _build_tiny(tmp_path_factory, name: str) -> Path:
+    """``embedkit.testing.build_<name>`` into a fresh session temp dir."""
+    from embedkit import testing
+
+    return getattr(testing, f"build_{name}")(tmp_path_factory.mktemp(name.replace("_", "-")))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random sentence-transformers BERT (dim 32, max_seq_length 32)."""
-    from embedkit.testing import build_tiny_bert
+    return _build_tiny(tmp_path_factory, "tiny_bert")
 
-    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random CLIP model + processor (projection dim 16, 32x32 images, max 24 tokens)."""
+    return _build_tiny(tmp_path_factory, "tiny_clip")
 
 
 @pytest.fixture(scope="session")
@@ -47,14 +58,6 @@ def tiny_embedder(tiny_model):
     from embedkit import Embedder
 
     return Embedder(str(tiny_model), device="cpu")
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> Path:
-    """A tiny random CLIP model + processor (projection dim 16, 32x32 images, max 24 tokens)."""
-    from embedkit.testing import build_tiny_clip
-
-    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="session")
@@ -124,11 +127,17 @@ def moto_server():
             else:
                 os.environ[k] = v
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=10)
+
+
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """Terminate ``proc``; kill it if it has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 _AWS_ENV = (
@@ -150,3 +159,23 @@ def s3_bucket(moto_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def sagemaker_calls(moto_server):
+    """Every SageMaker (and SageMaker runtime) API call boto3 makes during the test: ``(operation,
+    parameters as sent)``."""
+    import copy
+
+    import boto3
+
+    boto3.setup_default_session()
+    calls: list[tuple[str, dict]] = []
+
+    def capture(params, model, **_):
+        calls.append((model.name, copy.deepcopy(params)))
+
+    for service in ("sagemaker", "sagemaker-runtime"):
+        boto3.DEFAULT_SESSION.events.register(f"provide-client-params.{service}.*", capture)
+    yield calls
+    boto3.setup_default_session()

@@ -1,28 +1,8 @@
 """Run your own script locally or as a SageMaker Processing job, with the same flags.
 
-Write a ``main(args)`` and hand it to :func:`processing_main`::
-
-    from embedkit.sagemaker import processing_main
-
-    def main(args):
-        ...  # read args.input, write into args.output
-
-    if __name__ == "__main__":
-        processing_main(
-            main,
-            inputs={"input": "data/"},                      # --input (local path or s3://)
-            outputs={"output": ("out/", "default")},        # --output, --output-s3
-            dependencies={"my_module": "src/my_module"},    # --my-module, shipped on PYTHONPATH
-            requirements="requirements.txt",
-            additional_arguments=[{"dest": "--filter-width", "default": 32, "type": int}],
-        )
-
-``python script.py`` runs ``main`` here (``s3://`` inputs are downloaded first and ``s3://`` outputs
-uploaded after, which aws-sagemaker-remote's local mode never did); ``--sagemaker-run yes`` uploads
-the script, its inputs and modules and runs it on SageMaker with the arguments rewritten to the
-container's paths (``--sagemaker-wait`` tails the logs); ``--sagemaker-run local`` runs that very
-container entrypoint here, one pass per ``--sagemaker-instance-count`` host. Every ``--sagemaker-*``
-flag is listed by ``python script.py --help``.
+Write a ``main(args)`` and hand it to :func:`processing_main` with its ``inputs``, ``outputs`` and
+``dependencies``; ``--sagemaker-run yes|no|local`` chooses where it runs. The example and what each
+mode does: docs/sagemaker.md, "Your own script: processing_main".
 """
 
 from __future__ import annotations
@@ -71,34 +51,25 @@ def build_parser(
     """The script's parser: its paths, its own arguments and the ``--sagemaker-*`` flags."""
     parser = argparse.ArgumentParser(description=description)
     group = parser.add_argument_group("inputs, outputs and modules")
-    for key, value in inputs.items():
+
+    def path(key: str, default: Any, text: str, suffix: str = "") -> None:
         group.add_argument(
-            _flag(key),
-            dest=key,
-            default=value,
-            help=f"input {key}: local path, folder, glob or s3:// (default {value!r})",
+            _flag(key) + suffix, dest=key + suffix.replace("-", "_"), default=default, help=text
         )
+
+    for key, value in inputs.items():
+        path(key, value, f"input {key}: local path, folder, glob or s3:// (default {value!r})")
     for key, value in outputs.items():
         local, remote = _output_default(value)
-        group.add_argument(
-            _flag(key),
-            dest=key,
-            default=local,
-            help=f"output {key}: local folder or s3:// (default {local!r})",
-        )
-        group.add_argument(
-            _flag(key) + "-s3",
-            dest=f"{key}_s3",
-            default=remote,
-            help=f"where output {key} goes on S3 when run on SageMaker; default: beside the staged code",
+        path(key, local, f"output {key}: local folder or s3:// (default {local!r})")
+        path(
+            key,
+            remote,
+            f"where output {key} goes on S3 when run on SageMaker; default: beside the staged code",
+            "-s3",
         )
     for key, value in dependencies.items():
-        group.add_argument(
-            _flag(key),
-            dest=key,
-            default=value,
-            help=f"module folder shipped on PYTHONPATH (default {value!r})",
-        )
+        path(key, value, f"module folder shipped on PYTHONPATH (default {value!r})")
     for item in additional_arguments or ():
         if isinstance(item, Mapping):
             kwargs = dict(item)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from embedkit.cli import main
-from tests.conftest import free_port
+from tests.conftest import free_port, stop
 
 pytestmark = pytest.mark.slow  # ~30 s: the compose stack's consumer against a live server on 2 cores
 
@@ -57,12 +57,7 @@ def served(tiny_model, tmp_path_factory):
             time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc, timeout=40)
 
 
 def run_consumer(env: dict[str, str], *queries: str) -> dict:

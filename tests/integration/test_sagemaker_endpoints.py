@@ -3,7 +3,6 @@ requests as boto3 sent them (captured through botocore's event hooks)."""
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import re
@@ -20,17 +19,8 @@ ROLE = "arn:aws:iam::123456789012:role/embedkit-endpoint"
 
 
 @pytest.fixture
-def calls(moto_server):
-    boto3.setup_default_session()
-    seen: list[tuple[str, dict]] = []
-
-    def capture(params, model, **_):
-        seen.append((model.name, copy.deepcopy(params)))
-
-    boto3.DEFAULT_SESSION.events.register("provide-client-params.sagemaker.*", capture)
-    boto3.DEFAULT_SESSION.events.register("provide-client-params.sagemaker-runtime.*", capture)
-    yield seen
-    boto3.setup_default_session()
+def calls(sagemaker_calls):
+    return sagemaker_calls
 
 
 def _one(calls, op) -> dict:

@@ -4,14 +4,12 @@ and relaunching a failed job onto the same output."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import time
 import uuid
 
 import boto3
-import pytest
 
 from embedkit.cli import main as cli
 from tests.integration.batch_data import write_parquet_dataset
@@ -21,22 +19,24 @@ CODE = "/opt/ml/processing/input/embedkit-code"
 NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
 
-@pytest.fixture
-def sagemaker_calls(moto_server):
-    """Every SageMaker API call boto3 makes during the test, with its parameters as sent."""
-    boto3.setup_default_session()
-    calls: list[tuple[str, dict]] = []
-
-    def capture(params, model, **_):
-        calls.append((model.name, copy.deepcopy(params)))
-
-    boto3.DEFAULT_SESSION.events.register("provide-client-params.sagemaker.*", capture)
-    yield calls
-    boto3.setup_default_session()
-
-
 def _sent(calls, op="CreateProcessingJob") -> list[dict]:
     return [p for name, p in calls if name == op]
+
+
+def _remote_embed(src: str, dst: str, *extra: str) -> list[str]:
+    """argv for `embedkit embed SRC DST` launched as a processing job that polls its logs quickly."""
+    return [
+        "embed",
+        src,
+        dst,
+        "--sagemaker-run",
+        "yes",
+        "--sagemaker-role",
+        ROLE,
+        "--sagemaker-log-poll",
+        "0.01",
+        *extra,
+    ]
 
 
 def _keys(bucket: str, prefix: str) -> list[str]:
@@ -210,21 +210,7 @@ def test_wait_tails_the_jobs_cloudwatch_logs_and_exits_with_its_outcome(s3_bucke
     _seed_logs(job, {"algo-1-1700000000": ["embedkit bootstrap: Python 3.12", "units 3/3 done"]})
     _seed_logs(job, {"algo-2-1700000000": ["units 2/2 done"]})
     _seed_logs(f"{job}-other", {"algo-1-1700000000": ["not this job"]})
-    code = cli(
-        [
-            "embed",
-            f"s3://{s3_bucket}/in/",
-            f"s3://{s3_bucket}/out/",
-            "--sagemaker-run",
-            "yes",
-            "--sagemaker-role",
-            ROLE,
-            "--sagemaker-job-name",
-            job,
-            "--sagemaker-log-poll",
-            "0.01",
-        ]
-    )
+    code = cli(_remote_embed(f"s3://{s3_bucket}/in/", f"s3://{s3_bucket}/out/", "--sagemaker-job-name", job))
     printed = capsys.readouterr().out
     assert code == 0
     assert "[algo-1] embedkit bootstrap: Python 3.12\n[algo-1] units 3/3 done\n" in printed
@@ -250,19 +236,7 @@ def test_a_failed_job_is_relaunched_onto_the_same_output_with_its_state(s3_bucke
             parsed["FailureReason"] = "AlgorithmError: instance terminated"
 
     boto3.DEFAULT_SESSION.events.register("after-call.sagemaker.DescribeProcessingJob", fail_first)
-    argv = [
-        "embed",
-        f"s3://{s3_bucket}/in/",
-        f"s3://{s3_bucket}/out/",
-        "--sagemaker-run",
-        "yes",
-        "--sagemaker-role",
-        ROLE,
-        "--sagemaker-job-name",
-        job,
-        "--sagemaker-log-poll",
-        "0.01",
-    ]
+    argv = _remote_embed(f"s3://{s3_bucket}/in/", f"s3://{s3_bucket}/out/", "--sagemaker-job-name", job)
     assert cli([*argv, "--sagemaker-retries", "1"]) == 0
     first, second = _sent(sagemaker_calls)
     assert (first["ProcessingJobName"], second["ProcessingJobName"]) == (job, f"{job}-r1")
@@ -363,19 +337,7 @@ def test_local_output_folder_is_staged_in_the_default_bucket_and_downloaded_afte
     boto3.client("s3").create_bucket(Bucket=bucket)
     # what the job would have uploaded (moto runs nothing)
     boto3.client("s3").put_object(Bucket=bucket, Key=f"{remote}/part-x.parquet", Body=b"PAR1")
-    code = cli(
-        [
-            "embed",
-            str(data),
-            str(out),
-            "--sagemaker-run",
-            "yes",
-            "--sagemaker-role",
-            ROLE,
-            "--sagemaker-log-poll",
-            "0.01",
-        ]
-    )
+    code = cli(_remote_embed(str(data), str(out)))
     assert code == 0
     [req] = _sent(sagemaker_calls)
     [output] = req["ProcessingOutputConfig"]["Outputs"]

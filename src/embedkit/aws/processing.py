@@ -44,23 +44,24 @@ _ENV_KEY_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
 @dataclass(frozen=True)
-class Channel:
-    """One ProcessingInput: S3 objects under ``s3_uri`` copied to ``local_path`` in the container."""
-
+class _S3Mount:
     name: str
     s3_uri: str
     local_path: str
+
+
+@dataclass(frozen=True)
+class Channel(_S3Mount):
+    """One ProcessingInput: S3 objects under ``s3_uri`` copied to ``local_path`` in the container."""
+
     distribution: str = "FullyReplicated"
     mode: str = "File"
 
 
 @dataclass(frozen=True)
-class OutputChannel:
+class OutputChannel(_S3Mount):
     """One ProcessingOutput: files under ``local_path`` uploaded to ``s3_uri``."""
 
-    name: str
-    s3_uri: str
-    local_path: str
     upload_mode: str = "Continuous"
 
 
@@ -164,24 +165,19 @@ def _check_spec(spec: ProcessingJobSpec, local: bool) -> None:
     check_environment(spec.environment)
     seen: set[str] = set()
     paths: set[str] = set()
-    for c in spec.inputs:
-        _check_channel("input", c.name, c.s3_uri, c.local_path, INPUT_ROOT, local)
-        if c.distribution not in DISTRIBUTIONS:
-            raise ConfigError(f"input {c.name!r}: distribution must be one of {DISTRIBUTIONS}")
-        if c.mode not in INPUT_MODES:
-            raise ConfigError(f"input {c.name!r}: mode must be one of {INPUT_MODES}")
+    mounts = [
+        ("input", c, INPUT_ROOT, {"distribution": DISTRIBUTIONS, "mode": INPUT_MODES}) for c in spec.inputs
+    ]
+    mounts += [("output", o, OUTPUT_ROOT, {"upload_mode": UPLOAD_MODES}) for o in spec.outputs]
+    for kind, c, root, choices in mounts:
+        _check_channel(kind, c.name, c.s3_uri, c.local_path, root, local)
+        for attr, allowed in choices.items():
+            if getattr(c, attr) not in allowed:
+                raise ConfigError(f"{kind} {c.name!r}: {attr.replace('_', ' ')} must be one of {allowed}")
         if c.name in seen or c.local_path in paths:
-            raise ConfigError(f"input {c.name!r} repeats a channel name or LocalPath")
+            raise ConfigError(f"{kind} {c.name!r} repeats a channel name or LocalPath")
         seen.add(c.name)
         paths.add(c.local_path)
-    for o in spec.outputs:
-        _check_channel("output", o.name, o.s3_uri, o.local_path, OUTPUT_ROOT, local)
-        if o.upload_mode not in UPLOAD_MODES:
-            raise ConfigError(f"output {o.name!r}: upload mode must be one of {UPLOAD_MODES}")
-        if o.name in seen or o.local_path in paths:
-            raise ConfigError(f"output {o.name!r} repeats a channel name or LocalPath")
-        seen.add(o.name)
-        paths.add(o.local_path)
 
 
 def build_processing_request(spec: ProcessingJobSpec, *, local: bool = False) -> dict:

@@ -4,14 +4,8 @@ Same job as for text (units, part files, rejects, ``metadata.json``, resume, sha
 and embedding a unit differ. A unit is one webdataset shard (``NNNNN.tar`` with its ``NNNNN.parquet``),
 or a row range of a parquet holding image bytes or of a URL list. The reader thread reads unit
 *k+1* (fetching URLs ``fetch_workers`` at a time) while the engine embeds unit *k*, decoding images
-on its decode pool ahead of the model. Rows that cannot be embedded go to ``rejects/`` with the
-reason: ``download failed: <img2dataset error_message>``, ``missing image``, ``fetch failed``,
-``oversized image``, ``not an image``, ``truncated image``, ``undecodable image``,
-``image too large``.
-
-Output rows keep ``key``, ``caption``, ``url`` and img2dataset's metadata columns; with
-``embed_captions`` a ``caption_embedding`` column holds the caption's CLIP text vector (null when
-the row has no caption).
+on its decode pool ahead of the model. The reject reasons and the output columns are tabled in
+docs/images.md ("Outputs", "Rejects").
 
 >>> from embedkit.batch import embed_dataset
 >>> embed_dataset("s3://bucket/laion-shards/", "s3://bucket/out/", model="./clip")   # doctest: +SKIP

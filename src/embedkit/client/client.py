@@ -8,10 +8,7 @@ Only configuration differs between the two (see :class:`~embedkit.client.setting
 ...     vecs = client.embed(["a cat sits on the mat", "ein Hund im Park"])   # float32 (2, dim)
 ...     one = client.embed_one("a query")                                      # float32 (dim,)
 
-A long list is split into requests by count (``max_batch``) and by body size (``max_payload_bytes``),
-sent ``concurrency`` at a time, and reassembled in input order. Each request is retried on
-429/502/503/504, connection errors and timeouts within ``retry_deadline``; any other error raises an
-:class:`~embedkit.client.errors.EndpointError` carrying the server's status and message.
+Splitting, concurrency and retries: docs/client.md ("Splitting", "Retries and errors").
 """
 
 from __future__ import annotations
@@ -46,17 +43,14 @@ class ClientStats:
 
 
 def _options(normalize: bool | None, dimensions: int | None, truncate: bool | None, prompt_name: str | None):
-    given = {
-        "normalize": normalize,
-        "dimensions": dimensions,
-        "truncate": truncate,
-        "prompt_name": prompt_name,
-    }
+    given = dict(normalize=normalize, dimensions=dimensions, truncate=truncate, prompt_name=prompt_name)
     return {k: v for k, v in given.items() if v is not None}
 
 
 class _Base:
-    """What both clients share: settings, contract, splitting, decoding, counters."""
+    """What both clients share: settings, contract, transport, splitting, decoding, counters."""
+
+    _http: Any  # the HTTP transport class: sync or async
 
     def __init__(self, settings: ClientSettings | None = None, /, **overrides: Any) -> None:
         if settings is None:
@@ -87,6 +81,10 @@ class _Base:
         )
         self.stats = ClientStats()
         self._lock = threading.Lock()
+        if self.settings.transport == "sagemaker":
+            self._transport: Any = SageMakerTransport(self.settings)
+        else:
+            self._transport = self._http(self.settings, self.contract.path)
 
     @property
     def transport_name(self) -> str:
@@ -116,6 +114,13 @@ class _Base:
             self.stats.retries += int(retry)
             self.stats.failures += int(failure)
 
+    def _failed(self, attempts: Any, failure: TransportFailure) -> float:
+        try:
+            return attempts.failed(failure=failure)
+        except Exception:
+            self._count(failure=True)
+            raise
+
     def _what(self, start: int, end: int) -> str:
         return f"texts[{start}]" if end - start == 1 else f"texts[{start}:{end}]"
 
@@ -138,12 +143,10 @@ class EmbeddingClient(_Base):
     (``EmbeddingClient(endpoint_url="http://localhost:8080", contract="search_term")``), or pass a
     :class:`ClientSettings`."""
 
+    _http = HttpTransport
+
     def __init__(self, settings: ClientSettings | None = None, /, **overrides: Any) -> None:
         super().__init__(settings, **overrides)
-        if self.settings.transport == "sagemaker":
-            self._transport: Any = SageMakerTransport(self.settings)
-        else:
-            self._transport = HttpTransport(self.settings, self.contract.path)
         self._pool: ThreadPoolExecutor | None = None
 
     def embed(
@@ -198,13 +201,6 @@ class EmbeddingClient(_Base):
             log.debug("retrying %s in %.2fs (attempt %d)", attempts.what, delay, attempts.count)
             time.sleep(delay)
 
-    def _failed(self, attempts: Any, failure: TransportFailure) -> float:
-        try:
-            return attempts.failed(failure=failure)
-        except Exception:
-            self._count(failure=True)
-            raise
-
     def close(self) -> None:
         """Close connections and worker threads."""
         if self._pool is not None:
@@ -229,12 +225,7 @@ class AsyncEmbeddingClient(_Base):
     ...         return await client.embed(["hello", "world"])
     """
 
-    def __init__(self, settings: ClientSettings | None = None, /, **overrides: Any) -> None:
-        super().__init__(settings, **overrides)
-        if self.settings.transport == "sagemaker":
-            self._transport: Any = SageMakerTransport(self.settings)
-        else:
-            self._transport = AsyncHttpTransport(self.settings, self.contract.path)
+    _http = AsyncHttpTransport
 
     async def embed(
         self,
@@ -288,11 +279,7 @@ class AsyncEmbeddingClient(_Base):
                     return result
                 delay = attempts.failed(response=response)
             except TransportFailure as failure:
-                try:
-                    delay = attempts.failed(failure=failure)
-                except Exception:
-                    self._count(failure=True)
-                    raise
+                delay = self._failed(attempts, failure)
             except Exception:
                 self._count(failure=True)
                 raise

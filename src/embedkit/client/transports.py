@@ -57,17 +57,20 @@ def _httpx_failure(exc: httpx.TransportError, url: str, timeout: float) -> Trans
     return TransportFailure(f"{type(exc).__name__}: {exc or 'connection failed'}")
 
 
-class HttpTransport:
-    """POSTs JSON bodies to one URL with a pooled :class:`httpx.Client`."""
-
+class _PooledHttp:
     name = "http"
+    _client_class: Any = httpx.Client
 
     def __init__(self, settings: ClientSettings, default_path: str) -> None:
         self.url = resolve_url(str(settings.endpoint_url), default_path)
         limits = httpx.Limits(max_connections=max(10, settings.concurrency * 2))
-        self._client = httpx.Client(
+        self._client = self._client_class(
             headers=_headers(settings), timeout=settings.request_timeout, limits=limits
         )
+
+
+class HttpTransport(_PooledHttp):
+    """POSTs JSON bodies to one URL with a pooled :class:`httpx.Client`."""
 
     def send(self, body: bytes, timeout: float) -> WireResponse:
         try:
@@ -80,17 +83,10 @@ class HttpTransport:
         self._client.close()
 
 
-class AsyncHttpTransport:
+class AsyncHttpTransport(_PooledHttp):
     """The asyncio twin of :class:`HttpTransport` (:class:`httpx.AsyncClient`)."""
 
-    name = "http"
-
-    def __init__(self, settings: ClientSettings, default_path: str) -> None:
-        self.url = resolve_url(str(settings.endpoint_url), default_path)
-        limits = httpx.Limits(max_connections=max(10, settings.concurrency * 2))
-        self._client = httpx.AsyncClient(
-            headers=_headers(settings), timeout=settings.request_timeout, limits=limits
-        )
+    _client_class = httpx.AsyncClient
 
     async def send(self, body: bytes, timeout: float) -> WireResponse:
         try:

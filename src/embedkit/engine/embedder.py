@@ -88,31 +88,10 @@ def _parse_budget(value: int | str | None) -> int | None:
 class Embedder:
     """Embed texts with one model on one device at one precision.
 
-    Args:
-        model: a model spec (``default``, a local directory, a ``model.tar.gz``, ``s3://...``) or a
-            :class:`~embedkit.models.TextModel` already loaded.
-        device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:1``; a list such as
-            ``cuda:0,cuda:1`` (or ``cuda:all``) puts a replica on each device and spreads batches over them.
-        precision: ``fp32`` (exact), ``bf16`` (CPU with native bf16, or GPU), ``fp16`` (GPU),
-            ``int8`` (CPU: int8 weights per channel x int8 activations per token, see
-            :mod:`embedkit.engine.int8`; min cosine 0.99 vs fp32 on the default model).
-        max_batch_tokens: padded tokens per batch; ``0``/``"auto"`` sizes it from device memory.
-        max_batch_size: optional cap on texts per batch (the seeds' ``--batch-size``).
-        normalize: L2-normalise outputs; ``None`` follows the model's own config.
-        dimensions: Matryoshka truncation to the first ``n`` components (re-normalised if normalising).
-        truncate: cut inputs longer than the model's maximum (default, counted) or raise naming them.
-        prompt_name: a prompt from the model's ``config_sentence_transformers.json`` to prepend.
-        pooling: override the pooling mode (``mean``, ``cls``, ``max``, ``lasttoken``, ...).
-        backend: ``auto`` (the default, ``None``: ONNX Runtime for the small
-            batches where it measured faster on this machine, torch for the rest), ``torch``, or
-            ``onnx`` (every batch on ONNX Runtime). ONNX Runtime runs fp32 on CPU for the BERT family, XLM-RoBERTa and MPNet;
-            elsewhere torch runs, with one log line saying why. Backends agree within 1e-5, not
-            bit for bit (see :mod:`embedkit.engine.backend`).
-        defer_graph: with ``auto``, find (or export) the graph now but open it and measure later,
-            through :meth:`open_graph` and :meth:`use_graph` (what ``embedkit serve`` does once it
-            answers, so neither counts in its cold start).
-        cpu_fusion: fuse linear layers (and Linear+GELU) into oneDNN kernels on CPU (fp32/bf16);
-            see :mod:`embedkit.engine.cpu_fusion`.
+    The arguments are tabled in docs/python-api.md ("Embedder"); beyond them, ``cpu_fusion`` fuses
+    linear layers (and Linear+GELU) into oneDNN kernels on CPU (fp32/bf16, see
+    :mod:`embedkit.engine.cpu_fusion`). Backends agree within 1e-5, not bit for bit (see
+    :mod:`embedkit.engine.backend`).
 
     The engine reads no environment variable: ``EMBEDKIT_*`` settings are resolved by
     :mod:`embedkit.settings` and passed in (:func:`embedkit.engine.build_embedder`).

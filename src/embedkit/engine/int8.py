@@ -1,13 +1,10 @@
 """int8 on CPU that keeps the vectors: int8 weights per output channel, int8 activations per token.
 
-PyTorch's stock dynamic quantisation (``quantize_dynamic``) scales each layer's input by ONE range for
-the whole batch (per tensor, and 7-bit on fbgemm), so a few outlier features in one text crush the
-resolution of every other token: on all-MiniLM-L6-v2 its min cosine vs fp32 was 0.80-0.96 on real
-text. Here every token row gets its own asymmetric range (the W8A8 "per-token dynamic" scheme of
-LLM inference) and every weight row its own symmetric scale; the GEMM runs on ``torch._int_mm``
-(oneDNN, VNNI/AMX-int8 where the CPU has them), and the scales, zero points and bias are applied to
-the int32 result. Measured on the default model: min cosine 0.992 vs fp32 (stock: 0.80), at the
-stock path's speed.
+PyTorch's stock dynamic quantisation scales each layer's input by one range for the whole batch, so
+an outlier token crushes the others (min cosine 0.80 vs fp32, against 0.992 here; docs/backends.md,
+"int8"). Here every token row gets its own asymmetric range and every weight row its own symmetric
+scale; the GEMM runs on ``torch._int_mm`` and the scales, zero points and bias are applied to the
+int32 result.
 
 Maths, for one token row ``x`` and output channel ``j``::
 

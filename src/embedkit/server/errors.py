@@ -1,16 +1,4 @@
-"""The one place where errors become HTTP answers (the Errors table of docs/server.md).
-
-| case                                                               | status |
-|--------------------------------------------------------------------|--------|
-| malformed JSON, missing/wrong-typed field, empty input, bad option | 400    |
-| missing or wrong API key                                           | 401    |
-| unknown route / method                                             | 404/405|
-| body over the limit, more inputs than ``max_client_batch_size``    | 413    |
-| unsupported ``Content-Type`` / ``Accept``                          | 415/406|
-| queue full (bounded by tokens waiting)                             | 429 + ``Retry-After`` |
-| model not loaded yet / inference worker dead                       | 503    |
-| an exception from a user's ``inference.py`` hook                   | 400 with its message (its ``status_code`` wins) |
-| anything unexpected                                                | 500, generic message; the traceback goes to the log |
+"""The one place where errors become HTTP answers: the Errors table of docs/server.md, case by case.
 
 Container surface bodies are TEI-like ``{"error": ..., "error_type": ...}``; the HF DLC exact mode
 uses the official container's ``{"code", "type", "message"}``; the runtime surface wraps them the

@@ -9,14 +9,9 @@ dir>/code``), or ``<model dir>/code/inference.py`` when present, may define::
     output_fn(prediction, accept[, context])         -> bytes | str | (body, content_type)
     transform_fn(model, body, content_type, accept[, context])   (replaces the three above)
 
-Any hook it omits falls back to embedkit's default: the model is an :class:`~embedkit.Embedder`,
-``input_fn`` decodes JSON / CSV / JSON Lines, ``predict_fn`` runs the batched engine on
-``{"inputs"}`` / ``{"search_term"}`` / a string / a list of strings, and ``output_fn`` encodes as the
-``Accept`` header asks. User hooks run on the inference worker thread, one at a time.
-
-When importing the module or its ``model_fn`` raises, the server stays up with ``/ping`` at 503 and
-the log says why (:class:`HandlerLoadError`); an exception from a request hook answers that request
-(400 with its message, or its ``status_code``), as the Hugging Face inference toolkit does.
+Any hook it omits falls back to embedkit's default; user hooks run on the inference worker thread,
+one at a time. Defaults, errors and load failures (``/ping`` at 503, :class:`HandlerLoadError`):
+docs/server.md, "Custom handlers".
 
 >>> handler = load_handler(None, None)  # no program, no model dir: nothing to load
 >>> handler is None

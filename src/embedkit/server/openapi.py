@@ -101,12 +101,7 @@ def build_spec(
     tei_req = {
         "type": "object",
         "required": ["inputs"],
-        "properties": {
-            "inputs": one_or_many,
-            "normalize": {"type": "boolean"},
-            "truncate": {"type": "boolean"},
-            "dimensions": dims,
-        },
+        "properties": {"inputs": one_or_many, **params["properties"]},
     }
     openai_req = {
         "type": "object",

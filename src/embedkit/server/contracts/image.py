@@ -1,14 +1,9 @@
 """Images on ``/invocations`` (a CLIP model): raw image bodies and ``{"inputs": {"image": ...}}``.
 
-| request | response |
-|---|---|
-| body = the image bytes, ``Content-Type: application/x-image`` (or ``image/jpeg``, ``image/png``, ``image/webp``...) | ``{"embeddings": [float]}`` |
-| ``{"inputs": {"image": "<base64>"}}`` (a ``data:image/...;base64,`` URL works too) | ``{"embeddings": [float]}`` |
-| ``{"inputs": {"image": ["<base64>", ...]}}`` | ``{"embeddings": [[float], ...]}`` |
-| ``{"inputs": {"url": "https://..." \\| [...]}}``, only with ``--allow-image-urls`` | as above |
-
-``parameters`` takes ``normalize`` and ``dimensions``. Text queries (``{"inputs": "a photo of a cat"}``)
-go through the usual text path, i.e. the CLIP text tower, into the same space.
+Image bytes (``Content-Type: application/x-image``, ``image/jpeg``...), ``{"inputs": {"image": ...}}``
+with base64 (or ``data:`` URLs) and, with ``--allow-image-urls``, ``{"inputs": {"url": ...}}``; the
+request and answer table is in docs/images.md ("Serving"). Text queries go through the usual text
+path (the CLIP text tower), into the same space.
 
 URL fetching is off by default: it lets any caller make the server fetch any address it can reach
 (internal services and cloud metadata endpoints included). Turn it on only behind a trusted caller.
