@@ -1,5 +1,5 @@
-"""The driver's side of the Ray engine: connect (or start a local Ray), size the pool, stream the
-units through ``map_batches`` and collect what the actors recorded."""
+"""The driver's side of the Ray engine: connect (or start a local Ray), size the pool, feed unit
+numbers to the actors and collect what they recorded."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import dataclasses
 import json
 import logging
 import os
-import queue
 import sys
-import threading
 import time
 from typing import Any
 
@@ -24,13 +22,12 @@ from embedkit.batch.ray_runner.worker import (
     worker_device,
     worker_engine_settings,
 )
-from embedkit.batch.signals import STOP_GRACE_SECONDS, StopSignals
+from embedkit.batch.signals import StopSignals
 from embedkit.errors import ConfigError, EmbedkitError
 
 log = logging.getLogger("embedkit.batch")
 
-LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # only unit numbers and result records pass through it
-MAX_BLOCKS = 10_000
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # only the job, unit numbers and result records pass through it
 
 
 class RayRunner:
@@ -54,6 +51,8 @@ class RayRunner:
         self.workers: dict[str, dict[str, Any]] = {}
         self.worker_engine: dict[str, Any] | None = None
         self.first_result_s: float | None = None
+        self.connect_s = 0.0  # ray.init (0 when already connected)
+        self._actors: list[Any] = []
         self._t0 = time.perf_counter()
         self._started_at = ""
         self._wall0 = time.time()
@@ -67,6 +66,7 @@ class RayRunner:
             "engine": "ray",
             "ray_version": ray.__version__,
             "address": self.address,
+            "connect_seconds": round(self.connect_s, 3),
             "sizing": dataclasses.asdict(self.sizing) if self.sizing else None,
             "first_result_seconds": None if self.first_result_s is None else round(self.first_result_s, 3),
             # start-up (connect, first actor started and its model loaded), then the pool's working time
@@ -94,7 +94,7 @@ class RayRunner:
             # again: ray.init installs its own SIGTERM handler (sys.exit) in this process
             with StopSignals(self.stop):
                 if not self.stop.is_set():
-                    self._run_pool(owned)
+                    self._run_pool()
         finally:
             if owned:
                 ray.shutdown()  # ends the actors too; a unit in flight is not recorded
@@ -128,12 +128,12 @@ class RayRunner:
                 include_dashboard=False,
                 **quiet,
             )
-        log.info("ray: connected to %s in %.1fs", self.address, time.perf_counter() - t0)
+        self.connect_s = time.perf_counter() - t0
+        log.info("ray: connected to %s in %.1fs", self.address, self.connect_s)
         return True
 
-    def _run_pool(self, owned: bool) -> None:
+    def _run_pool(self) -> None:
         import ray
-        import ray.data
 
         from embedkit import __version__
 
@@ -177,66 +177,73 @@ class RayRunner:
             threads=sz.threads,
             version=__version__,
         )
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        if not log.isEnabledFor(logging.DEBUG):
-            logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled"...
-        n = len(self.todo)
-        ds = ray.data.from_items([{"i": k} for k in range(n)], override_num_blocks=min(n, MAX_BLOCKS))
         remote_args: dict[str, Any] = {"num_cpus": sz.cpus_per_worker}
         if sz.gpus_per_worker:
             remote_args["num_gpus"] = sz.gpus_per_worker
-        ds = ds.map_batches(
-            UnitWorker,
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=sz.num_workers),
-            fn_constructor_kwargs={"job": job},
-            **remote_args,
-        )
-        self._consume(ds, owned)
+        # Plain actors, not a Ray Data pipeline: Ray Data's executor and helper actors cost a 2-core
+        # machine seconds of CPU at start-up and a polling driver during the job, for nothing a
+        # fixed pool fed unit numbers needs. A unit redone after an actor restart is idempotent.
+        actor_cls = ray.remote(max_restarts=1, max_task_retries=1)(UnitWorker)
+        self._actors = [actor_cls.options(**remote_args).remote(job) for _ in range(sz.num_workers)]
+        self._consume()
 
-    def _consume(self, ds: Any, owned: bool) -> None:
-        """Iterate the results on a helper thread; the main thread stays free for signals."""
-        results: queue.SimpleQueue = queue.SimpleQueue()
-        halt = threading.Event()
+    def _consume(self) -> None:
+        """Feed unit numbers to the actors, two in flight each (the next one waits at the actor,
+        which reads it ahead), and take their results as they come; the main thread stays free
+        for signals, and the stop flag ends the pool at once (a unit in flight is not recorded)."""
+        import ray
 
-        def pull() -> None:
-            try:
-                for row in ds.iter_rows():
-                    results.put(("row", row))
-                    if halt.is_set():
-                        return  # closing the iterator shuts the pool down
-                results.put(("end", None))
-            except BaseException as exc:
-                results.put(("fail", exc))
+        actors = self._actors
+        todo = list(range(len(self.todo)))
+        todo.reverse()  # pop() from the end: units in plan order
+        reserved: list[int | None] = [None] * len(actors)  # each actor's next unit, read ahead
+        pending: dict[Any, int] = {}  # result ref -> actor
 
-        puller = threading.Thread(target=pull, name="embedkit-ray", daemon=True)
-        puller.start()
-        try:
-            while not self.stop.is_set():
-                try:
-                    kind, item = results.get(timeout=0.25)
-                except queue.Empty:
-                    continue
-                if kind == "end":
+        def submit(a: int) -> None:
+            k = reserved[a]
+            if k is None:
+                if not todo:
                     return
-                if kind == "fail":
-                    raise _from_ray(item)
-                self._take(item)
+                k = todo.pop()
+            reserved[a] = todo.pop() if todo else None
+            pending[actors[a].run_unit.remote(k, reserved[a])] = a
+
+        try:
+            for _ in range(2):
+                for a in range(len(actors)):
+                    submit(a)
+            while pending and not self.stop.is_set():
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
+                for ref in done:
+                    a = pending.pop(ref)
+                    self._take({"result": ray.get(ref)})
+                    if not self.stop.is_set():
+                        submit(a)
+        except EmbedkitError:
+            raise
+        except Exception as exc:
+            raise _from_ray(exc) from None
         finally:
-            halt.set()
-            if puller.is_alive():  # stopped or failed: end the pool now, not after the next unit
-                _end_execution(ds)
-                puller.join(timeout=STOP_GRACE_SECONDS if not owned else 5.0)
-            while True:  # units finished (and recorded by their worker) before we stopped
+            if pending:  # stopped or failed: take what already finished, then end the pool
                 try:
-                    kind, item = results.get_nowait()
-                except queue.Empty:
-                    break
-                if kind == "row":
-                    self._take(item, raise_errors=False)
+                    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+                    for ref in done:
+                        self._take({"result": ray.get(ref)}, raise_errors=False)
+                except Exception:
+                    log.debug("ray: collecting the last results failed", exc_info=True)
+            self._end_pool()
             self._collect_unseen()
+
+    def _end_pool(self) -> None:
+        """Kill the actors (``ray.shutdown`` would too, but not on a cluster we only joined)."""
+        import ray
+
+        for actor in self._actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                log.debug("ray: killing an actor failed", exc_info=True)
+        self._actors = []
 
     def _collect_unseen(self) -> None:
         """Count the units workers recorded whose results never reached us (we stopped listening)."""
@@ -278,19 +285,6 @@ class RayRunner:
             rejects=int(marker["rejected"]),
             units=1,
         )
-
-
-def _end_execution(ds: Any) -> None:
-    """Shut a running Dataset's executor down (its actors with it), so that the iterator blocked on
-    the next unit returns. Ray Data keeps the executor on the dataset being iterated; if a Ray
-    version does not, the pool ends with the iterator or with ``ray.shutdown()`` instead."""
-    executor = getattr(ds, "_current_executor", None)
-    if executor is None:
-        return
-    try:
-        executor.shutdown(force=True)
-    except Exception:
-        log.debug("ray: shutting the dataset's executor down failed", exc_info=True)
 
 
 def _from_ray(exc: BaseException) -> EmbedkitError:

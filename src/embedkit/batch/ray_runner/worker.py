@@ -10,6 +10,7 @@ import os
 import socket
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from embedkit.batch.metadata import model_fingerprint
 from embedkit.batch.pipeline import TextModality, UnitPipeline
 from embedkit.batch.plan import Plan, Unit
 from embedkit.batch.settings import HostPlan, JobSettings
+from embedkit.engine.backend import EVERY_BATCH
 from embedkit.errors import ConfigError, EmbedkitError
 from embedkit.settings import EngineSettings
 
@@ -29,13 +31,12 @@ INSTALL_HINT = "pip install 'embedkit[ray]'"
 
 
 def require_ray() -> None:
-    """Fail with an install hint when Ray Data is missing."""
+    """Fail with an install hint when Ray is missing (the runner uses Ray Core only: importing Ray
+    Data would cost the driver a second of start-up for nothing)."""
     try:
-        import ray.data  # noqa: F401
+        import ray  # noqa: F401
     except ImportError as exc:
-        raise ConfigError(
-            f"--engine ray needs Ray Data, which is not installed ({exc}): {INSTALL_HINT}"
-        ) from None
+        raise ConfigError(f"--engine ray needs Ray, which is not installed ({exc}): {INSTALL_HINT}") from None
 
 
 class _WorkersEngine:
@@ -83,13 +84,32 @@ def driver_embedder(settings: JobSettings) -> Any:
     return _WorkersEngine(cpu_engine, precision, device)
 
 
+def worker_backend(embedder: Any, device: str) -> str:
+    """The backend an actor runs: the driver's, with ``auto`` resolved where the driver's kept
+    measurement leaves nothing to split (ONNX Runtime for every batch, or for none), so that an
+    actor neither opens a runtime it will not use nor measures again: its thread count differs from
+    the driver's when it reserves fewer cores, so it would not find the driver's kept measurement,
+    spend seconds measuring, and might route batches (hence vectors, within 1e-5) differently. A
+    split measurement (ONNX Runtime up to some batch size) stays ``auto``: the actor then uses the
+    measurement kept for its own thread count."""
+    backend = getattr(embedder, "backend", None) or "auto"
+    if backend != "auto" or device != "cpu" or getattr(embedder, "pending_graph", None) is not None:
+        return backend
+    limit = int(getattr(embedder, "onnx_max_tokens", 0) or 0)
+    if getattr(embedder, "graph_path", None) is None or limit <= 0:
+        return "torch"  # no graph here, or torch won every probed shape
+    if limit >= EVERY_BATCH:
+        return "onnx"
+    return "auto"
+
+
 def worker_engine_settings(embedder: Any, device: str) -> dict[str, Any]:
     """EngineSettings fields that rebuild ``embedder`` (the driver's) inside an actor."""
     return {
         "model": embedder.spec,
         "device": device,
         "precision": embedder.precision,
-        "backend": embedder.backend,
+        "backend": worker_backend(embedder, device),
         "max_batch_tokens": 0 if embedder.auto_budget else int(embedder.max_batch_tokens),
         "batch_size": embedder.max_batch_size or 0,
         "normalize": embedder.normalize,
@@ -141,8 +161,10 @@ def rebuild_error(rec: dict[str, Any]) -> EmbedkitError:
 
 
 class UnitWorker:
-    """A Ray Data actor: loads the model once, then prepares, embeds, writes and records units.
+    """A Ray actor: loads the model once, then prepares, embeds, writes and records units.
 
+    :meth:`run_unit` runs one unit; given the unit the driver sends next (``prefetch``), it reads
+    and tokenises that one on a reader thread while it embeds this one, as the local runner does.
     An error is returned as a record (and raised again by the driver), not thrown inside Ray, so the
     user sees embedkit's own message (a missing model, a storage error, ``--fail-fast``)."""
 
@@ -152,6 +174,8 @@ class UnitWorker:
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.error: dict[str, Any] | None = None
         self.first = True
+        self._reader: ThreadPoolExecutor | None = None
+        self._prefetched: dict[int, Future] = {}
         try:
             self.pipeline = self._open(job)
         except Exception as exc:
@@ -161,6 +185,9 @@ class UnitWorker:
 
     @staticmethod
     def _open(job: WorkerJob) -> UnitPipeline:
+        # Ray sets OMP_NUM_THREADS to the whole CPUs an actor reserves (1 for 1.5 CPUs); the
+        # engine runs job.threads (what the reservation rounds to), torch and ONNX Runtime alike.
+        os.environ["OMP_NUM_THREADS"] = str(job.threads)
         import torch
 
         from embedkit import __version__
@@ -187,18 +214,34 @@ class UnitWorker:
             job.settings, embedder, job.plan, job.state, job.folder, job.hosts, TextModality()
         )
 
+    def ready(self) -> dict[str, Any]:
+        """When the model was loaded, and how long that took (the driver waits on the first)."""
+        return {"worker": self.id, "load_seconds": self.load_seconds, "ready_at": self.ready_at}
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [self._unit(int(k)) for k in batch["i"]]
+        """Ray Data's batch interface: the units numbered ``batch["i"]``, one result each."""
+        results = [self.run_unit(int(k)) for k in batch["i"]]
         return {"i": np.asarray(batch["i"]), "result": np.array(results, dtype=object)}
 
-    def _unit(self, k: int) -> str:
+    def run_unit(self, k: int, prefetch: int | None = None) -> str:
+        """Unit ``todo[k]``: its result record, as JSON (a marker, or an error record)."""
         if self.error is not None:
             return json.dumps(self.error)
         unit = self.job.todo[k]
         pipeline = self.pipeline
         before = pipeline.embed_seconds
         try:
-            marker = pipeline.run_unit(unit)  # part + rejects durable, then the marker
+            pending = self._prefetched.pop(k, None)
+            prepared = pending.result() if pending is not None else pipeline.prepare(unit)
+            if prefetch is not None and prefetch not in self._prefetched:
+                if self._reader is None:
+                    self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-read")
+                self._prefetched[prefetch] = self._reader.submit(pipeline.prepare, self.job.todo[prefetch])
+            pipeline.check(prepared)
+            vectors = pipeline.embed(prepared)
+            if vectors is None:  # never here: an actor's stop flag stays clear
+                raise EmbedkitError("the unit was abandoned")
+            marker = pipeline.write(prepared, vectors)  # part + rejects durable, then the marker
         except Exception as exc:
             return json.dumps(_error_record(exc, self.id, unit))
         out = {
