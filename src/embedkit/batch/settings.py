@@ -63,7 +63,7 @@ class JobSettings(EngineSettings):
         None, "ray engine: actors in the pool (default one per GPU, else one per node); local: logged only"
     )
     engine: str = setting(
-        "local", "local (one engine in this process) or ray (an actor pool on Ray Data)", choices=ENGINES
+        "local", "local (one engine in this process) or ray (a pool of Ray actors)", choices=ENGINES
     )
     ray_address: str | None = setting(
         None,

@@ -288,7 +288,7 @@ class RayRunner:
 
 
 def _from_ray(exc: BaseException) -> EmbedkitError:
-    """An exception out of Ray Data as an embedkit error (the embedkit one inside it, if any)."""
+    """An exception out of Ray as an embedkit error (the embedkit one inside it, if any)."""
     seen: Any = exc
     for _ in range(10):
         if seen is None:

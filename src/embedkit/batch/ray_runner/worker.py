@@ -14,8 +14,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from embedkit import errors
 from embedkit.batch.metadata import model_fingerprint
 from embedkit.batch.pipeline import TextModality, UnitPipeline
@@ -217,11 +215,6 @@ class UnitWorker:
     def ready(self) -> dict[str, Any]:
         """When the model was loaded, and how long that took (the driver waits on the first)."""
         return {"worker": self.id, "load_seconds": self.load_seconds, "ready_at": self.ready_at}
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Ray Data's batch interface: the units numbered ``batch["i"]``, one result each."""
-        results = [self.run_unit(int(k)) for k in batch["i"]]
-        return {"i": np.asarray(batch["i"]), "result": np.array(results, dtype=object)}
 
     def run_unit(self, k: int, prefetch: int | None = None) -> str:
         """Unit ``todo[k]``: its result record, as JSON (a marker, or an error record)."""
