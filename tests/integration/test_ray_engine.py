@@ -135,7 +135,7 @@ def test_actor_records_units_and_returns_errors_as_embedkit_errors(tmp_path, mod
     pq.write_table(pa.table({"text": col}), os.path.join(inp, "a.parquet"), row_group_size=10)
 
     worker = UnitWorker(_worker_job(inp, out, model_dir))
-    res = [json.loads(r) for r in worker({"i": np.array([0, 1])})["result"]]
+    res = [json.loads(worker.run_unit(k)) for k in (0, 1)]
     assert [r["ok"] for r in res] == [True, True] and count_markers(out) == 2
     assert [r["marker"]["embedded"] for r in res] == [10, 9] and res[0]["engine"]["threads"] == 1
     assert read_rejects(out) == [
@@ -143,14 +143,14 @@ def test_actor_records_units_and_returns_errors_as_embedkit_errors(tmp_path, mod
     ]
 
     strict = UnitWorker(_worker_job(inp, str(tmp_path / "strict"), model_dir, fail_fast=True))
-    rec = json.loads(strict({"i": np.array([1])})["result"][0])
+    rec = json.loads(strict.run_unit(1))
     err = rebuild_error(rec)
     assert isinstance(err, InputError) and err.exit_code == 2 and "a.parquet row 13: null text" in str(err)
     assert count_markers(tmp_path / "strict") == 0
 
     # a node whose model differs from the driver's refuses to write into the job
     other = UnitWorker(_worker_job(inp, str(tmp_path / "other"), model_dir, {"model_hash": "0" * 16}))
-    err = rebuild_error(json.loads(other({"i": np.array([0])})["result"][0]))
+    err = rebuild_error(json.loads(other.run_unit(0)))
     assert (
         isinstance(err, ConfigError) and "differs from the driver's" in str(err) and "model_hash" in str(err)
     )
