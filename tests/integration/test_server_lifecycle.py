@@ -10,8 +10,11 @@ import threading
 
 import httpx
 import numpy as np
+import pytest
 
 from tests.contract.serving import ServerProcess
+
+pytestmark = pytest.mark.slow  # ~65 s: server processes started, signalled and stopped on 2 cores
 
 HANDLER = """
 import json
@@ -22,8 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from embedkit import Embedder
-
-pytestmark = pytest.mark.slow  # ~65 s: server processes started, signalled and stopped on 2 cores
 
 
 def model_fn(model_dir, context):

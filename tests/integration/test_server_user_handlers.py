@@ -17,6 +17,8 @@ import pytest
 
 from tests.contract.serving import ServerProcess, local_runtime_client
 
+pytestmark = pytest.mark.slow  # ~40 s: servers loading user handlers on 2 cores
+
 TEXTS = ["the cat sat on the mat", "a dog runs in the park", "hello world"]
 
 # The Hugging Face SageMaker notebooks' sentence-embeddings handler: transformers, mean pooling,
@@ -58,8 +60,6 @@ import json
 import os
 
 from embedkit import Embedder
-
-pytestmark = pytest.mark.slow  # ~40 s: servers loading user handlers on 2 cores
 
 
 class Unsupported(Exception):
