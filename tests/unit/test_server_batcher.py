@@ -157,11 +157,11 @@ def test_merged_requests_are_split_by_the_engine_s_measured_forward_cost(tiny_em
 
     monkeypatch.setattr(batcher_mod, "length_groups", spy)
     b = Batcher(tiny_embedder, max_queue_tokens=100_000)
-    monkeypatch.setattr(type(tiny_embedder), "forward_cost_tokens", property(lambda self: None))
+    monkeypatch.setattr(tiny_embedder, "forward_cost_tokens", None)
     b._embed(tok, alone=False, normalize=None, dimensions=None)  # nothing measured: the default
-    monkeypatch.setattr(type(tiny_embedder), "forward_cost_tokens", property(lambda self: 1000.0))
+    monkeypatch.setattr(tiny_embedder, "forward_cost_tokens", 1000.0)
     dear = b._embed(tok, alone=False, normalize=None, dimensions=None)
-    monkeypatch.setattr(type(tiny_embedder), "forward_cost_tokens", property(lambda self: 4.0))
+    monkeypatch.setattr(tiny_embedder, "forward_cost_tokens", 4.0)
     cheap = b._embed(tok, alone=False, normalize=None, dimensions=None)
     assert groups[0][0] == batcher_mod.FORWARD_COST_TOKENS
     assert groups[1:] == [(1000, 1), (4, 2)]

@@ -160,6 +160,11 @@ class Embedder:
         self.graph_path: Path | None = None
         self.onnx_max_tokens = 0
         self.crossover: Crossover | None = None
+        # What one more forward pass costs, in padded tokens' worth of compute, on the runtime that
+        # takes small batches (from auto's measurement; None when nothing was measured). The server
+        # uses it to decide when splitting merged requests by length saves more padding than the
+        # extra pass costs. Set once with the measurement, not per batch.
+        self.forward_cost_tokens: float | None = None
         # With auto, a server may defer opening the graph until it already answers on torch (the
         # session and the measurement then stay out of its cold start); see open_graph/use_graph.
         self.pending_graph: Path | None = None
@@ -308,17 +313,8 @@ class Embedder:
         self.backend_note = measured.describe()
         if self.onnx_max_tokens <= 0:
             self._onnx = self.graph_path = None  # never faster here: free its copy of the weights
+        self.forward_cost_tokens = measured.forward_cost_tokens("onnx" if self._onnx is not None else "torch")
         log.info("backend auto: %s (%s, %.2fs)", self.backend_note, how, measured.seconds)
-
-    @property
-    def forward_cost_tokens(self) -> float | None:
-        """What one more forward pass costs, in padded tokens' worth of compute, on the runtime that
-        takes small batches here (from ``auto``'s measurement; ``None`` when nothing was measured).
-        The server uses it to decide when splitting merged requests by length saves more padding
-        than the extra pass costs."""
-        if self.crossover is None:
-            return None
-        return self.crossover.forward_cost_tokens("onnx" if self._onnx is not None else "torch")
 
     def _check_dimensions(self, dimensions: int | None) -> int | None:
         if dimensions is None:
