@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedkit.engine.device import cpu_info
 from embedkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -225,29 +225,12 @@ def _predict(costs: list[tuple[float, float]], tokens: float) -> float:
     return max(c2, c2 + slope * (tokens - t2))
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def crossover_path(root: Path, graph_digest: str, threads: int, versions: str) -> Path:
     """Where ``auto``'s measurement for this graph on this machine is kept: the key covers the
     graph, the CPU's name and flags, the thread count and both runtimes' versions, so another
     machine, container size or upgrade measures afresh."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    blob = json.dumps(
-        [graph_digest, _cpu_name(), flags.strip(), int(threads), versions, PROBE_SHAPES]
-    ).encode()
+    name, flags = cpu_info()
+    blob = json.dumps([graph_digest, name, sorted(flags), int(threads), versions, PROBE_SHAPES]).encode()
     return Path(root) / f"{graph_digest}-{hashlib.sha256(blob).hexdigest()[:16]}.json"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -79,20 +80,27 @@ def resolve_devices(device: str | None = "auto") -> list[torch.device]:
     return [resolve_device(spec)]
 
 
-def _cpu_flags() -> set[str]:
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This CPU's model name and feature flags, from one read of ``/proc/cpuinfo`` (the name falls
+    back to :func:`platform.processor`, the flags to none, off Linux)."""
+    name, flags = "", frozenset()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if not name and line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                elif not flags and line.startswith("flags"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                if name and flags:
+                    break
     except OSError:  # pragma: no cover - non-Linux
         pass
-    return set()
+    return name or platform.processor() or platform.machine(), flags
 
 
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 (AVX512-BF16 or AMX), where bf16 is a speed-up."""
-    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def cpu_supports_int8() -> bool:
@@ -100,7 +108,7 @@ def cpu_supports_int8() -> bool:
 
     Without them torch's int8 matmul runs a reference loop: ~1 GOP/s measured on an AVX2-only EPYC,
     against ~70 GFLOP/s for fp32 on the same cores."""
-    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(cpu_info()[1] & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
