@@ -21,6 +21,7 @@ def plan_batches(
     *,
     min_fill: float = 0.75,
     min_batch_tokens: int | None = None,
+    max_attention_cells: int | None = None,
 ) -> list[np.ndarray]:
     """Indices into ``lengths`` grouped into batches, longest first.
 
@@ -28,7 +29,9 @@ def plan_batches(
     input alone is longer than the budget (it then forms a batch of one). A batch is also closed
     early when the next input is shorter than ``min_fill`` of the batch's longest and the batch
     already holds ``min_batch_tokens`` (default: an eighth of the budget), so padding stays small
-    without starving the model of work.
+    without starving the model of work. ``max_attention_cells`` bounds ``len(batch) * L * L`` too:
+    attention scores grow with the square of the length, so long inputs travel in smaller batches
+    (again, one input alone always runs).
     """
     lengths = np.asarray(lengths)
     if lengths.size == 0:
@@ -43,6 +46,8 @@ def plan_batches(
     while start < n:
         longest = max(int(sorted_len[start]), 1)
         limit = max(1, min(cap, max_batch_tokens // longest, n - start))
+        if max_attention_cells:
+            limit = max(1, min(limit, max_attention_cells // (longest * longest)))
         end = start + 1
         while end < start + limit:
             if sorted_len[end] < min_fill * longest and (end - start) * longest >= floor:

@@ -193,6 +193,19 @@ def auto_batch_tokens(
     return CPU_BF16_BATCH_TOKENS if precision == "bf16" else CPU_DEFAULT_BATCH_TOKENS
 
 
+def attention_cells_budget(device: torch.device, num_heads: int, free_host_bytes: int | None) -> int:
+    """Query-key cells (rows x length x length) one batch may hold: a quarter of the free memory
+    (the GPU's, else the host's ``free_host_bytes``, 8 GiB when unknown) over the bytes each cell
+    takes in the worst layer (fp32 scores and their softmax, for every head). With 22 GiB free a 12-head
+    model gets ~60M cells (200 texts of 512 tokens could run together); a 16-head one runs
+    8192-token inputs one at a time."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+    else:
+        free = free_host_bytes or (8 << 30)
+    return max(1, int(free * 0.25 / (8 * max(num_heads, 1))))
+
+
 def is_oom(exc: BaseException) -> bool:
     """True for CUDA out-of-memory, host MemoryError and allocator failures (torch's and ONNX Runtime's)."""
     if isinstance(exc, MemoryError):

@@ -36,7 +36,7 @@ from embedkit.engine.backend import (
     second_copy_fits,
 )
 from embedkit.engine.batching import pad_batch, plan_batches
-from embedkit.engine.device import auto_batch_tokens
+from embedkit.engine.device import attention_cells_budget, auto_batch_tokens
 from embedkit.engine.graph import (
     SUPPORTED_MODEL_TYPES,
     GraphKey,
@@ -46,7 +46,8 @@ from embedkit.engine.graph import (
     graph_outputs,
     runtime_version,
 )
-from embedkit.engine.runner import ModelRunner, Workload
+from embedkit.engine.multi import DENSE_ONLY, MultiVectors, check_outputs, sparse_from_token_weights
+from embedkit.engine.runner import Batch, ModelRunner, Workload
 from embedkit.engine.tokenize import TextTokenizer, Tokenized, validate_texts
 from embedkit.errors import ConfigError, InputError, OutOfMemoryError
 from embedkit.models import ModelInfo, TextModel, cache_dir, content_hash, load_text_model, resolve_model
@@ -155,6 +156,11 @@ class Embedder:
             int(getattr(cfg, "num_attention_heads", 12)),
             self.precision,
         )
+        # Attention scores grow with the square of the length: a second bound, in query-key cells
+        # per batch, keeps one 8192-token text (alone) and a batch of short ones both in memory.
+        self.max_attention_cells = attention_cells_budget(
+            self.device, int(getattr(cfg, "num_attention_heads", 12)), available_memory_bytes()
+        )
         self.stats = self.runner.stats
         self._onnx: GraphSession | None = None
         self.graph_path: Path | None = None
@@ -176,10 +182,22 @@ class Embedder:
 
     # ----------------------------------------------------------------- set-up
     def _prepare_model(self) -> None:
-        """Place the model on the runner's devices (the dense layers run in fp32 after it)."""
+        """Place the model on the runner's devices (the dense layers and BGE-M3's heads run in fp32
+        after it; a replica's heads are its dense layers, then the heads of :attr:`outputs`)."""
         self._transformer = self.runner.place(
-            self.model.transformer, self.model.dense, cpu_fusion=self.cpu_fusion
+            self.model.transformer,
+            [*self.model.dense, *self.model.heads.values()],
+            cpu_fusion=self.cpu_fusion,
         )
+        n = len(self.model.dense)
+        self._head_slot = {name: n + k for k, name in enumerate(self.model.heads)}
+        skip = (getattr(self.model.tokenizer, f"{t}_token_id", None) for t in ("cls", "eos", "pad", "unk"))
+        self._special_ids = np.array(sorted({int(i) for i in skip if i is not None}), dtype=np.int64)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """What this model gives: ``dense``, plus ``sparse`` and ``colbert`` for BGE-M3-style models."""
+        return self.model.outputs
 
     # ------------------------------------------------------------ backends
     @property
@@ -375,6 +393,7 @@ class Embedder:
             "cpu_fusion": self.fused_modules,
             "backend": self.backend,
             "backend_plan": self.backend_note,
+            "outputs": list(self.outputs),
         }
 
     # -------------------------------------------------------------- stage: pre
@@ -419,15 +438,27 @@ class Embedder:
         return to_device(torch.from_numpy(input_ids), device), to_device(torch.from_numpy(mask), device)
 
     # ------------------------------------------------------------- stage: core
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, replica: int = 0) -> torch.Tensor:
-        _, transformer, dense = self.runner.replicas[replica]
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, replica: int = 0, outputs: tuple = DENSE_ONLY
+    ) -> Any:
+        """The pooled vectors of one padded batch; with more ``outputs`` than dense, a dict that
+        also holds the sparse heads' token weights and the ColBERT head's vectors (padding zeroed)."""
+        _, transformer, heads = self.runner.replicas[replica]
         with self.runner.context(replica):
             out = transformer(input_ids=input_ids, attention_mask=mask)
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
             pooled = pool(self.model.pooling, hidden, mask)
-            for layer in dense:
+            for layer in heads[: len(self.model.dense)]:
                 pooled = layer(pooled.float())
-        return pooled.float()
+            if outputs == DENSE_ONLY:
+                return pooled.float()
+            found = {"dense": pooled.float()}
+            if "sparse" in outputs:
+                found["sparse"] = torch.relu(heads[self._head_slot["sparse"]](hidden.float())).squeeze(-1)
+            if "colbert" in outputs:
+                vecs = heads[self._head_slot["colbert"]](hidden[:, 1:].float())
+                found["colbert"] = vecs * mask[:, 1:, None].float()
+        return found
 
     def _token_level(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with self.runner.context():
@@ -454,8 +485,13 @@ class Embedder:
             vecs = self._forward(*tensors, replica=replica)
         return vecs, {"onnx_batches": int(on_graph), "padded_tokens": padded}
 
-    def _workload(self, tok: Tokenized) -> Workload:
-        """The runner's view of ``tok``: padded batches, this engine's budget, errors naming the input."""
+    def _workload(self, tok: Tokenized, outputs: tuple = DENSE_ONLY) -> Workload:
+        """The runner's view of ``tok``: padded batches, this engine's budget, errors naming the input.
+        More ``outputs`` than dense run on torch (ONNX graphs give pooled vectors only)."""
+
+        def forward_tokens(tensors: tuple[torch.Tensor, ...], replica: int) -> tuple[Any, dict]:
+            found = self._forward(*tensors, replica=replica, outputs=outputs)
+            return found, {"padded_tokens": int(tensors[0].numel())}
 
         def shrink(idx: np.ndarray) -> str:
             longest = int(tok.lengths[idx].max())
@@ -471,7 +507,7 @@ class Embedder:
 
         return Workload(
             prepare=lambda idx, replica: self._to_tensors([tok.ids[i] for i in idx], replica.device),
-            forward=self._run_model,
+            forward=self._run_model if outputs == DENSE_ONLY else forward_tokens,
             shrink=shrink,
             too_big=too_big,
             stats=self.stats,
@@ -486,8 +522,7 @@ class Embedder:
         dimensions: int | None = None,
     ) -> np.ndarray:
         """Embed already tokenised inputs; rows come back in ``tok``'s order (float32)."""
-        batches = plan_batches(tok.lengths, self.max_batch_tokens, self.max_batch_size)
-        result = self._run(self._workload(tok), batches, len(tok), normalize, dimensions)
+        result = self._run(self._workload(tok), self._plan(tok), len(tok), normalize, dimensions)
         self.stats.add(texts=len(tok), tokens=tok.num_tokens, truncated=tok.num_truncated)
         return result
 
@@ -498,8 +533,63 @@ class Embedder:
         dims = self._check_dimensions(dims) if dims is not None else self.dimensions
         norm = self.normalize if normalize is None else bool(normalize)
         out = np.empty((n, dims or self.model.dimension), dtype=np.float32)
-        self.runner.run_all(work, batches, out, lambda vecs: self._post(vecs, norm, dims))
+
+        def emit(rows: Batch, vecs: torch.Tensor) -> None:
+            out[rows] = self._post(vecs, norm, dims).cpu().numpy()
+
+        self.runner.run_all(work, batches, emit)
         return out
+
+    def _plan(self, tok: Tokenized) -> list[np.ndarray]:
+        return plan_batches(
+            tok.lengths,
+            self.max_batch_tokens,
+            self.max_batch_size,
+            max_attention_cells=self.max_attention_cells,
+        )
+
+    def embed_tokenized_multi(
+        self,
+        tok: Tokenized,
+        outputs: tuple[str, ...],
+        *,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+    ) -> MultiVectors:
+        """Embed already tokenised inputs into ``outputs`` (any of dense, sparse, colbert; see
+        :mod:`embedkit.engine.multi`), all from the same forward pass, rows in ``tok``'s order."""
+        check_outputs(outputs, self.outputs, self.model.name)
+        dims = self._check_dimensions(dimensions) if dimensions is not None else self.dimensions
+        norm = self.normalize if normalize is None else bool(normalize)
+        n = len(tok)
+        dense = np.empty((n, dims or self.model.dimension), np.float32) if "dense" in outputs else None
+        sparse: list = [None] * n
+        colbert: list = [None] * n
+
+        def emit(rows: Batch, found: dict[str, torch.Tensor]) -> None:
+            if dense is not None:
+                dense[rows] = self._post(found["dense"], norm, dims).cpu().numpy()
+            weights = found["sparse"].cpu().numpy() if "sparse" in found else None
+            vecs = found.get("colbert")
+            if vecs is not None and norm:
+                vecs = torch.nn.functional.normalize(vecs, dim=-1)
+            vecs = vecs.cpu().numpy() if vecs is not None else None
+            for r, i in enumerate(rows):
+                length = int(tok.lengths[i])
+                if weights is not None:
+                    sparse[i] = sparse_from_token_weights(weights[r, :length], tok.ids[i], self._special_ids)
+                if vecs is not None:
+                    colbert[i] = vecs[r, : length - 1].copy()
+
+        self.runner.run_all(self._workload(tok, outputs), self._plan(tok), emit)
+        self.stats.add(texts=n, tokens=tok.num_tokens, truncated=tok.num_truncated)
+        return MultiVectors(
+            dense=dense,
+            sparse=sparse if "sparse" in outputs else None,
+            colbert=colbert if "colbert" in outputs else None,
+            token_counts=tok.lengths.copy(),
+            truncated=tok.truncated.copy(),
+        )
 
     # -------------------------------------------------------------- public API
     def embed(
@@ -516,6 +606,21 @@ class Embedder:
         vecs = self.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
         return EncodeResult(vecs, tok.lengths.copy(), tok.truncated.copy())
 
+    def embed_multi(
+        self,
+        texts: Sequence[str],
+        outputs: tuple[str, ...] = ("dense", "sparse", "colbert"),
+        *,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        truncate: bool | None = None,
+        prompt_name: str | None = None,
+    ) -> MultiVectors:
+        """Several outputs of ``texts`` (dense, sparse, colbert) from one forward pass per batch."""
+        check_outputs(outputs, self.outputs, self.model.name)
+        tok = self.tokenize(texts, truncate=truncate, prompt_name=prompt_name)
+        return self.embed_tokenized_multi(tok, outputs, normalize=normalize, dimensions=dimensions)
+
     def encode(
         self,
         texts: Sequence[str] | str,
@@ -524,15 +629,48 @@ class Embedder:
         dimensions: int | None = None,
         truncate: bool | None = None,
         prompt_name: str | None = None,
-    ) -> np.ndarray:
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+    ) -> Any:
         """Embed ``texts`` into a float32 array of shape ``(len(texts), dimension)``, input order kept.
-
         A single string gives a 1-D vector.
+
+        With ``return_sparse`` or ``return_colbert_vecs`` (BGE-M3-style models), the result is
+        FlagEmbedding's ``BGEM3FlagModel.encode`` dict instead: ``dense_vecs`` (or ``None``),
+        ``lexical_weights`` (``{token_id_str: weight}`` per text) and ``colbert_vecs`` (one
+        ``(tokens - 1, dim)`` array per text), all from the same forward pass.
         """
         opts = dict(normalize=normalize, dimensions=dimensions, truncate=truncate, prompt_name=prompt_name)
-        if isinstance(texts, str):
-            return self.encode([texts], **opts)[0]
-        return self.embed(texts, **opts).embeddings
+        wanted = tuple(
+            name
+            for name, asked in (
+                ("dense", return_dense),
+                ("sparse", return_sparse),
+                ("colbert", return_colbert_vecs),
+            )
+            if asked
+        )
+        if not wanted:
+            raise InputError(
+                "ask for at least one output (return_dense, return_sparse or return_colbert_vecs)"
+            )
+        if wanted == DENSE_ONLY:
+            if isinstance(texts, str):
+                return self.encode([texts], **opts)[0]
+            return self.embed(texts, **opts).embeddings
+        flag = self.embed_multi([texts] if isinstance(texts, str) else texts, wanted, **opts).to_flag()
+        if isinstance(texts, str):  # FlagEmbedding gives one text's outputs unwrapped
+            return {k: (v[0] if v is not None else None) for k, v in flag.items()}
+        return flag
+
+    def convert_id_to_token(self, lexical_weights: dict | list[dict]) -> dict | list[dict]:
+        """Lexical weights keyed by token text instead of token id (FlagEmbedding's helper of the
+        same name), for reading which words a text's sparse vector weighs."""
+        decode = self.model.tokenizer.decode
+        items = [lexical_weights] if isinstance(lexical_weights, dict) else lexical_weights
+        named = [{decode([int(i)]): w for i, w in item.items()} for item in items]
+        return named[0] if isinstance(lexical_weights, dict) else named
 
     def encode_iter(
         self,
@@ -566,7 +704,7 @@ class Embedder:
         """Unpooled last hidden states, one ``(tokens, hidden)`` array per text (HF feature-extraction)."""
         tok = self.tokenize(texts, truncate=truncate)
         out: list[np.ndarray | None] = [None] * len(tok)
-        for idx in plan_batches(tok.lengths, self.max_batch_tokens, self.max_batch_size):
+        for idx in self._plan(tok):
             hidden = self._token_level(*self._to_tensors([tok.ids[i] for i in idx])).cpu().numpy()
             for row, i in enumerate(idx):
                 out[i] = hidden[row, : int(tok.lengths[i])]

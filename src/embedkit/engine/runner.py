@@ -172,23 +172,17 @@ class ModelRunner:
             log.warning("%s", note)
             return self.run(work, batch[:half], replica) + self.run(work, batch[half:], replica)
 
-    def run_all(
-        self,
-        work: Workload,
-        batches: Sequence[Batch],
-        out: np.ndarray,
-        finish: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
-        """Run ``batches`` and write ``out[batch] = finish(vectors)`` on the host.
+    def run_all(self, work: Workload, batches: Sequence[Batch], emit: Callable[[Batch, Any], None]) -> None:
+        """Run ``batches`` and hand each part run to ``emit(rows, outputs)``.
 
         With one replica, the next batch's inputs are prepared in a helper thread while the model
         runs the current one. With several, each replica runs its share in its own thread (torch
         releases the GIL in kernels); shares are balanced by ``work.cost``, greedily in the order
         given (longest first balances best)."""
 
-        def emit(parts: list[tuple[Batch, torch.Tensor]]) -> None:
-            for rows, vecs in parts:
-                out[rows] = finish(vecs).cpu().numpy()
+        def emit_all(parts: list[tuple[Batch, Any]]) -> None:
+            for rows, found in parts:
+                emit(rows, found)
 
         if not batches:
             return
@@ -204,7 +198,7 @@ class ModelRunner:
                     inputs = None
                 if k + 1 < len(batches):
                     pending = self._prefetch.submit(work.prepare, batches[k + 1], first)
-                emit(self.run(work, batch, 0, inputs))
+                emit_all(self.run(work, batch, 0, inputs))
             return
         shares: list[list[Batch]] = [[] for _ in self.replicas]
         load = [0] * len(self.replicas)
@@ -215,7 +209,7 @@ class ModelRunner:
 
         def run_share(replica: int) -> None:
             for batch in shares[replica]:
-                emit(self.run(work, batch, replica))
+                emit_all(self.run(work, batch, replica))
 
         with ThreadPoolExecutor(max_workers=len(self.replicas), thread_name_prefix="embedkit-dev") as pool:
             for fut in [pool.submit(run_share, r) for r in range(len(self.replicas))]:

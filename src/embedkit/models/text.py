@@ -47,6 +47,13 @@ class TextModel:
     default_prompt_name: str | None = None
     model_type: str = ""
     name: str = ""
+    # BGE-M3's extra heads over the token states, by output name ("sparse", "colbert"); see HEADS.
+    heads: dict[str, torch.nn.Linear] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The outputs this model gives: ``dense`` always, ``sparse``/``colbert`` with their head."""
+        return ("dense", *(name for name in HEADS if name in self.heads))
 
     @property
     def dimension(self) -> int:
@@ -59,7 +66,7 @@ class TextModel:
     @property
     def num_parameters(self) -> int:
         n = sum(p.numel() for p in self.transformer.parameters())
-        return n + sum(p.numel() for layer in self.dense for p in layer.parameters())
+        return n + sum(p.numel() for layer in [*self.dense, *self.heads.values()] for p in layer.parameters())
 
 
 def read_config_json(path: Path) -> dict:
@@ -121,6 +128,37 @@ def _load_dense(module_dir: Path) -> torch.nn.Module:
     if act_cls is None:
         raise ModelLoadError(f"Dense module {module_dir}: unsupported activation {act_name}")
     return torch.nn.Sequential(linear, act_cls())
+
+
+# BGE-M3's heads, as FlagEmbedding saves them beside the model: the state dict of one linear layer
+# each over the last hidden states (sparse: hidden -> 1 weight per token; ColBERT: hidden -> dim).
+HEADS = {"sparse": "sparse_linear.pt", "colbert": "colbert_linear.pt"}
+
+
+def _load_heads(folders: list[Path], hidden_size: int) -> dict[str, torch.nn.Linear]:
+    """The :data:`HEADS` found in ``folders`` (the model's folder, then its transformer's)."""
+    heads: dict[str, torch.nn.Linear] = {}
+    for name, filename in HEADS.items():
+        found = next((d / filename for d in folders if (d / filename).is_file()), None)
+        if found is None:
+            continue
+        try:
+            state = torch.load(found, map_location="cpu", weights_only=True)
+            out_features, in_features = state["weight"].shape
+            head = torch.nn.Linear(in_features, out_features, bias="bias" in state)
+            head.load_state_dict(state)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{found}: not the state dict of one linear layer ({type(exc).__name__}: {exc}); "
+                f"remove the file or replace it with the model's own {filename}"
+            ) from exc
+        if in_features != hidden_size:
+            raise ModelLoadError(
+                f"{found}: the head takes {in_features} features but the model's hidden size is "
+                f"{hidden_size}; the file belongs to another model"
+            )
+        heads[name] = head.eval()
+    return heads
 
 
 def quiet_transformers() -> None:
@@ -207,4 +245,5 @@ def load_text_model(path: Path, *, pooling: str | None = None, normalize: bool |
         default_prompt_name=st_model_cfg.get("default_prompt_name"),
         model_type=str(getattr(hf_config, "model_type", "")),
         name=display_name(path, raw_cfg),
+        heads=_load_heads([path, transformer_dir], int(getattr(hf_config, "hidden_size", 0))),
     )
