@@ -59,38 +59,41 @@ def build_tiny_bert(
     torch.manual_seed(seed)
     _build_encoder(arch, vocab_size, hidden_size, max_seq_length).eval().save_pretrained(str(out))
     if layout == "sentence-transformers":
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ]
-        if normalize:
-            modules.append(
-                {
-                    "idx": 2,
-                    "name": "2",
-                    "path": "2_Normalize",
-                    "type": "sentence_transformers.models.Normalize",
-                }
-            )
-        (out / "modules.json").write_text(json.dumps(modules, indent=2))
-        (out / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
-        )
-        (out / "1_Pooling").mkdir(exist_ok=True)
-        flags = {
-            "word_embedding_dimension": hidden_size,
-            "pooling_mode_cls_token": pooling == "cls",
-            "pooling_mode_mean_tokens": pooling == "mean",
-            "pooling_mode_max_tokens": pooling == "max",
-            "pooling_mode_mean_sqrt_len_tokens": pooling == "mean_sqrt_len",
-        }
-        (out / "1_Pooling" / "config.json").write_text(json.dumps(flags, indent=2))
-        (out / "config_sentence_transformers.json").write_text(
-            json.dumps({"prompts": prompts or {}, "default_prompt_name": None})
-        )
+        _write_sentence_transformers_layout(out, hidden_size, max_seq_length, pooling, normalize, prompts)
     elif layout != "hf":
         raise ValueError(f"layout must be 'sentence-transformers' or 'hf', got {layout!r}")
     return out
+
+
+def _write_sentence_transformers_layout(
+    out: Path, hidden_size: int, max_seq_length: int, pooling: str, normalize: bool, prompts: dict | None
+) -> None:
+    """modules.json (the Transformer at the root, Pooling, Normalize when asked), the pooling config,
+    sentence_bert_config.json and config_sentence_transformers.json."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+    )
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    flags = {
+        "word_embedding_dimension": hidden_size,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": pooling == "max",
+        "pooling_mode_mean_sqrt_len_tokens": pooling == "mean_sqrt_len",
+    }
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(flags, indent=2))
+    (out / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": prompts or {}, "default_prompt_name": None})
+    )
 
 
 def _save_wordpiece_tokenizer(out: Path) -> int:
