@@ -54,6 +54,13 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_m3(tmp_path_factory) -> Path:
+    """A tiny random stand-in for BAAI/bge-m3 (XLM-R, dim 32, 8192 tokens, a tokenizer trained on
+    Python's docs, CLS + Normalize, sparse_linear.pt and colbert_linear.pt heads); a few seconds."""
+    return _build_tiny(tmp_path_factory, "tiny_bge_m3")
+
+
+@pytest.fixture(scope="session")
 def tiny_embedder(tiny_model):
     from embedkit import Embedder
 
