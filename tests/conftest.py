@@ -61,6 +61,16 @@ def tiny_m3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def m3_reference(tiny_m3, tmp_path_factory) -> dict:
+    """FlagEmbedding's dense, sparse and ColBERT outputs (and pair scores) for ``tiny_m3`` on
+    ``tests.reference_m3.M3_TEXTS``, run once in .venv-flagembedding (~30 s); skips without that
+    venv (`make reference`), fails under EMBEDKIT_REQUIRE_REFERENCE=1."""
+    from tests.reference_m3 import run_m3_reference
+
+    return run_m3_reference(tiny_m3, tmp_path_factory.mktemp("m3-reference"))
+
+
+@pytest.fixture(scope="session")
 def tiny_embedder(tiny_model):
     from embedkit import Embedder
 
