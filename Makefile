@@ -15,11 +15,19 @@ INFINITY := .venv-infinity
 INFINITY_TORCH := torch==2.13.0
 INFINITY_PKG := infinity-emb[server,torch]==0.0.78
 INFINITY_STAMP := $(INFINITY)/.installed-$(shell echo '$(INFINITY_TORCH) $(INFINITY_PKG)' | sha1sum | cut -c1-12)
+# FlagEmbedding (BAAI's reference for BGE-M3's dense, sparse and ColBERT outputs) for the golden parity
+# tests, in a venv of its own: it needs transformers 4.x. Torch first, at the version embedkit uses;
+# the upper bounds are needed: newer transformers / sentence-transformers / huggingface-hub / datasets
+# break FlagEmbedding 1.4.2's imports.
+REFERENCE := .venv-flagembedding
+REFERENCE_TORCH := torch==2.13.0
+REFERENCE_PKGS := FlagEmbedding==1.4.2 transformers>=4.44,<4.58 sentence-transformers<6 huggingface-hub<1 datasets<4
+REFERENCE_STAMP := $(REFERENCE)/.installed-$(shell echo '$(REFERENCE_TORCH) $(REFERENCE_PKGS)' | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install clients bench-venvs demo test test-fast lint docs format bench clean
+.PHONY: install clients reference bench-venvs demo test test-fast lint docs format bench clean
 
 install: $(STAMP)
 
@@ -39,6 +47,16 @@ $(CLIENTS_STAMP): $(CLIENTS_REQ)
 	$(CLIENTS)/bin/python -m pip install -q -r $(CLIENTS_REQ)
 	rm -f $(CLIENTS)/.installed-*
 	touch $(CLIENTS_STAMP)
+
+reference: $(REFERENCE_STAMP)
+
+$(REFERENCE_STAMP):
+	test -x $(REFERENCE)/bin/python || $(PY) -m venv $(REFERENCE)
+	$(REFERENCE)/bin/python -m pip install -q --upgrade pip
+	$(REFERENCE)/bin/python -m pip install -q "$(REFERENCE_TORCH)"
+	$(REFERENCE)/bin/python -m pip install -q $(foreach p,$(REFERENCE_PKGS),"$(p)")
+	rm -f $(REFERENCE)/.installed-*
+	touch $(REFERENCE_STAMP)
 
 bench-venvs: $(INFINITY_STAMP)
 
@@ -72,8 +90,10 @@ format: install
 test-fast: lint docs
 	$(BIN)/python -m pytest -q tests/unit -m "not slow"
 
-test: lint docs clients
-	EMBEDKIT_CLIENTS_PYTHON=$(CURDIR)/$(CLIENTS)/bin/python EMBEDKIT_REQUIRE_CLIENTS=1 $(BIN)/python -m pytest -q
+test: lint docs clients reference
+	EMBEDKIT_CLIENTS_PYTHON=$(CURDIR)/$(CLIENTS)/bin/python EMBEDKIT_REQUIRE_CLIENTS=1 \
+	EMBEDKIT_REFERENCE_PYTHON=$(CURDIR)/$(REFERENCE)/bin/python EMBEDKIT_REQUIRE_REFERENCE=1 \
+	$(BIN)/python -m pytest -q
 
 # The infinity-emb venv is best effort: where it does not install, the serve section says so and
 # skips that comparison.
@@ -82,4 +102,4 @@ bench: install
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) $(CLIENTS) $(INFINITY) build dist src/*.egg-info .pytest_cache .ruff_cache demo-output
+	rm -rf $(VENV) $(CLIENTS) $(INFINITY) $(REFERENCE) build dist src/*.egg-info .pytest_cache .ruff_cache demo-output

@@ -54,6 +54,23 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_m3(tmp_path_factory) -> Path:
+    """A tiny random stand-in for BAAI/bge-m3 (XLM-R, dim 32, 8192 tokens, a tokenizer trained on
+    Python's docs, CLS + Normalize, sparse_linear.pt and colbert_linear.pt heads); a few seconds."""
+    return _build_tiny(tmp_path_factory, "tiny_bge_m3")
+
+
+@pytest.fixture(scope="session")
+def m3_reference(tiny_m3, tmp_path_factory) -> dict:
+    """FlagEmbedding's dense, sparse and ColBERT outputs (and pair scores) for ``tiny_m3`` on
+    ``tests.reference_m3.M3_TEXTS``, run once in .venv-flagembedding (~30 s); skips without that
+    venv (`make reference`), fails under EMBEDKIT_REQUIRE_REFERENCE=1."""
+    from tests.reference_m3 import run_m3_reference
+
+    return run_m3_reference(tiny_m3, tmp_path_factory.mktemp("m3-reference"))
+
+
+@pytest.fixture(scope="session")
 def tiny_embedder(tiny_model):
     from embedkit import Embedder
 

@@ -59,38 +59,41 @@ def build_tiny_bert(
     torch.manual_seed(seed)
     _build_encoder(arch, vocab_size, hidden_size, max_seq_length).eval().save_pretrained(str(out))
     if layout == "sentence-transformers":
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ]
-        if normalize:
-            modules.append(
-                {
-                    "idx": 2,
-                    "name": "2",
-                    "path": "2_Normalize",
-                    "type": "sentence_transformers.models.Normalize",
-                }
-            )
-        (out / "modules.json").write_text(json.dumps(modules, indent=2))
-        (out / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
-        )
-        (out / "1_Pooling").mkdir(exist_ok=True)
-        flags = {
-            "word_embedding_dimension": hidden_size,
-            "pooling_mode_cls_token": pooling == "cls",
-            "pooling_mode_mean_tokens": pooling == "mean",
-            "pooling_mode_max_tokens": pooling == "max",
-            "pooling_mode_mean_sqrt_len_tokens": pooling == "mean_sqrt_len",
-        }
-        (out / "1_Pooling" / "config.json").write_text(json.dumps(flags, indent=2))
-        (out / "config_sentence_transformers.json").write_text(
-            json.dumps({"prompts": prompts or {}, "default_prompt_name": None})
-        )
+        _write_sentence_transformers_layout(out, hidden_size, max_seq_length, pooling, normalize, prompts)
     elif layout != "hf":
         raise ValueError(f"layout must be 'sentence-transformers' or 'hf', got {layout!r}")
     return out
+
+
+def _write_sentence_transformers_layout(
+    out: Path, hidden_size: int, max_seq_length: int, pooling: str, normalize: bool, prompts: dict | None
+) -> None:
+    """modules.json (the Transformer at the root, Pooling, Normalize when asked), the pooling config,
+    sentence_bert_config.json and config_sentence_transformers.json."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+    )
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    flags = {
+        "word_embedding_dimension": hidden_size,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": pooling == "max",
+        "pooling_mode_mean_sqrt_len_tokens": pooling == "mean_sqrt_len",
+    }
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(flags, indent=2))
+    (out / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": prompts or {}, "default_prompt_name": None})
+    )
 
 
 def _save_wordpiece_tokenizer(out: Path) -> int:
@@ -138,13 +141,14 @@ def _save_roberta_style_tokenizer(out: Path) -> int:
     return len(words)
 
 
-def _build_encoder(arch: str, vocab_size: int, hidden_size: int, max_seq_length: int):
+def _build_encoder(arch: str, vocab_size: int, hidden_size: int, max_seq_length: int, **config):
     common = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
         "intermediate_size": hidden_size * 2,
+        **config,
     }
     if arch == "bert":
         from transformers import BertConfig, BertModel
@@ -302,3 +306,126 @@ def build_tiny_clip(
     torch.manual_seed(seed)
     CLIPModel(config).eval().save_pretrained(str(out))
     return out
+
+
+# Letters beyond ASCII the BGE-M3 stand-in's tokenizer knows (its training text is English), so some
+# non-English input becomes real pieces; characters outside this and the training text (emoji, most
+# scripts) become <unk>, which BGE-M3's sparse output leaves out.
+_M3_EXTRA_ALPHABET = "àáâäçèéêëíîïñóôöøúûüßæœ" + "абвгдеёжзийклмнопрстуфхцчшщъыьэюя" + "日本語你好世界中文"
+_M3_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0-3 as in XLM-R; <mask> is the last id
+
+
+def build_tiny_bge_m3(
+    out_dir: str | Path, *, hidden_size: int = 32, vocab_size: int = 3000, seed: int = 0
+) -> Path:
+    """Write a random stand-in for BAAI/bge-m3 to ``out_dir``: the same layout and tokenizer framing
+    at toy size, for parity tests of its three outputs (dense, sparse lexical weights, ColBERT).
+
+    - an XLMRobertaModel (2 layers, 2 heads, ``hidden_size``, 8194 positions: 8192 tokens, pad id 1);
+    - a Unigram tokenizer trained here (``tokenizers``) on Python's own documentation, with XLM-R's
+      specials (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` last), ``<s> text </s>``
+      framing, ``tokenizer_class`` XLMRobertaTokenizer and model_max_length 8192, loadable by
+      transformers 4.x and 5.x alike (see ``_save_m3_tokenizer``);
+    - the sentence-transformers files of bge-m3 (Transformer at the root, CLS pooling, Normalize,
+      max_seq_length 8192);
+    - BGE-M3's heads beside them: ``sparse_linear.pt`` (``torch.nn.Linear(hidden, 1)``'s state_dict)
+      and ``colbert_linear.pt`` (``torch.nn.Linear(hidden, hidden)``'s), random from ``seed``.
+
+    Returns the directory. Takes a few seconds (the tokenizer's training).
+    """
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_vocab = _save_m3_tokenizer(out, vocab_size)
+    torch.manual_seed(seed)
+    # Weights 10x the usual initial scale: at 0.02 a random encoder's attention is near uniform and
+    # every text's CLS vector the same to ~1e-4, too alike for a parity test to tell texts apart.
+    encoder = _build_encoder("xlm-roberta", n_vocab, hidden_size, 8192, initializer_range=0.2)
+    encoder.eval().save_pretrained(str(out))
+    _write_sentence_transformers_layout(out, hidden_size, 8192, "cls", True, None)
+    torch.manual_seed(seed + 1)
+    torch.save(torch.nn.Linear(hidden_size, 1).state_dict(), out / "sparse_linear.pt")
+    torch.save(torch.nn.Linear(hidden_size, hidden_size).state_dict(), out / "colbert_linear.pt")
+    return out
+
+
+def _save_m3_tokenizer(out: Path, vocab_size: int) -> int:
+    """Train XLM-R's kind of tokenizer (SentencePiece Unigram over ``▁``-marked words) on ~200 kB of
+    Python's language reference (embedkit.corpus), write tokenizer.json, tokenizer_config.json and
+    special_tokens_map.json, and return the vocabulary size (``<mask>`` included).
+
+    The pipeline is the one transformers 5's XLMRobertaTokenizer rebuilds from a tokenizer.json (it
+    keeps the file's vocabulary but sets its own pre-tokenizer and post-processor, and no normaliser
+    other than a SentencePiece charsmap, which a tokenizer trained here has none of), so transformers
+    5 and 4.x (which uses the file as written) split every text alike. Written by hand, not through a
+    transformers class, so the files do not depend on the transformers version that writes them.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from embedkit.corpus import doc_passages
+
+    # ~200 kB of the language reference: enough for a vocabulary of a few thousand; trains in ~2 s
+    texts = doc_passages(limit=80)
+
+    def pre_tokenizer():
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.WhitespaceSplit(),
+                pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+            ]
+        )
+
+    trainer_tok = Tokenizer(models.Unigram())
+    trainer_tok.pre_tokenizer = pre_tokenizer()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size - 1,  # <mask> comes after
+        special_tokens=list(_M3_SPECIALS),
+        unk_token="<unk>",
+        initial_alphabet=list(_M3_EXTRA_ALPHABET),
+        show_progress=False,
+    )
+    trainer_tok.train_from_iterator(texts, trainer)
+    vocab = [(piece, score) for piece, score in json.loads(trainer_tok.to_str())["model"]["vocab"]]
+    assert [p for p, _ in vocab[:4]] == list(_M3_SPECIALS), vocab[:4]
+    vocab.append(("<mask>", 0.0))
+    mask_id = len(vocab) - 1
+
+    backend = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizer()
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    backend.add_special_tokens(list(_M3_SPECIALS))
+    backend.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
+    assert backend.token_to_id("<mask>") == mask_id
+    backend.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "XLMRobertaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "cls_token": "<s>",
+        "sep_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "mask_token": "<mask>",
+        "model_max_length": 8192,
+        "clean_up_tokenization_spaces": True,
+        "added_tokens_decoder": {
+            str(i): {
+                "content": tok,
+                "lstrip": tok == "<mask>",
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for i, tok in [*enumerate(_M3_SPECIALS), (mask_id, "<mask>")]
+        },
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    special = {k: config[k] for k in ("bos_token", "eos_token", "cls_token", "sep_token", "pad_token")}
+    special.update(unk_token="<unk>", mask_token="<mask>")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return len(vocab)
