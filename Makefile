@@ -90,7 +90,10 @@ format: install
 test-fast: lint docs
 	$(BIN)/python -m pytest -q tests/unit -m "not slow"
 
-test: lint docs clients reference
+# The two third-party venvs install (mostly waiting on downloads and unpacking) while lint and the
+# docs build run: -j saves their minutes on a fresh clone.
+test: install
+	$(MAKE) --no-print-directory -j4 --output-sync=target lint docs clients reference
 	EMBEDKIT_CLIENTS_PYTHON=$(CURDIR)/$(CLIENTS)/bin/python EMBEDKIT_REQUIRE_CLIENTS=1 \
 	EMBEDKIT_REFERENCE_PYTHON=$(CURDIR)/$(REFERENCE)/bin/python EMBEDKIT_REQUIRE_REFERENCE=1 \
 	$(BIN)/python -m pytest -q
