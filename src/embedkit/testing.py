@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 _WORDS = (
     "the a an and or of to in on at for with is are was be it this that cat dog sat mat park hello "
@@ -316,7 +317,7 @@ _M3_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0-3 as in XLM-R; <mask> 
 
 
 def build_tiny_bge_m3(
-    out_dir: str | Path, *, hidden_size: int = 32, vocab_size: int = 3000, seed: int = 0
+    out_dir: str | Path, *, hidden_size: int = 32, vocab_size: int = 3000, seed: int = 0, **encoder: Any
 ) -> Path:
     """Write a random stand-in for BAAI/bge-m3 to ``out_dir``: the same layout and tokenizer framing
     at toy size, for parity tests of its three outputs (dense, sparse lexical weights, ColBERT).
@@ -331,7 +332,9 @@ def build_tiny_bge_m3(
     - BGE-M3's heads beside them: ``sparse_linear.pt`` (``torch.nn.Linear(hidden, 1)``'s state_dict)
       and ``colbert_linear.pt`` (``torch.nn.Linear(hidden, hidden)``'s), random from ``seed``.
 
-    Returns the directory. Takes a few seconds (the tokenizer's training).
+    ``encoder`` overrides the XLM-R config (``make bench`` builds BGE-M3's vocabulary size of
+    embedding rows with 6 layers at hidden size 384). Returns the directory. Takes a few seconds
+    (the tokenizer's training).
     """
     import torch
 
@@ -341,7 +344,9 @@ def build_tiny_bge_m3(
     torch.manual_seed(seed)
     # Weights 10x the usual initial scale: at 0.02 a random encoder's attention is near uniform and
     # every text's CLS vector the same to ~1e-4, too alike for a parity test to tell texts apart.
-    encoder = _build_encoder("xlm-roberta", n_vocab, hidden_size, 8192, initializer_range=0.2)
+    encoder = _build_encoder(
+        "xlm-roberta", n_vocab, hidden_size, 8192, **{"initializer_range": 0.2, **encoder}
+    )
     encoder.eval().save_pretrained(str(out))
     _write_sentence_transformers_layout(out, hidden_size, 8192, "cls", True, None)
     torch.manual_seed(seed + 1)
