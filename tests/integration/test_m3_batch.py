@@ -1,5 +1,6 @@
 """BGE-M3's three outputs in the batch job: ``embedkit embed --outputs dense,sparse,colbert``, the
-part files' columns, resume and the fingerprint, the Ray engine, on a tiny BGE-M3-like model (an XLM-RoBERTa encoder
+part files' columns, resume and the fingerprint, the Ray engine, ``embedkit search --mode`` and
+``embedkit export``'s sparse and ColBERT files, on a tiny BGE-M3-like model (an XLM-RoBERTa encoder
 with random ``sparse_linear.pt`` / ``colbert_linear.pt`` heads)."""
 
 from __future__ import annotations
@@ -254,6 +255,136 @@ def test_other_outputs_are_another_job_refused_unless_overwrite(tmp_path, m3):
     assert summary.units_processed == 2 and summary.complete
     assert pq.read_table(next(out.glob("part-*.parquet"))).column_names[-1] == "colbert"
     assert read_metadata(out)["outputs"] == list(ALL)
+
+
+# ---------------------------------------------------------------------------------------- search
+@pytest.fixture(scope="module")
+def m3_job(tmp_path_factory, m3):
+    """A finished job with the three outputs, the text kept for the hits."""
+    root = tmp_path_factory.mktemp("m3-job")
+    texts = _texts(40)
+    pq.write_table(pa.table({"text": texts, "key": [f"doc-{i:02d}" for i in range(40)]}), root / "in.parquet")
+    _run(root / "in.parquet", root / "out", m3, outputs=ALL, keep_columns="text")
+    return str(root / "out"), texts
+
+
+def _by_hand(m3, texts, query, mode, weights=multi.HYBRID_WEIGHTS):
+    d = m3.embed_multi(texts, ALL)
+    q = m3.embed_multi([query], ALL)
+    dense = multi.dense_scores(q.dense, d.dense)[0]
+    sparse = [multi.sparse_score(q.sparse[0], s) for s in d.sparse]
+    colbert = [multi.colbert_score(q.colbert[0], c) for c in d.colbert]
+    per = {"dense": dense, "sparse": sparse, "colbert": colbert}
+    if mode != "hybrid":
+        return np.asarray(per[mode], np.float64)
+    return np.array(
+        [multi.hybrid_score((dense[i], sparse[i], colbert[i]), weights) for i in range(len(texts))]
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "weights"),
+    [("dense", None), ("sparse", None), ("colbert", None), ("hybrid", None), ("hybrid", "1,0.5,0.25")],
+)
+def test_search_modes_rank_by_m3s_scores(m3_job, m3, mode, weights):
+    from embedkit.batch.search import parse_weights, search_output
+
+    out, texts = m3_job
+    query = texts[11] + " cat"
+    hits = search_output(out, [query], k=5, embedder=m3, mode=mode, weights=weights)[0]
+    expected = _by_hand(m3, texts, query, mode, parse_weights(weights))
+    top = np.argsort(-expected, kind="stable")[:5]
+    assert [h.id for h in hits] == [f"doc-{i:02d}" for i in top]
+    np.testing.assert_allclose([h.score for h in hits], expected[top], atol=1e-5, rtol=0)
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5] and hits[0].text == texts[top[0]]
+
+
+def test_search_cli_modes_and_clear_errors(m3_job, m3_model, tmp_path, m3, capsys):
+    from embedkit.batch.search import search_output
+
+    out, texts = m3_job
+    base = ["search", out, texts[3], "-k", "3", "--model", str(m3_model), "--json"]
+    assert cli([*base, "--mode", "hybrid", "--weights", "0.5,0.5,0"]) == 0
+    hits = json.loads(capsys.readouterr().out)[0]["hits"]
+    assert len(hits) == 3 and hits[0]["id"] == "doc-03"
+    assert cli([*base, "--mode", "sparse", "--weights", "1,1,1"]) == 2
+    assert "--weights applies to --mode hybrid" in capsys.readouterr().err
+    assert cli([*base, "--mode", "hybrid", "--weights", "1,1"]) == 2
+    assert "three numbers" in capsys.readouterr().err
+
+    # a dense job has no sparse or ColBERT columns to search
+    _run(_dataset(tmp_path / "in", texts[:10]), tmp_path / "dense", m3)
+    with pytest.raises(ConfigError, match=r"--mode colbert needs the colbert output \(colbert column\)"):
+        search_output(str(tmp_path / "dense"), ["x"], embedder=m3, mode="colbert")
+    with pytest.raises(ConfigError, match=r"--mode hybrid needs the sparse, colbert output"):
+        search_output(str(tmp_path / "dense"), ["x"], embedder=m3, mode="hybrid")
+    # ...but hybrid with those weights at 0 is plain dense scoring
+    hits = search_output(str(tmp_path / "dense"), [texts[2]], embedder=m3, mode="hybrid", weights="1,0,0")
+    dense = search_output(str(tmp_path / "dense"), [texts[2]], embedder=m3)
+    assert [h.id for h in hits[0]] == [h.id for h in dense[0]]
+    np.testing.assert_allclose([h.score for h in hits[0]], [h.score for h in dense[0]], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- export
+def test_export_writes_csr_sparse_and_stacked_colbert_with_offsets(m3_job, m3, tmp_path):
+    from embedkit.batch.export import export_output
+    from embedkit.batch.search import search_output
+
+    out, texts = m3_job
+    dest = str(tmp_path / "export")
+    info = export_output(out, dest=dest)
+    assert info["files"] == ["embeddings.npy", "ids.npy", "sparse.npz", "colbert.npy", "colbert_offsets.npy"]
+    assert info["outputs"] == list(ALL) and info["vocab_size"] == m3.model.transformer.config.vocab_size
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["colbert_dimension"] == 32
+    ids = list(np.load(os.path.join(dest, "ids.npy")))
+    ref = m3.embed_multi(texts, ALL)
+    order = [int(i.split("-")[1]) for i in ids]
+
+    np.testing.assert_allclose(np.load(os.path.join(dest, "embeddings.npy")), ref.dense[order], atol=1e-6)
+
+    with np.load(os.path.join(dest, "sparse.npz")) as z:
+        assert set(z.files) == {"data", "indices", "indptr", "shape", "format"}
+        assert z["format"].item() == b"csr"
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    csr = scipy_sparse.load_npz(os.path.join(dest, "sparse.npz"))
+    assert csr.format == "csr" and csr.shape == (40, info["vocab_size"]) and csr.has_sorted_indices
+    assert csr.nnz == info["sparse_nnz"] == sum(len(s[0]) for s in ref.sparse)
+    for row, i in enumerate(order):
+        want_ids, want_w = ref.sparse[i]
+        dense_row = csr.getrow(row).toarray()[0]
+        np.testing.assert_allclose(dense_row[want_ids], want_w, atol=1e-6, rtol=0)
+        assert np.count_nonzero(dense_row) == len(want_ids)
+
+    vecs = np.load(os.path.join(dest, "colbert.npy"))
+    offsets = np.load(os.path.join(dest, "colbert_offsets.npy"))
+    assert offsets.dtype == np.int64 and len(offsets) == 41 and offsets[0] == 0
+    assert offsets[-1] == len(vecs) == info["colbert_vectors"] and vecs.shape[1] == 32
+    assert (np.diff(offsets) == [len(ref.colbert[i]) for i in order]).all()
+    for row, i in enumerate(order):
+        np.testing.assert_allclose(vecs[offsets[row] : offsets[row + 1]], ref.colbert[i], atol=1e-6)
+
+    # the export in OUTPUT/export answers dense searches; the other modes still read the parts
+    export_output(out)
+    assert search_output(out, [texts[5]], k=1, embedder=m3)[0][0].id == "doc-05"
+    assert search_output(out, [texts[5]], k=1, embedder=m3, mode="colbert")[0][0].id == "doc-05"
+
+
+def test_export_of_a_sparse_only_float16_colbert_job(tmp_path, m3, capsys):
+    from embedkit.batch.export import export_output
+
+    inp = _dataset(tmp_path / "in", _texts(25))
+    _run(inp, tmp_path / "sparse", m3, outputs="sparse")
+    info = export_output(str(tmp_path / "sparse"))
+    assert info["files"] == ["ids.npy", "sparse.npz"] and info["dimension"] is None
+    with pytest.raises(ConfigError, match="--format faiss needs the dense output"):
+        export_output(str(tmp_path / "sparse"), fmt="faiss")
+
+    _run(inp, tmp_path / "half", m3, outputs="colbert", dtype="float16")
+    assert cli(["export", str(tmp_path / "half")]) == 0
+    assert "outputs colbert" in capsys.readouterr().out
+    vecs = np.load(tmp_path / "half" / "export" / "colbert.npy")
+    offsets = np.load(tmp_path / "half" / "export" / "colbert_offsets.npy")
+    assert vecs.dtype == np.float16 and offsets[-1] == len(vecs) and len(offsets) == 26
 
 
 # ------------------------------------------------------------------------------------------- Ray
