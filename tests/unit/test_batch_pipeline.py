@@ -57,7 +57,7 @@ class Rows:
             pipeline.stop.set()
             return None
         self.embedded += 1
-        return np.array([[float(i)] * 3 for i in p.ids], np.float32)
+        return {"dense": np.array([[float(i)] * 3 for i in p.ids], np.float32)}
 
     def close(self):
         self.closed = True

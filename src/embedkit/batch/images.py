@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedkit.batch.pipeline import UnitPipeline
+from embedkit.batch.pipeline import Outputs, UnitPipeline
 from embedkit.batch.plan import Plan, Unit, add_units, count_or_reject, describe_files, row_ranges
 from embedkit.batch.prepare import Prepared
 from embedkit.batch.settings import JobSettings
@@ -341,10 +341,10 @@ class ImageModality:
     def prepare(self, pipeline: UnitPipeline, unit: Unit, records: list[ImageRecord]) -> Prepared:
         return prepare_image_unit(pipeline.plan, unit, records)  # type: ignore[arg-type]
 
-    def embed(self, pipeline: UnitPipeline, p: Prepared) -> np.ndarray | None:
+    def embed(self, pipeline: UnitPipeline, p: Prepared) -> Outputs | None:
         emb, progress = pipeline.embedder, pipeline.progress
         if not p.records:  # nothing to embed: the unit writes rejects only
-            return np.empty((0, emb.dimension), np.float32)
+            return {"dense": np.empty((0, emb.dimension), np.float32)}
         result = emb.embed_encoded(
             (r.data for r in p.records), stop=pipeline.stop.is_set, on_batch=lambda n: progress.add(rows=n)
         )
@@ -360,7 +360,7 @@ class ImageModality:
         if pipeline.plan.embed_captions:  # type: ignore[attr-defined]
             p.extra["caption_embedding"] = _captions(emb, p.records, pipeline.settings.dtype)
         p.records = []  # the bytes are not needed any more; the writer holds only the table
-        return result.vectors
+        return {"dense": result.vectors}
 
     def close(self) -> None:
         if self.fetcher is not None:

@@ -24,6 +24,7 @@ from embedkit.batch.pipeline import LocalRunner, Modality, TextModality, UnitPip
 from embedkit.batch.report import JobSummary, Progress
 from embedkit.batch.settings import JobSettings, detect_hosts
 from embedkit.batch.state import JobState, join_fs
+from embedkit.engine.multi import DENSE_ONLY, check_outputs
 from embedkit.errors import ConfigError, InterruptedJobError, JobStateError
 from embedkit.io.fs import get_fs, remove
 
@@ -77,11 +78,18 @@ def embed_dataset(
         from embedkit.engine import build_embedder
 
         embedder = build_embedder(settings)
+    if settings.outputs != DENSE_ONLY:  # BGE-M3's heads: a model without them fails before any work
+        check_outputs(settings.outputs, getattr(embedder, "outputs", DENSE_ONLY), embedder.model.name)
     modality: Modality = TextModality()
     if settings.modality != "text":  # images: img2dataset shards or URL lists, a CLIP model
         from embedkit.batch.images import ImageModality, resolve_modality
 
         if resolve_modality(settings, embedder) == "image":
+            if settings.outputs != DENSE_ONLY:
+                raise ConfigError(
+                    f"--outputs {','.join(settings.outputs)}: {settings.input} holds images, and image "
+                    f"jobs write dense vectors only; drop --outputs"
+                )
             modality = ImageModality()
     plan = modality.plan(settings)
     out_fs, out_root = get_fs(settings.output, settings.aws_region)

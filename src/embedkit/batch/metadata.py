@@ -14,6 +14,7 @@ from embedkit.batch.plan import Plan, Unit
 from embedkit.batch.report import JobSummary, totals, versions
 from embedkit.batch.settings import JobSettings
 from embedkit.batch.state import FORMAT, JobState, join_fs
+from embedkit.engine.multi import DENSE_ONLY
 from embedkit.io.fs import remove, write_json
 
 log = logging.getLogger("embedkit.batch")
@@ -32,7 +33,9 @@ def model_fingerprint(embedder: Any) -> dict[str, Any]:
 
 
 def job_fingerprint(settings: JobSettings, embedder: Any, plan: Plan) -> dict[str, Any]:
-    """What must not change between runs that write into one dataset."""
+    """What must not change between runs that write into one dataset. ``outputs`` is part of it
+    only when it is not dense alone, so that dense jobs keep the fingerprint (and stay resumable)
+    they had before there were other outputs."""
     return {
         **model_fingerprint(embedder),
         "dtype": settings.dtype,
@@ -42,8 +45,20 @@ def job_fingerprint(settings: JobSettings, embedder: Any, plan: Plan) -> dict[st
         "keep_columns": list(plan.keep_columns),
         "unit_rows": settings.unit_rows,
         "max_samples": settings.max_samples,
+        **({"outputs": list(settings.outputs)} if settings.outputs != DENSE_ONLY else {}),
         **plan.fingerprint_extra,  # image jobs: modality, captions, size cap
     }
+
+
+def outputs_metadata(settings: JobSettings, embedder: Any) -> dict[str, Any]:
+    """``metadata.json``'s account of the outputs: which, and what readers of the sparse and ColBERT
+    columns need (the vocabulary size, the shape of the CSR export; the ColBERT dimension)."""
+    meta: dict[str, Any] = {"outputs": list(settings.outputs)}
+    if "sparse" in settings.outputs:
+        meta["vocab_size"] = int(embedder.model.transformer.config.vocab_size)
+    if "colbert" in settings.outputs:
+        meta["colbert_dimension"] = int(embedder.model.heads["colbert"].out_features)
+    return meta
 
 
 def finish_job(
@@ -153,6 +168,7 @@ def job_metadata(
         "normalize": embedder.normalize,
         "precision": embedder.precision,
         "dtype": settings.dtype,
+        **outputs_metadata(settings, embedder),
         "truncate": settings.truncate,
         "prompt_name": embedder.prompt_name,
         "text_column": plan.text_column,

@@ -1,7 +1,8 @@
 """The job's output folder: part files, rejects, the optional single-file merge.
 
 ``part-*.parquet`` hold ``id`` (string) and ``embedding`` (``fixed_size_list<float32>[dim]``, or
-float16 on request) plus pass-through columns; ``rejects/part-*.parquet`` hold ``source``, ``row``,
+float16 on request), with ``--outputs`` BGE-M3's ``sparse_indices`` / ``sparse_values`` and
+``colbert`` columns (see :func:`embeddings_table`), plus pass-through columns; ``rejects/part-*.parquet`` hold ``source``, ``row``,
 ``id``, ``reason`` for every row not embedded. Both are written whole (see
 :func:`embedkit.io.fs.write_bytes`) under names derived from the unit, so a rerun overwrites.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -33,23 +36,59 @@ _ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 
 def embeddings_table(
-    ids: list[str], vectors: np.ndarray, dtype: str = "float32", extra: dict[str, pa.Array] | None = None
+    ids: list[str],
+    outputs: Mapping[str, Any],
+    dtype: str = "float32",
+    extra: dict[str, pa.Array] | None = None,
 ) -> pa.Table:
-    """``id`` + ``embedding`` (a fixed-size list, readable by pandas, polars, pyarrow and DuckDB).
+    """``id`` + the columns of ``outputs`` (readable by pandas, polars, pyarrow and DuckDB), rows
+    aligned with ``ids``: ``dense`` (an (n, dim) array) as ``embedding``, a fixed-size list;
+    ``sparse`` ((token ids, weights) pairs) as ``sparse_indices`` (list<int32>) and
+    ``sparse_values`` (list<float32>); ``colbert`` ((tokens - 1, dim) arrays) as ``colbert``, a
+    list of fixed-size lists. ``dtype`` is that of the vectors (embedding, colbert).
 
-    >>> t = embeddings_table(["a", "b"], np.ones((2, 3), np.float32))
+    >>> t = embeddings_table(["a", "b"], {"dense": np.ones((2, 3), np.float32)})
     >>> str(t.schema.field("embedding").type)
     'fixed_size_list<item: float>[3]'
     """
-    dim = vectors.shape[1]
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.dtype(dtype)).reshape(-1), _ARROW_DTYPES[dtype])
-    cols: dict[str, pa.Array] = {
-        "id": pa.array(ids, pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
-    }
+    cols: dict[str, pa.Array] = {"id": pa.array(ids, pa.string())}
+    if outputs.get("dense") is not None:
+        cols["embedding"] = vector_array(outputs["dense"], dtype)
+    if outputs.get("sparse") is not None:
+        pairs = outputs["sparse"]
+        offsets = pa.array(_offsets([len(i) for i, _ in pairs]), pa.int32())
+        cols["sparse_indices"] = pa.ListArray.from_arrays(
+            offsets, pa.array(_concat([i for i, _ in pairs], np.int32), pa.int32())
+        )
+        cols["sparse_values"] = pa.ListArray.from_arrays(
+            offsets, pa.array(_concat([w for _, w in pairs], np.float32), pa.float32())
+        )
+    if outputs.get("colbert") is not None:
+        mats = outputs["colbert"]
+        dim = mats[0].shape[1] if mats else 0
+        flat = np.concatenate(mats) if mats else np.empty((0, dim), np.float32)
+        offsets = pa.array(_offsets([len(m) for m in mats]), pa.int32())
+        cols["colbert"] = pa.ListArray.from_arrays(offsets, vector_array(flat, dtype))
     for name, arr in (extra or {}).items():
         cols[name] = arr
     return pa.table(cols)
+
+
+def vector_array(vectors: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArray:
+    """An (n, dim) array as n fixed-size lists of ``dtype``."""
+    dim = vectors.shape[1]
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.dtype(dtype)).reshape(-1), _ARROW_DTYPES[dtype])
+    return pa.FixedSizeListArray.from_arrays(flat, dim)
+
+
+def _offsets(lengths: list[int]) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def _concat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.empty(0, dtype)
 
 
 def rejects_table(rows: list[tuple[str, int | None, str | None, str]]) -> pa.Table:

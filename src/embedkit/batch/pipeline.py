@@ -34,10 +34,17 @@ from embedkit.batch.report import Progress
 from embedkit.batch.settings import HostPlan, JobSettings
 from embedkit.batch.signals import STOP_GRACE_SECONDS, Background, StopSignals
 from embedkit.batch.state import JobState
+from embedkit.engine.multi import DENSE_ONLY
+from embedkit.engine.tokenize import Tokenized
 from embedkit.errors import InputError
 from embedkit.io.readers import RowBlock, StreamCache
 
 log = logging.getLogger("embedkit.batch")
+
+# What flows from a modality's embed to the write of a unit: its valid rows' outputs by name, in row
+# order: "dense" an (n, dim) float32 array, "sparse" (token ids, weights) pairs, "colbert" one
+# (tokens - 1, dim) array per row (see embedkit.engine.multi); the write turns them into columns.
+Outputs = dict[str, Any]
 
 
 class Modality(Protocol):
@@ -54,8 +61,8 @@ class Modality(Protocol):
     def prepare(self, pipeline: UnitPipeline, unit: Unit, rows: Any) -> Prepared:
         """Sort the ``rows`` read into valid (made ready for the model) and rejected."""
 
-    def embed(self, pipeline: UnitPipeline, p: Prepared) -> np.ndarray | None:
-        """``p``'s vectors in row order (may reject more rows); None if stopped before the end."""
+    def embed(self, pipeline: UnitPipeline, p: Prepared) -> Outputs | None:
+        """``p``'s outputs in row order (may reject more rows); None if stopped before the end."""
 
     def close(self) -> None:
         """Release what reading held open (files, fetch threads)."""
@@ -89,24 +96,43 @@ class TextModality:
     def prepare(self, pipeline: UnitPipeline, unit: Unit, rows: RowBlock) -> Prepared:
         return prepare_unit(pipeline.plan, unit, rows, pipeline.embedder, truncate=pipeline.settings.truncate)
 
-    def embed(self, pipeline: UnitPipeline, p: Prepared) -> np.ndarray | None:
-        embedder, tok = pipeline.embedder, p.tok
-        if tok is None or len(tok) == 0:
-            return np.empty((0, embedder.dimension), np.float32)
+    def embed(self, pipeline: UnitPipeline, p: Prepared) -> Outputs | None:
+        embedder, tok, outputs = pipeline.embedder, p.tok, pipeline.settings.outputs
+        n = 0 if tok is None else len(tok)
+        out: Outputs = {
+            name: np.empty((n, embedder.dimension), np.float32) if name == "dense" else [None] * n
+            for name in outputs
+        }
+        if tok is None or n == 0:
+            return out
         chunk = self.chunk_tokens = self.chunk_tokens or max(4 * int(embedder.max_batch_tokens), 1)
-        out = np.empty((len(tok), embedder.dimension), np.float32)
         order = np.argsort(-tok.lengths, kind="stable")
         cum = np.cumsum(tok.lengths[order])
         cuts = np.searchsorted(cum, np.arange(chunk, int(cum[-1]), chunk))
         for idx in np.split(order, np.unique(cuts[(cuts > 0) & (cuts < len(order))])):
             if pipeline.stop.is_set():
                 return None
-            out[idx] = embedder.embed_tokenized(tok.select(idx))
+            got = embed_outputs(embedder, tok.select(idx), outputs)
+            for name, values in got.items():
+                if name == "dense":
+                    out[name][idx] = values
+                else:
+                    for j, i in enumerate(idx):
+                        out[name][i] = values[j]
             pipeline.progress.add(rows=len(idx), tokens=int(tok.lengths[idx].sum()))
         return out
 
     def close(self) -> None:
         self.streams.close()
+
+
+def embed_outputs(embedder: Any, tok: Tokenized, outputs: tuple[str, ...]) -> Outputs:
+    """``outputs`` of ``tok`` from one pass of the engine: dense alone through ``embed_tokenized``
+    (which may run an ONNX graph), more through ``embed_tokenized_multi`` (the BGE-M3 heads)."""
+    if outputs == DENSE_ONLY:
+        return {"dense": embedder.embed_tokenized(tok)}
+    found = embedder.embed_tokenized_multi(tok, outputs)
+    return {name: getattr(found, name) for name in outputs}
 
 
 @dataclass
@@ -149,19 +175,19 @@ class UnitPipeline:
                 f"{where}: {reason} (--fail-fast; rerun without it to reject such rows and go on)"
             )
 
-    def embed(self, p: Prepared) -> np.ndarray | None:
-        """Vectors of ``p``'s valid rows (in row order); None if the stop flag was raised first."""
+    def embed(self, p: Prepared) -> Outputs | None:
+        """Outputs of ``p``'s valid rows (in row order); None if the stop flag was raised first."""
         t0 = time.perf_counter()
-        vectors = self.modality.embed(self, p)
+        outputs = self.modality.embed(self, p)
         self.embed_seconds += time.perf_counter() - t0
-        return vectors
+        return outputs
 
-    def write(self, p: Prepared, vectors: np.ndarray) -> dict[str, Any]:
+    def write(self, p: Prepared, outputs: Outputs) -> dict[str, Any]:
         """Write the unit's part and rejects files, then record its marker (only now is the unit
         done). Returns the marker, with its ``key``."""
         t0 = time.perf_counter()
         unit = p.unit
-        table = embeddings_table(p.ids, vectors, self.settings.dtype, p.extra) if p.num_valid else None
+        table = embeddings_table(p.ids, outputs, self.settings.dtype, p.extra) if p.num_valid else None
         rejects = rejects_table(p.rejects) if p.rejects else None
         self.folder.write_unit(unit.part_name, table, rejects)
         kinds = Counter(reason_kind(r[3]) for r in p.rejects)  # records in rejects/, by kind
@@ -190,8 +216,8 @@ class UnitPipeline:
         """Every step of one unit, in turn; its marker, or None when stopped inside it."""
         prepared = self.prepare(unit)
         self.check(prepared)
-        vectors = self.embed(prepared)
-        return None if vectors is None else self.write(prepared, vectors)
+        outputs = self.embed(prepared)
+        return None if outputs is None else self.write(prepared, outputs)
 
     def close(self) -> None:
         """Release the modality's open files and threads."""
@@ -211,8 +237,8 @@ class LocalRunner:
         self.units_done = 0
         self.interrupted = False
 
-    def _write(self, p: Prepared, vectors: np.ndarray) -> None:
-        self.markers.append(self.pipeline.write(p, vectors))
+    def _write(self, p: Prepared, outputs: Outputs) -> None:
+        self.markers.append(self.pipeline.write(p, outputs))
         self.units_done += 1
 
     def run(self) -> None:
@@ -233,12 +259,12 @@ class LocalRunner:
                         pending_read = reader.submit(pipe.prepare, todo[k + 1])
                     pipe.check(prepared)
                     pipe.progress.add(rejects=prepared.rows_rejected)
-                    vectors = pipe.embed(prepared)
-                    if vectors is None:  # stopped inside the unit: abandon it, it is not recorded
+                    outputs = pipe.embed(prepared)
+                    if outputs is None:  # stopped inside the unit: abandon it, it is not recorded
                         break
                     if pending_write is not None:
                         pending_write.result()
-                    pending_write = writer.submit(self._write, prepared, vectors)
+                    pending_write = writer.submit(self._write, prepared, outputs)
                 if pending_write is not None:
                     if stop.is_set():
                         budget = STOP_GRACE_SECONDS - (time.monotonic() - (signals.at or time.monotonic()))

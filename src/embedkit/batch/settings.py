@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from embedkit.engine.multi import DENSE_ONLY, parse_outputs
 from embedkit.errors import ConfigError
 from embedkit.settings import EngineSettings, parse_config, setting
 
@@ -48,6 +49,13 @@ class JobSettings(EngineSettings):
     )
     max_samples: int | None = setting(None, "embed only the first N rows of the dataset (testing)")
     dtype: str = setting("float32", "embedding dtype in the output: float32 or float16", choices=DTYPES)
+    outputs: tuple[str, ...] = setting(
+        DENSE_ONLY,
+        "outputs written, comma-separated: dense (the embedding column), sparse (lexical weights: "
+        "sparse_indices, sparse_values), colbert (token vectors); sparse and colbert need a BGE-M3 "
+        "model with its sparse_linear.pt / colbert_linear.pt heads",
+        metavar="dense,sparse,colbert",
+    )
     resume: bool = setting(
         True, "skip units recorded by a previous run of the same job", negations=("no_checkpoint",)
     )
@@ -98,6 +106,11 @@ class JobSettings(EngineSettings):
             self.keep_columns = tuple(c.strip() for c in self.keep_columns.split(",") if c.strip())
         elif self.keep_columns is not None:
             self.keep_columns = tuple(str(c) for c in self.keep_columns)
+        self.outputs = parse_outputs(self.outputs)
+        if self.outputs != DENSE_ONLY and self.modality == "image":
+            raise ConfigError(
+                f"--outputs {','.join(self.outputs)} applies to text jobs; image jobs write dense vectors only"
+            )
         if self.unit_rows < 1:
             raise ConfigError(f"unit_rows must be >= 1, got {self.unit_rows}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -110,7 +123,7 @@ class JobSettings(EngineSettings):
             raise ConfigError("fetch_workers must be >= 1, fetch_timeout > 0 and fetch_retries >= 0")
         if self.max_image_bytes < 1:
             raise ConfigError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
-        for name in ("id", "embedding"):
+        for name in ("id", *output_columns(self.outputs)):
             if self.keep_columns and name in self.keep_columns:
                 raise ConfigError(
                     f"keep_columns cannot hold {name!r}: the output has its own {name!r} column"
@@ -134,6 +147,23 @@ class JobSettings(EngineSettings):
         """Settings from ``options`` (flags, keyword arguments) > environment > ``config`` (a YAML
         file, or its mapping) > default; see :meth:`~embedkit.settings.Settings.resolve`."""
         return cls.resolve(options, environ=environ, config=config)
+
+
+def output_columns(outputs: tuple[str, ...]) -> tuple[str, ...]:
+    """The part files' columns that hold ``outputs`` (besides ``id``).
+
+    >>> output_columns(("dense", "sparse", "colbert"))
+    ('embedding', 'sparse_indices', 'sparse_values', 'colbert')
+    """
+    return tuple(c for o in outputs for c in OUTPUT_COLUMNS[o])
+
+
+# The output columns of each output (see embedkit.batch.output.embeddings_table).
+OUTPUT_COLUMNS = {
+    "dense": ("embedding",),
+    "sparse": ("sparse_indices", "sparse_values"),
+    "colbert": ("colbert",),
+}
 
 
 def load_config(path: str) -> dict[str, Any]:

@@ -74,7 +74,9 @@ class JobState:
             replaced = bool(foreign)
         elif previous.get("fingerprint_id") != self.fp_id:
             old = previous.get("fingerprint", {})
-            diff = {k: (old.get(k), v) for k, v in self.fingerprint.items() if old.get(k) != v} or {
+            keys = [*self.fingerprint, *(k for k in old if k not in self.fingerprint)]
+            new = self.fingerprint
+            diff = {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)} or {
                 "fingerprint": (previous.get("fingerprint_id"), self.fp_id)
             }
             if not overwrite:

@@ -1,4 +1,5 @@
-"""``embedkit search OUTPUT "query" [-k 5]``: top-k of a job's output for one or more queries."""
+"""``embedkit search OUTPUT "query" [-k 5] [--mode dense|sparse|colbert|hybrid]``: top-k of a job's
+output for one or more queries."""
 
 from __future__ import annotations
 
@@ -17,6 +18,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompt-name", default=None, help="prompt for queries, e.g. query (models that define one)"
     )
+    p.add_argument(
+        "--mode",
+        choices=("dense", "sparse", "colbert", "hybrid"),
+        default="dense",
+        help="score by the dense vectors (default), BGE-M3's lexical weights (sparse), its ColBERT "
+        "vectors, or hybrid: their weighted sum over the sum of the weights; the job must have "
+        "written the outputs the mode reads (embedkit embed --outputs)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="D,S,C",
+        help="--mode hybrid: weights of the dense, sparse and ColBERT scores (0.4,0.2,0.4); "
+        "a 0 leaves that output out",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")
     p.set_defaults(func=run)
 
@@ -28,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ConfigError(f"-k must be >= 1, got {args.k}")
     results = search_output(
-        args.output, args.queries, k=args.k, model=args.model, prompt_name=args.prompt_name
+        args.output,
+        args.queries,
+        k=args.k,
+        model=args.model,
+        prompt_name=args.prompt_name,
+        mode=args.mode,
+        weights=args.weights,
     )
     if args.json:
         print(

@@ -231,10 +231,10 @@ class UnitWorker:
                     self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-read")
                 self._prefetched[prefetch] = self._reader.submit(pipeline.prepare, self.job.todo[prefetch])
             pipeline.check(prepared)
-            vectors = pipeline.embed(prepared)
-            if vectors is None:  # never here: an actor's stop flag stays clear
+            outputs = pipeline.embed(prepared)
+            if outputs is None:  # never here: an actor's stop flag stays clear
                 raise EmbedkitError("the unit was abandoned")
-            marker = pipeline.write(prepared, vectors)  # part + rejects durable, then the marker
+            marker = pipeline.write(prepared, outputs)  # part + rejects durable, then the marker
         except Exception as exc:
             return json.dumps(_error_record(exc, self.id, unit))
         out = {
