@@ -9,7 +9,9 @@ documents of the bench corpus (docstring summaries and language-reference passag
 * ``dense``: ``Embedder(model).encode(texts)`` (default settings: token budget, backend auto);
 * ``all three``: ``encode(texts, return_sparse=True, return_colbert_vecs=True)``, same engine;
 * ``FlagEmbedding``: ``BGEM3FlagModel(use_fp16=False).encode(..., return_dense/sparse/colbert)``
-  in ``.venv-flagembedding`` (``make reference``), its own batching; skipped when that venv is absent.
+  in ``.venv-flagembedding`` (``make reference``), its own batching at ``batch_size=32`` (its
+  default, 256, pads each batch to its longest text: 53x embedkit's time on 300 of these
+  documents); skipped when that venv is absent.
 
 embedkit's two cases alternate for ``reps`` rounds (median each); FlagEmbedding runs after them in
 its own process. Targets: all three <= 1.2x dense alone; FlagEmbedding / embedkit all three >= 1.5x.

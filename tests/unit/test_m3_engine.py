@@ -92,6 +92,12 @@ def test_only_what_is_asked_is_returned(m3):
         m3.encode(TEXTS, return_dense=False)
 
 
+def test_dense_alone_through_the_multi_api_is_the_dense_path(m3):
+    got = m3.embed_multi(TEXTS, ("dense",))
+    np.testing.assert_array_equal(got.dense, m3.encode(TEXTS))
+    assert got.sparse is None and got.colbert is None and len(got) == len(TEXTS)
+
+
 def test_one_string_gives_one_texts_outputs(m3):
     one = m3.encode(TEXTS[0], return_sparse=True, return_colbert_vecs=True)
     many = m3.encode(TEXTS, return_sparse=True, return_colbert_vecs=True)

@@ -559,6 +559,9 @@ class Embedder:
         """Embed already tokenised inputs into ``outputs`` (any of dense, sparse, colbert; see
         :mod:`embedkit.engine.multi`), all from the same forward pass, rows in ``tok``'s order."""
         check_outputs(outputs, self.outputs, self.model.name)
+        if outputs == DENSE_ONLY:  # the dense path as it is (ONNX Runtime where it was faster)
+            vecs = self.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
+            return MultiVectors(vecs, None, None, tok.lengths.copy(), tok.truncated.copy())
         dims = self._check_dimensions(dimensions) if dimensions is not None else self.dimensions
         norm = self.normalize if normalize is None else bool(normalize)
         n = len(tok)
