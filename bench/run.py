@@ -18,7 +18,10 @@ Sections (``--sections``, default all):
   backend, with the ONNX graph baked next to the weights and without (export time reported).
 * ``ray``: ``bench/bench_ray.py``: the job on the local engine vs ``--engine ray`` (1 and 2 workers).
 * ``images``: ``bench/bench_images.py``: the batch job's images/s on CLIP (ViT-B/32 vision tower)
-  against seed 003's naive loop, on webdataset shards and a URL list.
+  against a naive per-image loop, on webdataset shards and a URL list.
+* ``m3``: ``bench/bench_m3.py``: BGE-M3's three outputs against dense alone and against
+  FlagEmbedding (from ``.venv-flagembedding``, ``make reference``) on a random BGE-M3-geometry
+  model, and the peak memory of one 8192-token input per precision.
 
 The machine's peak matmul rate (torch.mm 2048^2 per dtype, same threads) is measured first, giving
 model FLOP utilisation (see :mod:`bench.flops`). Prints a table and writes
@@ -56,7 +59,7 @@ from bench import report
 from bench.flops import PEAK_DTYPE, mfu
 from bench.procs import Worker, WorkerError, run_once
 
-SECTIONS = ("engine", "iter", "job", "serve", "coldstart", "ray", "images")
+SECTIONS = ("engine", "iter", "job", "serve", "coldstart", "ray", "images", "m3")
 QUICK_SECTIONS = ("engine", "iter")  # --quick without --sections: the harness's own, under two minutes
 # Optional sections written beside the harness: ``run(texts, precision, workdir)`` for the job and
 # the Ray job, ``run(texts, precision)`` for the server. Each returns a dict with ``seconds`` or
@@ -418,6 +421,10 @@ def done_when(result: dict[str, Any]) -> dict[str, Any]:
     if "ok" in cold:
         checks["coldstart_baked_over_torch_s"] = cold["auto_baked_over_torch_s"]
         checks["coldstart_ok"] = cold["ok"]
+    m3 = (result.get("m3") or {}).get("result") or {}
+    for key in ("all_over_dense", "all_over_dense_ok", "vs_flag", "vs_flag_ok"):
+        if key in m3:
+            checks[f"m3_{key}"] = m3[key]
     return checks
 
 
@@ -531,7 +538,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"({img['latency_ms']:g} ms/GET) {img['urls']['speedup']:.2f}x, local shards "
             f"{img['shards']['speedup']:.2f}x; done-when >= 1.5x: {'PASS' if img['met'] else 'FAIL'}"
         )
-    for section in ("iter", *DOOR_MODULES, "coldstart", "images"):
+    m3 = (result.get("m3") or {}).get("result")
+    if m3:
+        from bench.bench_m3 import table as describe_m3
+
+        lines += describe_m3(m3).splitlines()
+    for section in ("iter", *DOOR_MODULES, "coldstart", "images", "m3"):
         note = (result.get(section) or {}).get("skipped")
         if note:
             lines.append(f"{section}: skipped ({note})")
@@ -652,6 +664,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     result["images"] = images_section(ctx)
                 elif section == "coldstart":
                     result["coldstart"] = coldstart_section(ctx)
+                elif section == "m3":
+                    quick = ["--n", "200", "--reps", "1"] if ctx.args.quick else ["--memory"]
+                    result["m3"] = script_section(ctx, "m3", quick)
                 else:
                     result[section] = door_section(ctx, section)
             except WorkerError as exc:
