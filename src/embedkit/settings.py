@@ -32,9 +32,6 @@ from embedkit.errors import ConfigError
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
 
-# The layers of :meth:`Settings.resolve`, lowest first.
-SOURCES = ("default", "config", "env", "flag")
-
 
 def parse_bool(value: str | bool, name: str = "value") -> bool:
     """Truthy/falsy strings as processing_main scripts accept them (yes/no, true/false, 1/0, on/off)."""

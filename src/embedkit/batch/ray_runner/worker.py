@@ -212,10 +212,6 @@ class UnitWorker:
             job.settings, embedder, job.plan, job.state, job.folder, job.hosts, TextModality()
         )
 
-    def ready(self) -> dict[str, Any]:
-        """When the model was loaded, and how long that took (the driver waits on the first)."""
-        return {"worker": self.id, "load_seconds": self.load_seconds, "ready_at": self.ready_at}
-
     def run_unit(self, k: int, prefetch: int | None = None) -> str:
         """Unit ``todo[k]``: its result record, as JSON (a marker, or an error record)."""
         if self.error is not None:
