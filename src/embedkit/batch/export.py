@@ -23,9 +23,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from embedkit.batch.output import MERGED_NAME
-from embedkit.batch.state import join_fs
 from embedkit.errors import ConfigError, InputError, StorageError
-from embedkit.io.fs import get_fs, is_remote, join, read_json, write_json
+from embedkit.io.fs import get_fs, is_remote, join, join_fs, read_json, write_json
 
 log = logging.getLogger(__name__)
 

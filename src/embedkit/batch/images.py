@@ -27,10 +27,9 @@ from embedkit.batch.pipeline import UnitPipeline
 from embedkit.batch.plan import Plan, Unit, add_units, count_or_reject, describe_files, row_ranges
 from embedkit.batch.prepare import Prepared
 from embedkit.batch.settings import JobSettings
-from embedkit.batch.state import is_remote_fs
 from embedkit.errors import ConfigError, InputError
 from embedkit.io.fetch import Fetcher, FetchSettings
-from embedkit.io.fs import get_fs, is_remote, list_files
+from embedkit.io.fs import get_fs, is_remote, is_remote_fs, list_files
 from embedkit.io.images import (
     META_COLUMNS,
     ImageRecord,
@@ -44,7 +43,6 @@ from embedkit.io.readers import EXTENSIONS, FileInfo, describe_file, read_rows
 
 log = logging.getLogger("embedkit.batch")
 
-MODALITIES = ("auto", "text", "image")
 IMAGE_UNIT_ROWS = 2048  # rows per unit at most: a unit's images are held (compressed) in memory
 _TEXT_ONLY_COLUMNS = ("text", "texto", "sentence", "content")
 

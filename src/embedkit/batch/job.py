@@ -23,9 +23,9 @@ from embedkit.batch.output import MERGED_NAME, OutputFolder
 from embedkit.batch.pipeline import LocalRunner, Modality, TextModality, UnitPipeline
 from embedkit.batch.report import JobSummary, Progress
 from embedkit.batch.settings import JobSettings, detect_hosts
-from embedkit.batch.state import JobState, join_fs
+from embedkit.batch.state import JobState
 from embedkit.errors import ConfigError, InterruptedJobError, JobStateError
-from embedkit.io.fs import get_fs, remove
+from embedkit.io.fs import get_fs, join_fs, remove
 
 log = logging.getLogger("embedkit.batch")
 

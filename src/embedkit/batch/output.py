@@ -17,9 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedkit.batch.state import is_remote_fs, join_fs, older_than
 from embedkit.errors import StorageError
-from embedkit.io.fs import TMP_PREFIX, remove, write_bytes
+from embedkit.io.fs import TMP_PREFIX, is_remote_fs, join_fs, list_names, older_than, remove, write_bytes
 from embedkit.io.readers import parquet_bytes
 
 log = logging.getLogger(__name__)
@@ -75,17 +74,11 @@ class OutputFolder:
     def rejects_path(self, name: str) -> str:
         return join_fs(self.fs, self.rejects_dir, name)
 
-    def _ls(self, folder: str) -> list[str]:
-        self.fs.invalidate_cache(folder)
-        try:
-            return [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
-        except FileNotFoundError:
-            return []
-
     def scan(self) -> set[str]:
         """Existing part and rejects files (``rejects/`` prefixed), remembered for :meth:`write_unit`."""
-        parts = {n for n in self._ls(self.root) if n.startswith("part-") and n.endswith(".parquet")}
-        rejects = {f"{REJECTS_DIR}/{n}" for n in self._ls(self.rejects_dir) if n.startswith("part-")}
+        names, rejected = list_names(self.fs, self.root), list_names(self.fs, self.rejects_dir)
+        parts = {n for n in names if n.startswith("part-") and n.endswith(".parquet")}
+        rejects = {f"{REJECTS_DIR}/{n}" for n in rejected if n.startswith("part-")}
         self._existing = parts | rejects
         return set(self._existing)
 
@@ -101,7 +94,7 @@ class OutputFolder:
                 n += 1
                 self._existing.discard(name)
         for folder in (self.root, self.rejects_dir):
-            for name in self._ls(folder):
+            for name in list_names(self.fs, folder):
                 if name.startswith(TMP_PREFIX) and (
                     all_temp or older_than(self.fs, join_fs(self.fs, folder, name))
                 ):

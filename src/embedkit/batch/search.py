@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from embedkit.batch.export import EXPORT_DIR, JobOutput, load_export
-from embedkit.batch.state import join_fs
 from embedkit.errors import DeviceError, ModelNotFoundError
+from embedkit.io.fs import join_fs
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,16 @@ from typing import Any
 import fsspec
 
 from embedkit.errors import JobStateError
-from embedkit.io.fs import TMP_PREFIX, is_remote, join, read_json, remove, write_json
+from embedkit.io.fs import (
+    TMP_PREFIX,
+    is_remote_fs,
+    join_fs,
+    list_names,
+    older_than,
+    read_json,
+    remove,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +110,7 @@ class JobState:
 
     # ----------------------------------------------------------- the units
     def _marker_names(self) -> list[str]:
-        self.fs.invalidate_cache(self.units_dir)
-        try:
-            return [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.units_dir, detail=False)]
-        except FileNotFoundError:
-            return []
+        return list_names(self.fs, self.units_dir)
 
     def _parse(self, name: str) -> tuple[str, bool] | None:
         """``(key, failed)`` of a marker of this fingerprint, else None."""
@@ -182,27 +187,3 @@ class JobState:
 
     def clear_merged(self) -> None:
         remove(self.fs, join_fs(self.fs, self.dir, "merged.json"))
-
-
-def is_remote_fs(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol not in ("file", "local")
-
-
-def join_fs(fs: fsspec.AbstractFileSystem, base: str, *parts: str) -> str:
-    """Join inside a filesystem: ``/`` for object stores (paths without protocol), os.path locally."""
-    if is_remote_fs(fs):
-        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
-    return join(base, *parts)
-
-
-def older_than(fs: fsspec.AbstractFileSystem, path: str, seconds: float = 3600) -> bool:
-    """True when ``path`` was last modified over ``seconds`` ago (False when that is unknown)."""
-    try:
-        mtime = fs.modified(path).timestamp()
-    except Exception:
-        return False
-    return time.time() - mtime > seconds
-
-
-__all__ = ["STATE_DIR", "JobState", "fingerprint_id", "is_remote", "is_remote_fs", "join_fs", "older_than"]
