@@ -42,13 +42,14 @@ def is_gpu_instance(instance_type: str) -> bool:
     return instance_type.rsplit(".", 1)[0] in GPU_FAMILIES
 
 
-def default_image(instance_type: str, region: str) -> str:
-    """The Hugging Face PyTorch DLC for ``instance_type`` (GPU or CPU build) in ``region``.
+def default_image(instance_type: str | None, region: str) -> str:
+    """The Hugging Face PyTorch DLC for ``instance_type`` (GPU or CPU build; None: serverless, CPU)
+    in ``region``.
 
     >>> default_image("ml.m5.xlarge", "eu-west-3").split("/")[1]
     'huggingface-pytorch-inference:2.6.0-transformers4.49.0-cpu-py312-ubuntu22.04'
     """
-    tag = DLC_TAG_GPU if is_gpu_instance(instance_type) else DLC_TAG_CPU
+    tag = DLC_TAG_GPU if instance_type and is_gpu_instance(instance_type) else DLC_TAG_CPU
     return f"{DLC_ACCOUNT}.dkr.ecr.{region}.amazonaws.com/{DLC_REPOSITORY}:{tag}"
 
 
