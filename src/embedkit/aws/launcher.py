@@ -18,7 +18,7 @@ from embedkit.aws.job import PreparedJob, attempt_spec
 from embedkit.aws.logs import wait_for_job
 from embedkit.aws.processing import build_processing_request
 from embedkit.aws.session import client, region_name
-from embedkit.errors import EmbedkitError, InterruptedJobError, StorageError
+from embedkit.errors import EmbedkitError, InterruptedJobError
 
 log = logging.getLogger("embedkit.sagemaker")
 
@@ -127,8 +127,5 @@ def launch(job: PreparedJob, *, sm: Any = None, logs_client: Any = None, out: Te
 def download_outputs(job: PreparedJob, s3_client: Any = None) -> None:
     """Copy outputs staged for local folders (``OUT`` not on S3) to those folders."""
     for url, folder in job.downloads:
-        try:
-            files = s3.download_prefix(url, folder, s3_client)
-        except StorageError:
-            raise
+        files = s3.download_prefix(url, folder, s3_client)
         log.info("downloaded %d file(s) from %s to %s", len(files), url, folder)

@@ -216,7 +216,7 @@ class RayRunner:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
                 for ref in done:
                     a = pending.pop(ref)
-                    self._take({"result": ray.get(ref)})
+                    self._take(ray.get(ref))
                     if not self.stop.is_set():
                         submit(a)
         except EmbedkitError:
@@ -228,7 +228,7 @@ class RayRunner:
                 try:
                     done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
                     for ref in done:
-                        self._take({"result": ray.get(ref)}, raise_errors=False)
+                        self._take(ray.get(ref), raise_errors=False)
                 except Exception:
                     log.debug("ray: collecting the last results failed", exc_info=True)
             self._end_pool()
@@ -256,8 +256,8 @@ class RayRunner:
                 self.markers.append(m)
                 self.units_done += 1
 
-    def _take(self, row: dict[str, Any], raise_errors: bool = True) -> None:
-        res = json.loads(row["result"])
+    def _take(self, result: str, raise_errors: bool = True) -> None:
+        res = json.loads(result)
         if not res["ok"]:
             if raise_errors:
                 raise rebuild_error(res)
