@@ -1,10 +1,8 @@
 """One model runner for every modality: where the model runs and how batches reach it.
 
-:class:`ModelRunner` owns what the text engine (:class:`~embedkit.Embedder`) and the image engine
-(:class:`~embedkit.engine.image.ImageEmbedder`) share: devices, precision and the prepared module
-with a replica per extra device, host-to-device transfer, the out-of-memory split and retry, the
-spread of batches over replicas, and the running totals. An engine keeps only its modality and
-describes one call's batches (arrays of row indices into its inputs) as a :class:`Workload`.
+:class:`ModelRunner` owns what the text and image engines share (devices, precision, replicas,
+transfers, the out-of-memory split, spreading batches over replicas, running totals); an engine
+describes one call's batches (row indices into its inputs) as a :class:`Workload`.
 
 >>> runner = ModelRunner("cpu", "fp32")
 >>> runner.devices, runner.precision
@@ -179,12 +177,9 @@ class ModelRunner:
         out: np.ndarray,
         finish: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
-        """Run ``batches`` and write ``out[batch] = finish(vectors)`` on the host.
-
-        With one replica, the next batch's inputs are prepared in a helper thread while the model
-        runs the current one. With several, each replica runs its share in its own thread (torch
-        releases the GIL in kernels); shares are balanced by ``work.cost``, greedily in the order
-        given (longest first balances best)."""
+        """Run ``batches`` and write ``out[batch] = finish(vectors)`` on the host: with one replica
+        the next batch is prepared in a helper thread meanwhile; with several, each runs its share
+        (balanced greedily by ``work.cost``) in its own thread."""
 
         def emit(parts: list[tuple[Batch, torch.Tensor]]) -> None:
             for rows, vecs in parts:
