@@ -1,11 +1,8 @@
 """Turn "run this program with these inputs and outputs" into a staged processing job.
 
-A door describes its run as a :class:`RemoteProgram` (the program, its arguments with :class:`Ref`
-placeholders where container paths go, its inputs, outputs and module folders); :func:`prepare`
-resolves every path to its channel and container path, decides what to upload, writes the code
-channel (bootstrap, manifest, embedkit wheel, requirements, configuration) and builds the
-:class:`~embedkit.aws.processing.ProcessingJobSpec`. The same prepared job is launched on SageMaker
-(:mod:`embedkit.aws.launcher`) or run here (:mod:`embedkit.aws.local`).
+A door describes its run as a :class:`RemoteProgram` (:class:`Ref` placeholders where container
+paths go); :func:`prepare` resolves the paths to channels, plans the uploads and the code channel,
+and builds the spec that :mod:`embedkit.aws.launcher` launches or :mod:`embedkit.aws.local` runs.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Launch a prepared job on SageMaker: stage, create, wait (tailing logs), retry, download.
 
-Processing jobs have no managed spot and no automatic retry, so interruption safety is
-checkpoint + resume + relaunch: with ``--sagemaker-retries N`` a Failed job is launched again under
-``<name>-r<k>`` onto the same output, with the previous run's state as an extra input, and the job
-skips the units already uploaded (``S3UploadMode=Continuous`` put them there as they were written).
+With ``--sagemaker-retries N`` a Failed job is relaunched under ``<name>-r<k>`` onto the same output,
+with the previous run's state as an extra input, so it skips the units already uploaded.
 """
 
 from __future__ import annotations
