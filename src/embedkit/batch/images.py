@@ -1,11 +1,8 @@
 """Image datasets in the batch job: img2dataset shards and URL lists, embedded with a CLIP model.
 
-Same job as for text (units, part files, rejects, ``metadata.json``, resume, shards): only reading
-and embedding a unit differ. A unit is one webdataset shard (``NNNNN.tar`` with its ``NNNNN.parquet``),
-or a row range of a parquet holding image bytes or of a URL list. The reader thread reads unit
-*k+1* (fetching URLs ``fetch_workers`` at a time) while the engine embeds unit *k*, decoding images
-on its decode pool ahead of the model. The reject reasons and the output columns are tabled in
-docs/images.md ("Outputs", "Rejects").
+The text job's machinery (units, parts, rejects, resume, shards) with its own reading and embedding:
+a unit is a webdataset shard or a row range of a parquet with image bytes or of a URL list
+(outputs and rejects: docs/images.md).
 
 >>> from embedkit.batch import embed_dataset
 >>> embed_dataset("s3://bucket/laion-shards/", "s3://bucket/out/", model="./clip")   # doctest: +SKIP

@@ -1,17 +1,9 @@
-"""The job's state in its output folder: what settings made it, and which units are done.
+"""The job's state in ``OUTPUT/_state/``: what settings made it, and which units are done.
 
-Layout under ``OUTPUT/_state/`` (ignored by pyarrow, DuckDB and polars dataset discovery, as every
-``_``-prefixed name is):
-
-- ``job.json``: the job's *fingerprint* (model content hash, precision, dimension, normalisation,
-  dtype, columns, unit size...). A rerun with another fingerprint refuses (:class:`JobStateError`)
-  unless ``--overwrite``: vectors of two models never mix in one dataset.
-- ``units/<unit key>@<fingerprint id>.json``: one small marker per finished unit, written only after
-  the unit's part and rejects files are durable, holding the unit's counts. No shared manifest is
-  ever read-modified-written, so hosts and retries cannot lose each other's records, and a kill at
-  any moment leaves either a recorded unit (its files complete) or an unrecorded one (redone, its
-  files overwritten under the same names).
-- ``merged.json``: written after ``--single-file`` produced ``embeddings.parquet``.
+``job.json`` holds the job's fingerprint (a rerun with another refuses unless ``--overwrite``);
+``units/<unit key>@<fingerprint id>.json`` is one marker per unit, written once its files are
+durable (no shared manifest is ever rewritten); ``merged.json`` follows ``--single-file``'s merge.
+Why this makes a job exactly-once: docs/batch-jobs.md, "Resume and exactly once".
 """
 
 from __future__ import annotations
