@@ -28,21 +28,18 @@ import torch
 from PIL import Image
 
 from embedkit.engine.embedder import Embedder
-from embedkit.engine.runner import Replica, RunningTotals, Workload
+from embedkit.engine.runner import Replica, RunnerTotals, Workload
 from embedkit.errors import ConfigError, InvalidImageError, OutOfMemoryError
 from embedkit.io.image_decode import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, to_image
 from embedkit.models.clip import ClipModel, ImageTransform, features, load_clip_model
 
 
 @dataclass
-class ImageStats(RunningTotals):
+class ImageStats(RunnerTotals):
     """Running totals of the image side (thread-safe updates)."""
 
     images: int = 0
-    batches: int = 0
     rejected: int = 0
-    oom_splits: int = 0
-    model_seconds: float = 0.0
 
 
 @dataclass

@@ -52,17 +52,23 @@ class RunningTotals:
 
 
 @dataclass
-class EngineStats(RunningTotals):
+class RunnerTotals(RunningTotals):
+    """The totals :meth:`ModelRunner.run` counts for every workload; engines add their own."""
+
+    batches: int = 0
+    oom_splits: int = 0
+    model_seconds: float = 0.0
+
+
+@dataclass
+class EngineStats(RunnerTotals):
     """Running totals of an :class:`~embedkit.Embedder` (thread-safe updates)."""
 
     texts: int = 0
     tokens: int = 0
     padded_tokens: int = 0
     truncated: int = 0
-    batches: int = 0
     onnx_batches: int = 0
-    oom_splits: int = 0
-    model_seconds: float = 0.0
 
 
 class Replica(NamedTuple):
@@ -92,7 +98,7 @@ class Workload:
     forward: Callable[[Any, int], tuple[torch.Tensor, dict[str, int]]]
     shrink: Callable[[Batch], str]
     too_big: Callable[[int, torch.device], OutOfMemoryError]
-    stats: RunningTotals
+    stats: RunnerTotals
     cost: Callable[[Batch], int] = len
 
 
