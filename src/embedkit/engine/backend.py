@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 
 from embedkit.engine.device import cpu_info
 from embedkit.errors import ConfigError
+from embedkit.io.fs import replace_text
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +220,7 @@ def load_crossover(path: Path) -> Crossover | None:
 
 def save_crossover(path: Path, crossover: Crossover) -> None:
     """Keep a measurement (atomically; best effort: a read-only cache only costs a new measurement)."""
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(crossover.to_dict(), indent=2))
-        os.replace(tmp, path)
+        replace_text(path, json.dumps(crossover.to_dict(), indent=2))
     except OSError as exc:
         log.debug("could not keep the backend measurement at %s: %s", path, exc)

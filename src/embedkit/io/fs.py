@@ -10,6 +10,7 @@ import json
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -148,6 +149,16 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 
 TMP_PREFIX = ".embedkit-tmp-"
+
+
+def replace_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to the local file ``path`` through a temporary file and a rename, so that a
+    reader never sees half of it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
