@@ -1,9 +1,6 @@
-"""The job's output folder: part files, rejects, the optional single-file merge.
-
-``part-*.parquet`` hold ``id`` (string) and ``embedding`` (``fixed_size_list<float32>[dim]``, or
-float16 on request) plus pass-through columns; ``rejects/part-*.parquet`` hold ``source``, ``row``,
-``id``, ``reason`` for every row not embedded. Both are written whole (see
-:func:`embedkit.io.fs.write_bytes`) under names derived from the unit, so a rerun overwrites.
+"""The job's output folder: part files, rejects, the optional single-file merge (their columns:
+docs/batch-jobs.md). Files are written whole (:func:`embedkit.io.fs.write_bytes`) under names derived
+from the unit, so a rerun overwrites.
 """
 
 from __future__ import annotations
