@@ -15,20 +15,10 @@ from __future__ import annotations
 import importlib
 import os
 
-# OpenMP threads that spin after each parallel region starve embedkit's own helper threads
-# (padding, reading, writing, the server's event loop) on small machines: measured here, a
-# one-text encode took 350-660 ms with spinning and 12-45 ms without, and bulk throughput rose
-# 1.8x. Must be set before torch loads; set OMP_WAIT_POLICY=ACTIVE yourself to opt out.
+# Set before torch loads (docs/backends.md, "CPU threads and memory"): spinning OpenMP threads starve
+# embedkit's helper threads on small machines, and oneDNN's per-shape kernel caches grow with every
+# new batch shape unless capped. Set the variables yourself to choose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# oneDNN (and PyTorch's ideep layer over it) keep a compiled kernel per distinct matrix shape, up to
-# 1024 each by default, and token-budget batches have a different row count almost every time: a
-# long encode_iter grew by ~3 KiB per text until the caches filled (peak RSS 1.73x from 20k to 200k
-# texts). With 64 entries a batch job still climbed ~350 MB over its first 15k rows (Zen4) and
-# ~210 MB over 8k texts (AVX2 EPYC). 16 entries each level off within the first 2k texts (659 -> 729 MB,
-# then 690-704 MB to 8k) at a speed within run-to-run noise of 64 (24.5 s vs 23.8 s on the bench
-# corpus, interleaved runs); 8 entries cost ~5%, and padding widths to multiples of 8 to share kernels
-# cost another ~5%. Must be set before torch runs its first oneDNN kernel; set the variables
-# yourself to choose other sizes.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 os.environ.setdefault("LRU_CACHE_CAPACITY", "16")
 from typing import TYPE_CHECKING, Any

@@ -94,22 +94,19 @@ def _run_here(main: Callable[[argparse.Namespace], Any], args: argparse.Namespac
     temps: list[str] = []
     uploads: list[tuple[str, str]] = []
     try:
-        for key in inputs:
+        for key in [*inputs, *outputs]:
             value = getattr(args, key)
-            if value and s3.is_s3(value):
-                tmp = tempfile.mkdtemp(prefix=f"embedkit-{key}-")
-                temps.append(tmp)
-                s3.download_prefix(value, tmp)
-                setattr(
-                    args, key, os.path.join(tmp, value.rsplit("/", 1)[-1]) if s3.is_object(value) else tmp
-                )
-        for key in outputs:
-            value = getattr(args, key)
-            if value and s3.is_s3(value):
-                tmp = tempfile.mkdtemp(prefix=f"embedkit-{key}-")
-                temps.append(tmp)
+            if not (value and s3.is_s3(value)):
+                continue
+            tmp = tempfile.mkdtemp(prefix=f"embedkit-{key}-")
+            temps.append(tmp)
+            setattr(args, key, tmp)
+            if key in outputs:
                 uploads.append((tmp, value))
-                setattr(args, key, tmp)
+            else:
+                s3.download_prefix(value, tmp)
+                if s3.is_object(value):
+                    setattr(args, key, os.path.join(tmp, value.rsplit("/", 1)[-1]))
         result = main(args)
         for folder, url in uploads:
             s3.upload_tree(folder, url)

@@ -1,11 +1,6 @@
-"""Settings: each field declared once, read from flags, the environment and a config file.
-
-One settings class per area (:class:`EngineSettings` here; the job's, server's, client's and
-SageMaker launcher's in their doors), each field declared once with :func:`setting`; the environment
-names, config-file keys, flags and the SageMaker container's JSON (:meth:`Settings.to_json` /
-:meth:`Settings.from_json`) derive from it, as docs/configuration.md ("The settings model") tells.
-
-One precedence everywhere (:meth:`Settings.resolve`): flag > environment > config file > default.
+"""Settings: each field declared once (:func:`setting`), read from flags, the environment and a
+config file, one precedence everywhere: flag > environment > config file > default. The model and
+the classes of each door: docs/configuration.md.
 
 >>> s = EngineSettings.resolve({"max_batch_tokens": "0"}, environ={"EMBEDKIT_MAX_BATCH_TOKENS": "512"})
 >>> (s.max_batch_tokens, s.source("max_batch_tokens"))
@@ -13,8 +8,7 @@ One precedence everywhere (:meth:`Settings.resolve`): flag > environment > confi
 >>> EngineSettings.resolve(environ={"EMBEDKIT_PRECISION": "bf16"}).precision
 'bf16'
 
-This module is the base layer: it imports only the standard library, ``errors`` and (for config
-files) ``yaml``. The engine builds from these settings (:func:`embedkit.engine.build_embedder`).
+The base layer: it imports only the standard library, ``errors`` and (for config files) ``yaml``.
 """
 
 from __future__ import annotations
@@ -31,9 +25,6 @@ from embedkit.errors import ConfigError
 
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
-
-# The layers of :meth:`Settings.resolve`, lowest first.
-SOURCES = ("default", "config", "env", "flag")
 
 
 def parse_bool(value: str | bool, name: str = "value") -> bool:
@@ -205,10 +196,9 @@ class Settings:
         config: str | Mapping[str, Any] | None = None,
         defaults: Mapping[str, Any] | None = None,
     ):
-        """The settings from every source: ``flags`` (or keyword arguments) > ``environ`` (default
-        ``os.environ``) > ``config`` (a YAML/JSON file, or its mapping) > ``defaults`` (a program's
-        own, e.g. ``processing_main``'s keywords) > the declared defaults. ``None`` values are unset.
-        Each field's winning source is kept: :meth:`source`."""
+        """The settings from ``flags`` > ``environ`` (default ``os.environ``) > ``config`` (a YAML/JSON
+        file or its mapping) > ``defaults`` (a program's own) > the declared defaults; ``None`` is
+        unset. Each field's winning source is kept (:meth:`source`)."""
         layers: list[tuple[str, dict[str, tuple[Any, str]]]] = [
             ("default", {k: (v, "default") for k, v in cls.normalize_keys(defaults or {}).items()}),
             ("config", {k: (v, "config") for k, v in cls.config_values(config).items()}),
@@ -246,13 +236,10 @@ class Settings:
         switches: bool = False,
         defaults: Mapping[str, Any] | None = None,
     ) -> None:
-        """One flag per field, generated from its declaration; every flag defaults to None, so the
-        environment and config file still apply beneath it (read them back with :meth:`flag_values`).
-
-        Booleans: with ``switches``, ``--name`` / ``--no-name`` (and the declared negations, e.g.
-        ``--no-checkpoint``); else ``--name VALUE`` (yes/no, true/false, 1/0). Aliases are accepted
-        but left out of ``--help``, which names them in the field's line instead. ``defaults`` only
-        changes the default shown in the help (e.g. ``processing_main``'s)."""
+        """One flag per field, defaulting to None so the environment and config file still apply
+        beneath it (:meth:`flag_values`). Booleans are ``--name`` / ``--no-name`` with ``switches``,
+        else ``--name VALUE``; aliases are hidden from ``--help``; ``defaults`` only changes the
+        default the help shows."""
         defaults = defaults or {}
         for f in dataclasses.fields(cls):
             if f.name in skip:

@@ -87,11 +87,11 @@ def test_tsv(tmp_path):
 
 def test_embeddings_table_is_a_fixed_size_list_in_both_dtypes():
     vecs = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
-    t = embeddings_table(["a", "b", "c"], vecs, "float32", {"lang": pa.array(["en", "fr", "de"])})
+    t = embeddings_table(["a", "b", "c"], {"dense": vecs}, "float32", {"lang": pa.array(["en", "fr", "de"])})
     assert t.schema.field("embedding").type == pa.list_(pa.float32(), 4)
     assert t.column_names == ["id", "embedding", "lang"]
     np.testing.assert_array_equal(np.array(t.column("embedding").to_pylist(), np.float32), vecs)
-    t16 = embeddings_table(["a", "b", "c"], vecs, "float16")
+    t16 = embeddings_table(["a", "b", "c"], {"dense": vecs}, "float16")
     assert t16.schema.field("embedding").type == pa.list_(pa.float16(), 4)
     np.testing.assert_allclose(np.array(t16.column("embedding").to_pylist(), np.float32), vecs, atol=1e-3)
 
@@ -115,7 +115,7 @@ def test_write_bytes_replaces_whole_and_leaves_no_temp(tmp_path):
 def test_output_folder_removes_stale_parts_and_leftover_temp_files(tmp_path):
     fs, root = get_fs(str(tmp_path))
     folder = OutputFolder(fs, root)
-    table = embeddings_table(["a"], np.ones((1, 2), np.float32))
+    table = embeddings_table(["a"], {"dense": np.ones((1, 2), np.float32)})
     folder.write_unit("part-keep.parquet", table, rejects_table([("s", 0, "a", "null text")]))
     folder.write_unit("part-old.parquet", table, None)
     (tmp_path / f"{TMP_PREFIX}abc-part-keep.parquet").write_bytes(b"half written")

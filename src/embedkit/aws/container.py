@@ -1,20 +1,10 @@
 """What runs inside the processing container: the generated bootstrap script, then this entrypoint.
 
-SageMaker starts ``bash /opt/ml/processing/input/embedkit-code/bootstrap.sh ARGS...``. The bootstrap
-sources the optional configuration script and command, installs the optional requirements file and
-the staged embedkit wheel, then execs ``python -m embedkit.aws.container ARGS...``, which:
-
-1. reads ``job.json`` from the code channel (what to resume, extra ``PYTHONPATH`` folders) and, if
-   the arguments did not fit SageMaker's limits, ``arguments.json``; a program that ships its
-   resolved settings (``embedkit embed``) finds them in ``settings.json``;
-2. copies the previous run's job state (a resume input) into the output folder, so a retried job
-   skips the units already uploaded;
-3. points embedkit at ``/opt/ml/config/resourceconfig.json`` (under the local root in local runs);
-4. runs the program: ``embedkit ...`` (the ``embedkit`` command's ``__main__``) or a staged Python
-   script as ``__main__``, in this process.
-
-``--sagemaker-run local`` runs this same bootstrap and entrypoint with ``EMBEDKIT_SM_ROOT`` set to a
-temporary folder that holds the ``/opt/ml`` layout (and ``EMBEDKIT_SM_LOCAL=1``: nothing installed).
+The bootstrap (docs/sagemaker.md) ends in ``python -m embedkit.aws.container ARGS...``, which reads
+the code channel's ``job.json`` (and ``arguments.json`` / ``settings.json`` when shipped), restores
+the previous run's state into the output, points embedkit at ``resourceconfig.json`` and runs the
+program (``embedkit ...`` or a staged script) in this process. Local runs put the ``/opt/ml``
+layout under ``EMBEDKIT_SM_ROOT``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Package this very embedkit (the files this process imports) as a wheel for a remote container.
 
-The wheel is built directly from the imported package folder and the installed distribution's
-metadata (``Requires-Dist``, entry points), so an editable checkout with local changes ships exactly
-what runs here, without a build backend or network. ``pip install`` in the container then pulls the
-dependencies the image lacks.
+Built from the imported package folder and the installed distribution's metadata, so an editable
+checkout ships exactly what runs here, without a build backend or network.
 
 >>> import tempfile, zipfile
 >>> whl = build_wheel(tempfile.mkdtemp())

@@ -20,7 +20,7 @@ from typing import Any
 
 from embedkit.aws.names import MAX_NAME, sanitize, validate_job_name
 from embedkit.aws.session import client, region_name
-from embedkit.aws.settings import DLC_ACCOUNT, DLC_REPOSITORY, DLC_TAG_CPU, DLC_TAG_GPU, is_gpu_instance
+from embedkit.aws.settings import default_image
 from embedkit.errors import ConfigError, EmbedkitError
 
 log = logging.getLogger("embedkit.sagemaker")
@@ -28,14 +28,6 @@ log = logging.getLogger("embedkit.sagemaker")
 SERVERLESS_MEMORY = (1024, 2048, 3072, 4096, 5120, 6144)
 VARIANT = "AllTraffic"
 HF_TASK = "feature-extraction"
-
-
-def hf_image(region: str, gpu: bool = False) -> str:
-    """The Hugging Face PyTorch inference DLC (the image a Terraform-built serverless endpoint ran, a
-    current release)."""
-    return (
-        f"{DLC_ACCOUNT}.dkr.ecr.{region}.amazonaws.com/{DLC_REPOSITORY}:{DLC_TAG_GPU if gpu else DLC_TAG_CPU}"
-    )
 
 
 @dataclass
@@ -62,9 +54,8 @@ def container(spec: DeploySpec) -> dict:
     """The model's PrimaryContainer for ``spec``."""
     region = region_name(spec.region)
     env: dict[str, str] = {}
-    gpu = not spec.serverless and is_gpu_instance(spec.instance_type)
     if spec.image == "hf":
-        image = hf_image(region, gpu)
+        image = default_image(None if spec.serverless else spec.instance_type, region)
         env["HF_TASK"] = spec.hf_task
         if not spec.model_data:
             env["HF_MODEL_ID"] = spec.model_id or "sentence-transformers/all-MiniLM-L6-v2"
@@ -145,14 +136,25 @@ def _current_config(sm: Any, name: str) -> str | None:
         raise
 
 
+def _config_models(sm: Any, config: str) -> list[str]:
+    variants = sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
+    return [v["ModelName"] for v in variants]
+
+
+def _endpoint(name: str, region: str | None) -> tuple[Any, dict]:
+    """The SageMaker client and endpoint ``name``'s description (an error when there is none)."""
+    sm = client("sagemaker", region)
+    try:
+        return sm, sm.describe_endpoint(EndpointName=name)
+    except sm.exceptions.ClientError as exc:
+        raise EmbedkitError(f"no endpoint {name}: {exc}") from exc
+
+
 def _remove_config(sm: Any, config: str, keep_models: set[str]) -> list[str]:
     """Delete a replaced endpoint config and its models (best effort); returns what was deleted."""
     removed = []
     try:
-        models = [
-            v["ModelName"]
-            for v in sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
-        ]
+        models = _config_models(sm, config)
         sm.delete_endpoint_config(EndpointConfigName=config)
         removed.append(config)
         for m in models:
@@ -248,11 +250,7 @@ def deploy(
 
 def describe(name: str, region: str | None = None) -> dict:
     """Endpoint status with its config's variants and its models' images, data and environment."""
-    sm = client("sagemaker", region)
-    try:
-        ep = sm.describe_endpoint(EndpointName=name)
-    except sm.exceptions.ClientError as exc:
-        raise EmbedkitError(f"no endpoint {name}: {exc}") from exc
+    sm, ep = _endpoint(name, region)
     cfg = sm.describe_endpoint_config(EndpointConfigName=ep["EndpointConfigName"])
     models = []
     for v in cfg["ProductionVariants"]:
@@ -284,15 +282,9 @@ def describe(name: str, region: str | None = None) -> dict:
 
 def delete(name: str, *, keep_model: bool = False, region: str | None = None) -> dict:
     """Delete the endpoint and (unless ``keep_model``) its endpoint config and models."""
-    sm = client("sagemaker", region)
-    try:
-        ep = sm.describe_endpoint(EndpointName=name)
-    except sm.exceptions.ClientError as exc:
-        raise EmbedkitError(f"no endpoint {name}: {exc}") from exc
+    sm, ep = _endpoint(name, region)
     config = ep["EndpointConfigName"]
-    models = [
-        v["ModelName"] for v in sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
-    ]
+    models = _config_models(sm, config)
     sm.delete_endpoint(EndpointName=name)
     deleted: dict[str, Any] = {"endpoint": name, "endpoint_config": None, "models": []}
     if not keep_model:

@@ -1,11 +1,8 @@
 """Turn "run this program with these inputs and outputs" into a staged processing job.
 
-A door describes its run as a :class:`RemoteProgram` (the program, its arguments with :class:`Ref`
-placeholders where container paths go, its inputs, outputs and module folders); :func:`prepare`
-resolves every path to its channel and container path, decides what to upload, writes the code
-channel (bootstrap, manifest, embedkit wheel, requirements, configuration) and builds the
-:class:`~embedkit.aws.processing.ProcessingJobSpec`. The same prepared job is launched on SageMaker
-(:mod:`embedkit.aws.launcher`) or run here (:mod:`embedkit.aws.local`).
+A door describes its run as a :class:`RemoteProgram` (:class:`Ref` placeholders where container
+paths go); :func:`prepare` resolves the paths to channels, plans the uploads and the code channel,
+and builds the spec that :mod:`embedkit.aws.launcher` launches or :mod:`embedkit.aws.local` runs.
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ from embedkit.aws.processing import (
 )
 from embedkit.aws.settings import SageMakerSettings, default_image
 from embedkit.errors import ConfigError
-from embedkit.io.fs import has_glob
+from embedkit.io.fs import glob_root, has_glob
 
 log = logging.getLogger("embedkit.sagemaker")
 
@@ -115,17 +112,6 @@ class PreparedJob:
         return self.spec.job_name
 
 
-def _glob_root(path: str) -> tuple[str, str]:
-    """Split a glob into (folder before the first wildcard, remaining pattern).
-
-    >>> _glob_root("s3://b/data/2024-*/x.parquet")
-    ('s3://b/data', '2024-*/x.parquet')
-    """
-    first = min(path.find(c) for c in "*?[" if c in path)
-    root = path[:first].rsplit("/", 1)[0]
-    return root, path[len(root) + 1 :]
-
-
 def _url_of(path: str) -> str:
     return "file://" + os.path.abspath(path)
 
@@ -144,7 +130,7 @@ class _Resolver:
         src = spec.source
         if s3.is_s3(src):
             if has_glob(src):
-                root, pattern = _glob_root(src)
+                root, pattern = glob_root(src)
                 return root + "/", f"{mount}/{pattern}"
             if s3.is_object(src):
                 return src, f"{mount}/{src.rsplit('/', 1)[-1]}"
@@ -153,7 +139,7 @@ class _Resolver:
             return src.rstrip("/") + "/", mount
         dest = s3.s3_join(self.staging, "inputs", spec.name) if not self.local else ""
         if has_glob(src):
-            root, pattern = _glob_root(os.path.abspath(src))
+            root, pattern = glob_root(os.path.abspath(src))
             matches = sorted(
                 p for p in glob.glob(os.path.join(root, pattern), recursive=True) if os.path.isfile(p)
             )

@@ -1,9 +1,7 @@
 """Launch a prepared job on SageMaker: stage, create, wait (tailing logs), retry, download.
 
-Processing jobs have no managed spot and no automatic retry, so interruption safety is
-checkpoint + resume + relaunch: with ``--sagemaker-retries N`` a Failed job is launched again under
-``<name>-r<k>`` onto the same output, with the previous run's state as an extra input, and the job
-skips the units already uploaded (``S3UploadMode=Continuous`` put them there as they were written).
+With ``--sagemaker-retries N`` a Failed job is relaunched under ``<name>-r<k>`` onto the same output,
+with the previous run's state as an extra input, so it skips the units already uploaded.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from embedkit.aws.job import PreparedJob, attempt_spec
 from embedkit.aws.logs import wait_for_job
 from embedkit.aws.processing import build_processing_request
 from embedkit.aws.session import client, region_name
-from embedkit.errors import EmbedkitError, InterruptedJobError, StorageError
+from embedkit.errors import EmbedkitError, InterruptedJobError
 
 log = logging.getLogger("embedkit.sagemaker")
 
@@ -127,8 +125,5 @@ def launch(job: PreparedJob, *, sm: Any = None, logs_client: Any = None, out: Te
 def download_outputs(job: PreparedJob, s3_client: Any = None) -> None:
     """Copy outputs staged for local folders (``OUT`` not on S3) to those folders."""
     for url, folder in job.downloads:
-        try:
-            files = s3.download_prefix(url, folder, s3_client)
-        except StorageError:
-            raise
+        files = s3.download_prefix(url, folder, s3_client)
         log.info("downloaded %d file(s) from %s to %s", len(files), url, folder)

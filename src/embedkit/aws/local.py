@@ -1,11 +1,8 @@
 """``--sagemaker-run local``: run the job's container entrypoint here, as SageMaker would.
 
-For each host (``algo-1`` .. ``algo-N``) in turn, a temporary root gets the ``/opt/ml`` layout:
-``config/resourceconfig.json`` and ``config/processingjobconfig.json``, every input channel copied
-from S3 (or a local folder) under ``processing/input/<name>`` (``ShardedByS3Key`` gives host *i* the
-objects *i*, *i+N*, ... in key order), and empty output folders. Then the generated bootstrap runs
-with the request's arguments and environment (plus ``EMBEDKIT_SM_ROOT`` naming the root), and the
-output folders are uploaded to their S3 URIs. Nothing is installed: this environment is the image.
+Host by host (``algo-1`` .. ``algo-N``), a temporary root gets the ``/opt/ml`` layout with the
+input channels copied in (sharded as SageMaker shards them), the bootstrap runs with the request's
+arguments and environment, and the outputs are uploaded. Nothing is installed (docs/sagemaker.md).
 """
 
 from __future__ import annotations

@@ -52,12 +52,9 @@ def package_model(
     bake_graph: bool = True,
 ) -> dict[str, Any]:
     """Write ``model`` (any spec :func:`embedkit.resolve_model` accepts) as a SageMaker
-    ``model.tar.gz`` to ``destination`` (a local path or ``s3://``). ``inference`` becomes
-    ``code/inference.py``, ``requirements`` ``code/requirements.txt``; ``code_dir`` ships a whole
-    folder as ``code/``. With ``bake_graph`` the model's ONNX graph goes in as ``.embedkit/graphs/``
-    (replacing any graphs the folder carries); where the model gets none (onnxruntime missing, a
-    CLIP model) a one-line warning says why and the archive has no graph. Returns what was written
-    (members, size, sha256, ``graph``)."""
+    ``model.tar.gz`` to ``destination`` (local or ``s3://``), with ``inference`` as
+    ``code/inference.py``, ``requirements`` as ``code/requirements.txt``, ``code_dir`` as ``code/``
+    and (``bake_graph``) the ONNX graph, or a warning why not. Returns what was written."""
     from embedkit.engine.bake import bake_graph as bake
     from embedkit.engine.graph import BAKED_DIR
     from embedkit.models import resolve_model

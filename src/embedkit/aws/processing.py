@@ -1,10 +1,7 @@
 """The CreateProcessingJob request, built and checked as one pure function.
 
-:func:`build_processing_request` turns a :class:`ProcessingJobSpec` into the exact keyword arguments
-of ``boto3.client("sagemaker").create_processing_job``, refusing anything SageMaker would refuse
-(names, at most 10 inputs and 10 outputs, at most 100 container arguments of at most 256 characters,
-at most 100 environment entries...) with a message that names the field. No AWS call happens here,
-so it is unit-tested field by field.
+:func:`build_processing_request` turns a :class:`ProcessingJobSpec` into the keyword arguments of
+``create_processing_job``, refusing what SageMaker would refuse with a message naming the field.
 
 >>> spec = ProcessingJobSpec(
 ...     job_name="embed-1", role_arn="arn:aws:iam::123456789012:role/sm", image_uri="img:1",

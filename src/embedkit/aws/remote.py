@@ -1,13 +1,8 @@
 """``embedkit embed ... --sagemaker-run yes|no|local``: the batch job as a SageMaker Processing job.
 
-The job's settings are resolved on the user's side, where the precedence applies (flags >
-``EMBEDKIT_*`` environment > ``--config`` file > defaults), and shipped whole: the container runs
-``embedkit embed --settings-json <code channel>/settings.json`` and reads nothing else (its own
-environment and the user's config file do not apply again). Only the places change: the input
-becomes the ``data`` channel (``ShardedByS3Key`` across instances, with ``num_shards: 1`` so each
-host embeds every file it received and writes ``metadata-<host>.json``), a local model the
-``model`` channel, the output the ``output`` channel (``S3UploadMode=Continuous``) whose
-``_state/`` a relaunch restores so the job resumes.
+The job's settings are resolved here and shipped whole (``embedkit embed --settings-json``); only
+the places become channels: ``data``, a local ``model``, and the ``output`` whose ``_state/`` a
+relaunch restores (docs/sagemaker.md).
 """
 
 from __future__ import annotations

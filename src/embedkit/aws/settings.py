@@ -1,10 +1,7 @@
 """The ``--sagemaker-*`` options, shared by ``embedkit embed`` and :func:`embedkit.sagemaker.processing_main`.
 
-Precedence, as everywhere: flag > environment ``EMBEDKIT_SAGEMAKER_<FIELD>`` > YAML file
-(``--sagemaker-config``, env ``EMBEDKIT_SAGEMAKER_CONFIG``, default
-``~/.config/embedkit/sagemaker.yaml`` when it exists) > a script's ``processing_main`` defaults >
-built-in default. The YAML file is a flat mapping of these field names (``role: arn:...``), so a
-team sets its role, staging bucket and image once.
+Precedence: flag > ``EMBEDKIT_SAGEMAKER_<FIELD>`` > the YAML file (``--sagemaker-config``, else
+``~/.config/embedkit/sagemaker.yaml``; flat ``field: value``) > ``processing_main`` defaults > built-in.
 
 >>> s = SageMakerSettings.build({"run": "yes", "instance_count": "2"}, environ={})
 >>> (s.mode, s.instance_count, s.wait)
@@ -24,8 +21,7 @@ from embedkit.settings import Settings, load_config, parse_bool, setting
 
 DEFAULT_CONFIG = os.path.join("~", ".config", "embedkit", "sagemaker.yaml")
 DEFAULT_INSTANCE = "ml.m5.xlarge"
-# Hugging Face PyTorch DLC (the image the spot-safe Processing job ran on); account 763104351884
-# serves most regions.
+# The Hugging Face PyTorch DLC; account 763104351884 serves most regions.
 DLC_ACCOUNT = "763104351884"
 DLC_REPOSITORY = "huggingface-pytorch-inference"
 DLC_TAG_GPU = "2.6.0-transformers4.49.0-gpu-py312-cu124-ubuntu22.04"
@@ -42,13 +38,14 @@ def is_gpu_instance(instance_type: str) -> bool:
     return instance_type.rsplit(".", 1)[0] in GPU_FAMILIES
 
 
-def default_image(instance_type: str, region: str) -> str:
-    """The Hugging Face PyTorch DLC for ``instance_type`` (GPU or CPU build) in ``region``.
+def default_image(instance_type: str | None, region: str) -> str:
+    """The Hugging Face PyTorch DLC for ``instance_type`` (GPU or CPU build; None: serverless, CPU)
+    in ``region``.
 
     >>> default_image("ml.m5.xlarge", "eu-west-3").split("/")[1]
     'huggingface-pytorch-inference:2.6.0-transformers4.49.0-cpu-py312-ubuntu22.04'
     """
-    tag = DLC_TAG_GPU if is_gpu_instance(instance_type) else DLC_TAG_CPU
+    tag = DLC_TAG_GPU if instance_type and is_gpu_instance(instance_type) else DLC_TAG_CPU
     return f"{DLC_ACCOUNT}.dkr.ecr.{region}.amazonaws.com/{DLC_REPOSITORY}:{tag}"
 
 
@@ -173,11 +170,8 @@ class SageMakerSettings(Settings):
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
-    """Add the ``--sagemaker-*`` flags (dest ``sagemaker_<field>``), generated from
-    :class:`SageMakerSettings`, in one argument group.
-
-    ``defaults`` (e.g. from :func:`embedkit.sagemaker.processing_main`) replace the built-in
-    defaults; flags stay None unless given, so the environment and config file still apply."""
+    """Add the ``--sagemaker-*`` flags (dest ``sagemaker_<field>``) in one argument group; ``defaults``
+    (``processing_main``'s) replace the built-in ones beneath the environment and config file."""
     defaults = dict(defaults or {})
     group = parser.add_argument_group("SageMaker", "run this job as a SageMaker Processing job")
     SageMakerSettings.add_arguments(group, defaults=defaults)

@@ -32,10 +32,9 @@ import pyarrow.parquet as pq
 
 from embedkit.batch.output import MERGED_NAME
 from embedkit.batch.settings import OUTPUT_COLUMNS
-from embedkit.batch.state import join_fs
 from embedkit.engine.multi import OUTPUTS
 from embedkit.errors import ConfigError, InputError, StorageError
-from embedkit.io.fs import get_fs, is_remote, join, read_json, write_json
+from embedkit.io.fs import get_fs, is_remote, join, join_fs, read_json, write_json
 
 log = logging.getLogger(__name__)
 

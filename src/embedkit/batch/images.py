@@ -1,11 +1,8 @@
 """Image datasets in the batch job: img2dataset shards and URL lists, embedded with a CLIP model.
 
-Same job as for text (units, part files, rejects, ``metadata.json``, resume, shards): only reading
-and embedding a unit differ. A unit is one webdataset shard (``NNNNN.tar`` with its ``NNNNN.parquet``),
-or a row range of a parquet holding image bytes or of a URL list. The reader thread reads unit
-*k+1* (fetching URLs ``fetch_workers`` at a time) while the engine embeds unit *k*, decoding images
-on its decode pool ahead of the model. The reject reasons and the output columns are tabled in
-docs/images.md ("Outputs", "Rejects").
+The text job's machinery (units, parts, rejects, resume, shards) with its own reading and embedding:
+a unit is a webdataset shard or a row range of a parquet with image bytes or of a URL list
+(outputs and rejects: docs/images.md).
 
 >>> from embedkit.batch import embed_dataset
 >>> embed_dataset("s3://bucket/laion-shards/", "s3://bucket/out/", model="./clip")   # doctest: +SKIP
@@ -27,10 +24,9 @@ from embedkit.batch.pipeline import Outputs, UnitPipeline
 from embedkit.batch.plan import Plan, Unit, add_units, count_or_reject, describe_files, row_ranges
 from embedkit.batch.prepare import Prepared
 from embedkit.batch.settings import JobSettings
-from embedkit.batch.state import is_remote_fs
 from embedkit.errors import ConfigError, InputError
 from embedkit.io.fetch import Fetcher, FetchSettings
-from embedkit.io.fs import get_fs, is_remote, list_files
+from embedkit.io.fs import get_fs, is_remote, is_remote_fs, list_files
 from embedkit.io.images import (
     META_COLUMNS,
     ImageRecord,
@@ -44,7 +40,6 @@ from embedkit.io.readers import EXTENSIONS, FileInfo, describe_file, read_rows
 
 log = logging.getLogger("embedkit.batch")
 
-MODALITIES = ("auto", "text", "image")
 IMAGE_UNIT_ROWS = 2048  # rows per unit at most: a unit's images are held (compressed) in memory
 _TEXT_ONLY_COLUMNS = ("text", "texto", "sentence", "content")
 

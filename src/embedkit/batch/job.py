@@ -1,10 +1,5 @@
 """The batch job's orchestration: settings -> modality -> plan -> state checks -> run -> finish.
 
-:func:`embed_dataset` resolves the job (hosts, engine, modality), plans it, checks the output's
-state (resume, ``--overwrite``, parts no job recorded), picks this host's units still to do, runs
-them through the unit pipeline (:mod:`embedkit.batch.pipeline`) with the local or the Ray runner,
-and writes the summary and ``metadata.json`` (:mod:`embedkit.batch.metadata`).
-
 >>> from embedkit.batch import embed_dataset
 >>> summary = embed_dataset("data/", "out/", model="default")        # doctest: +SKIP
 >>> summary.rows_embedded, summary.complete                          # doctest: +SKIP
@@ -23,10 +18,10 @@ from embedkit.batch.output import MERGED_NAME, OutputFolder
 from embedkit.batch.pipeline import LocalRunner, Modality, TextModality, UnitPipeline
 from embedkit.batch.report import JobSummary, Progress
 from embedkit.batch.settings import JobSettings, detect_hosts
-from embedkit.batch.state import JobState, join_fs
+from embedkit.batch.state import JobState
 from embedkit.engine.multi import DENSE_ONLY, check_outputs
 from embedkit.errors import ConfigError, InterruptedJobError, JobStateError
-from embedkit.io.fs import get_fs, remove
+from embedkit.io.fs import get_fs, join_fs, remove
 
 log = logging.getLogger("embedkit.batch")
 
@@ -44,13 +39,10 @@ def embed_dataset(
 ) -> JobSummary:
     """Embed the texts of a dataset (Parquet, JSON Lines, CSV; local, ``s3://``, globs) into Parquet.
 
-    ``options`` are :class:`~embedkit.batch.settings.JobSettings` fields (``model``, ``text_column``,
-    ``precision``, ``num_shards``...); ``config`` a YAML file holding any of them (``options`` win).
-    Pass a ready ``embedder`` to reuse a loaded model (its settings then replace the engine fields).
-    Resumes a previous run of the same job in ``output``; raises
-    :class:`~embedkit.errors.JobStateError` when ``output`` holds a job made with other settings
-    (unless ``overwrite=True``) and :class:`~embedkit.errors.InterruptedJobError` (exit code 130,
-    its ``summary`` attached) when stopped by SIGTERM/SIGINT or ``stop_event``.
+    ``options`` are :class:`~embedkit.batch.settings.JobSettings` fields, ``config`` a YAML file of
+    them (``options`` win); a ready ``embedder`` is reused. Resumes a previous run of the same job;
+    raises :class:`~embedkit.errors.JobStateError` on another job's output (unless ``overwrite``) and
+    :class:`~embedkit.errors.InterruptedJobError` (``summary`` attached) when stopped.
     """
     if settings is None:
         settings = JobSettings.build({"input": input, "output": output, **options}, config=config)

@@ -13,9 +13,9 @@ from embedkit.batch.pipeline import UnitPipeline
 from embedkit.batch.plan import Plan, Unit
 from embedkit.batch.report import JobSummary, totals, versions
 from embedkit.batch.settings import JobSettings
-from embedkit.batch.state import FORMAT, JobState, join_fs
+from embedkit.batch.state import FORMAT, JobState
 from embedkit.engine.multi import DENSE_ONLY
-from embedkit.io.fs import remove, write_json
+from embedkit.io.fs import join_fs, remove, write_json
 
 log = logging.getLogger("embedkit.batch")
 

@@ -1,10 +1,7 @@
-"""The job's output folder: part files, rejects, the optional single-file merge.
-
-``part-*.parquet`` hold ``id`` (string) and ``embedding`` (``fixed_size_list<float32>[dim]``, or
-float16 on request), with ``--outputs`` BGE-M3's ``sparse_indices`` / ``sparse_values`` and
-``colbert`` columns (see :func:`embeddings_table`), plus pass-through columns; ``rejects/part-*.parquet`` hold ``source``, ``row``,
-``id``, ``reason`` for every row not embedded. Both are written whole (see
-:func:`embedkit.io.fs.write_bytes`) under names derived from the unit, so a rerun overwrites.
+"""The job's output folder: part files (``id``, ``embedding``, with ``--outputs`` BGE-M3's
+``sparse_indices`` / ``sparse_values`` / ``colbert``), rejects, the optional single-file merge (their
+columns: docs/batch-jobs.md). Files are written whole (:func:`embedkit.io.fs.write_bytes`) under
+names derived from the unit, so a rerun overwrites.
 """
 
 from __future__ import annotations
@@ -20,9 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedkit.batch.state import is_remote_fs, join_fs, older_than
 from embedkit.errors import StorageError
-from embedkit.io.fs import TMP_PREFIX, remove, write_bytes
+from embedkit.io.fs import TMP_PREFIX, is_remote_fs, join_fs, list_names, older_than, remove, write_bytes
 from embedkit.io.readers import parquet_bytes
 
 log = logging.getLogger(__name__)
@@ -114,17 +110,11 @@ class OutputFolder:
     def rejects_path(self, name: str) -> str:
         return join_fs(self.fs, self.rejects_dir, name)
 
-    def _ls(self, folder: str) -> list[str]:
-        self.fs.invalidate_cache(folder)
-        try:
-            return [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
-        except FileNotFoundError:
-            return []
-
     def scan(self) -> set[str]:
         """Existing part and rejects files (``rejects/`` prefixed), remembered for :meth:`write_unit`."""
-        parts = {n for n in self._ls(self.root) if n.startswith("part-") and n.endswith(".parquet")}
-        rejects = {f"{REJECTS_DIR}/{n}" for n in self._ls(self.rejects_dir) if n.startswith("part-")}
+        names, rejected = list_names(self.fs, self.root), list_names(self.fs, self.rejects_dir)
+        parts = {n for n in names if n.startswith("part-") and n.endswith(".parquet")}
+        rejects = {f"{REJECTS_DIR}/{n}" for n in rejected if n.startswith("part-")}
         self._existing = parts | rejects
         return set(self._existing)
 
@@ -140,7 +130,7 @@ class OutputFolder:
                 n += 1
                 self._existing.discard(name)
         for folder in (self.root, self.rejects_dir):
-            for name in self._ls(folder):
+            for name in list_names(self.fs, folder):
                 if name.startswith(TMP_PREFIX) and (
                     all_temp or older_than(self.fs, join_fs(self.fs, folder, name))
                 ):

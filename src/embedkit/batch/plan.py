@@ -1,9 +1,8 @@
 """Plan a job: list the input files, resolve the columns, cut files into units of work.
 
-A *unit* is a row range of one file (a whole small file, or about ``unit_rows`` rows of a large one,
-aligned to Parquet row groups where it can). Its key is derived from the file's name relative to the
-input root and its row range, so the same input always gives the same units, in the same order, on
-every host and every rerun: that is what makes resume and ``--num-shards`` deterministic.
+A *unit* is a row range of one file (about ``unit_rows`` rows, on Parquet row groups where it can),
+keyed by the file's relative name and the range: the same input gives the same units on every host
+and rerun, which makes resume and ``--num-shards`` deterministic.
 """
 
 from __future__ import annotations

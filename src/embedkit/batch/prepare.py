@@ -1,12 +1,7 @@
 """Stage 1 of a unit: read its rows, sort out the ones that cannot be embedded, tokenise the rest.
 
-Every row of the unit ends up in exactly one of ``Prepared.valid`` (to be embedded) or
-``Prepared.rejects`` (with a reason). Rows are checked here, row by row, because the engine raises
-on the first bad item while a batch job must keep going and say which rows it left out and why.
-
-Reasons (the part before ``:`` is the kind counted in ``metadata.json``): ``null text``,
-``empty text``, ``not a string: <type>``, ``too long: ...`` (with ``--no-truncate``), ``null id``,
-``invalid json: ...``, ``missing column: ...``, ``unreadable: <parser error>``.
+Every row ends in exactly one of the valid rows or ``Prepared.rejects`` with a reason (listed in
+docs/batch-jobs.md, "Rejects"): the engine raises on the first bad item, a batch job goes on.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 
 from embedkit.batch.export import EXPORT_DIR, JobOutput, colbert_rows, dense_matrix, load_export, sparse_rows
 from embedkit.batch.settings import output_columns
-from embedkit.batch.state import join_fs
 from embedkit.engine.multi import DENSE_ONLY, HYBRID_WEIGHTS, OUTPUTS
 from embedkit.errors import ConfigError, DeviceError, ModelNotFoundError
+from embedkit.io.fs import join_fs
 
 MODES = ("dense", "sparse", "colbert", "hybrid")
 

@@ -1,17 +1,9 @@
-"""The job's state in its output folder: what settings made it, and which units are done.
+"""The job's state in ``OUTPUT/_state/``: what settings made it, and which units are done.
 
-Layout under ``OUTPUT/_state/`` (ignored by pyarrow, DuckDB and polars dataset discovery, as every
-``_``-prefixed name is):
-
-- ``job.json``: the job's *fingerprint* (model content hash, precision, dimension, normalisation,
-  dtype, columns, unit size...). A rerun with another fingerprint refuses (:class:`JobStateError`)
-  unless ``--overwrite``: vectors of two models never mix in one dataset.
-- ``units/<unit key>@<fingerprint id>.json``: one small marker per finished unit, written only after
-  the unit's part and rejects files are durable, holding the unit's counts. No shared manifest is
-  ever read-modified-written, so hosts and retries cannot lose each other's records, and a kill at
-  any moment leaves either a recorded unit (its files complete) or an unrecorded one (redone, its
-  files overwritten under the same names).
-- ``merged.json``: written after ``--single-file`` produced ``embeddings.parquet``.
+``job.json`` holds the job's fingerprint (a rerun with another refuses unless ``--overwrite``);
+``units/<unit key>@<fingerprint id>.json`` is one marker per unit, written once its files are
+durable (no shared manifest is ever rewritten); ``merged.json`` follows ``--single-file``'s merge.
+Why this makes a job exactly-once: docs/batch-jobs.md, "Resume and exactly once".
 """
 
 from __future__ import annotations
@@ -26,7 +18,16 @@ from typing import Any
 import fsspec
 
 from embedkit.errors import JobStateError
-from embedkit.io.fs import TMP_PREFIX, is_remote, join, read_json, remove, write_json
+from embedkit.io.fs import (
+    TMP_PREFIX,
+    is_remote_fs,
+    join_fs,
+    list_names,
+    older_than,
+    read_json,
+    remove,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,7 @@ class JobState:
 
     # ----------------------------------------------------------- the units
     def _marker_names(self) -> list[str]:
-        self.fs.invalidate_cache(self.units_dir)
-        try:
-            return [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.units_dir, detail=False)]
-        except FileNotFoundError:
-            return []
+        return list_names(self.fs, self.units_dir)
 
     def _parse(self, name: str) -> tuple[str, bool] | None:
         """``(key, failed)`` of a marker of this fingerprint, else None."""
@@ -184,27 +181,3 @@ class JobState:
 
     def clear_merged(self) -> None:
         remove(self.fs, join_fs(self.fs, self.dir, "merged.json"))
-
-
-def is_remote_fs(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol not in ("file", "local")
-
-
-def join_fs(fs: fsspec.AbstractFileSystem, base: str, *parts: str) -> str:
-    """Join inside a filesystem: ``/`` for object stores (paths without protocol), os.path locally."""
-    if is_remote_fs(fs):
-        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
-    return join(base, *parts)
-
-
-def older_than(fs: fsspec.AbstractFileSystem, path: str, seconds: float = 3600) -> bool:
-    """True when ``path`` was last modified over ``seconds`` ago (False when that is unknown)."""
-    try:
-        mtime = fs.modified(path).timestamp()
-    except Exception:
-        return False
-    return time.time() - mtime > seconds
-
-
-__all__ = ["STATE_DIR", "JobState", "fingerprint_id", "is_remote", "is_remote_fs", "join_fs", "older_than"]

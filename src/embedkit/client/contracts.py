@@ -1,13 +1,6 @@
-"""Wire contracts the client speaks, and how a long list of texts is split into requests.
-
-A contract turns a list of texts into a JSON request body and the answer back into a float32 matrix:
-
-- ``hf``: ``{"inputs": [...], "parameters": {...}}`` -> ``{"embeddings": [[...]]}`` (embedkit serve,
-  a Terraform-built serverless endpoint); a bare list and the Hugging Face container's token-level
-  answer (batch, tokens, dim) are read too, the latter pooled here (``token_pooling``) and L2-normalised.
-- ``search_term``: ``{"search_term": "..."}`` -> ``{"embedding": [...]}`` (a local stand-in for a
-  SageMaker endpoint), one text a request unless the server takes lists.
-- ``openai``: ``POST /v1/embeddings`` with ``{"input": [...], "model": ...}`` -> ``{"data": [...]}``.
+"""Wire contracts the client speaks (``hf``, ``search_term``, ``openai``: docs/client.md), and how a
+long list of texts is split into requests. A contract turns texts into a JSON request body and the
+answer back into a float32 matrix (token-level answers pooled by ``token_pooling``).
 
 >>> c = make_contract("hf")
 >>> c.encode(["a", "b"], {})

@@ -1,9 +1,6 @@
-"""How request bodies travel: plain HTTP (httpx) or SageMaker's runtime API (boto3).
-
-A transport sends one body and returns a :class:`WireResponse` (any status), or raises
-:class:`TransportFailure` when nothing came back (connection error, timeout). Retrying and error
-typing happen in one place above it (:mod:`embedkit.client.retry`). boto3 is imported only when the
-SageMaker transport is built, and AWS credentials are looked up only there.
+"""How request bodies travel: plain HTTP (httpx) or SageMaker's runtime API (boto3, imported only
+when that transport is built). A transport sends one body and returns a :class:`WireResponse` (any
+status) or raises :class:`TransportFailure`; retrying lives above it (:mod:`embedkit.client.retry`).
 """
 
 from __future__ import annotations

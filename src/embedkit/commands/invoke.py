@@ -18,8 +18,6 @@ import time
 from embedkit.client.settings import ClientSettings
 from embedkit.errors import InputError
 
-_OPTIONS = ("normalize", "dimensions", "truncate", "prompt_name")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -42,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from embedkit.client import EmbeddingClient
+    from embedkit.client.contracts import OPTION_NAMES
 
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         settings.sagemaker_endpoint = args.sagemaker_endpoint
     elif args.sagemaker_endpoint:
         settings.endpoint_url = None
-    options = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in OPTION_NAMES if getattr(args, k) is not None}
     for k in ("normalize", "truncate"):
         if k in options:
             options[k] = options[k] == "true"

@@ -15,13 +15,20 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from embedkit.errors import InputError
 
 
-def _print(obj: object) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
+def _printed(action: Callable[[argparse.Namespace], object]) -> Callable[[argparse.Namespace], int]:
+    """``action`` as a subcommand: its result printed as one JSON object, exit code 0."""
+
+    def run(args: argparse.Namespace) -> int:
+        json.dump(action(args), sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return 0
+
+    return run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="leave out the ONNX graph (baked in by default, as .embedkit/graphs/, for fast cold starts)",
     )
-    pk.set_defaults(func=_package)
+    pk.set_defaults(func=_printed(_package))
 
     dp = sm.add_parser(
         "deploy", parents=[common], help="create (or update) an endpoint and wait until it is InService"
@@ -90,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     dp.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for InService")
     dp.add_argument("--poll", type=float, default=15.0, help="seconds between status checks")
-    dp.set_defaults(func=_deploy)
+    dp.set_defaults(func=_printed(_deploy))
 
     ds = sm.add_parser(
         "describe",
@@ -98,14 +105,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="status, variants, image, model data and environment of an endpoint",
     )
     ds.add_argument("name")
-    ds.set_defaults(func=_describe)
+    ds.set_defaults(func=_printed(_describe))
 
     dl = sm.add_parser(
         "delete", parents=[common], help="delete an endpoint with its endpoint config and model"
     )
     dl.add_argument("name")
     dl.add_argument("--keep-model", action="store_true", help="delete only the endpoint")
-    dl.set_defaults(func=_delete)
+    dl.set_defaults(func=_printed(_delete))
 
     iv = sm.add_parser(
         "invoke", parents=[common], help='send {"inputs": ...} to an endpoint and print its answer'
@@ -114,25 +121,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     iv.add_argument("texts", nargs="*", help="texts; none = one per line on stdin")
     iv.add_argument("--normalize", choices=("true", "false"), default=None, help="parameters.normalize")
     iv.add_argument("--dimensions", type=int, default=None, help="parameters.dimensions")
-    iv.set_defaults(func=_invoke)
+    iv.set_defaults(func=_printed(_invoke))
 
 
-def _package(args: argparse.Namespace) -> int:
+def _package(args: argparse.Namespace) -> dict:
     from embedkit.aws.package import package_model
 
-    info = package_model(
-        args.model,
-        args.destination,
-        inference=args.inference,
-        requirements=args.requirements,
-        code_dir=args.code_dir,
-        bake_graph=args.bake_graph,
-    )
-    _print(info)
-    return 0
+    options = {k: getattr(args, k) for k in ("inference", "requirements", "code_dir", "bake_graph")}
+    return package_model(args.model, args.destination, **options)
 
 
-def _deploy(args: argparse.Namespace) -> int:
+def _deploy(args: argparse.Namespace) -> dict:
     from embedkit.aws.endpoints import DeploySpec, deploy
     from embedkit.aws.settings import parse_env_pairs
 
@@ -152,25 +151,22 @@ def _deploy(args: argparse.Namespace) -> int:
         environment=parse_env_pairs(args.env),
         region=args.region,
     )
-    _print(deploy(spec, wait=args.wait, timeout=args.timeout, poll_seconds=args.poll))
-    return 0
+    return deploy(spec, wait=args.wait, timeout=args.timeout, poll_seconds=args.poll)
 
 
-def _describe(args: argparse.Namespace) -> int:
+def _describe(args: argparse.Namespace) -> dict:
     from embedkit.aws.endpoints import describe
 
-    _print(describe(args.name, region=args.region))
-    return 0
+    return describe(args.name, region=args.region)
 
 
-def _delete(args: argparse.Namespace) -> int:
+def _delete(args: argparse.Namespace) -> dict:
     from embedkit.aws.endpoints import delete
 
-    _print(delete(args.name, keep_model=args.keep_model, region=args.region))
-    return 0
+    return delete(args.name, keep_model=args.keep_model, region=args.region)
 
 
-def _invoke(args: argparse.Namespace) -> int:
+def _invoke(args: argparse.Namespace) -> dict:
     from embedkit.aws.endpoints import invoke
 
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -184,5 +180,4 @@ def _invoke(args: argparse.Namespace) -> int:
     body, ctype = invoke(
         args.name, texts[0] if len(texts) == 1 else texts, parameters=params, region=args.region
     )
-    _print({"endpoint": args.name, "content_type": ctype, "response": body})
-    return 0
+    return {"endpoint": args.name, "content_type": ctype, "response": body}

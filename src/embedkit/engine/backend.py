@@ -1,11 +1,7 @@
 """Which runtime runs which batch: torch, ONNX Runtime, or ``auto`` (both, split by a measurement).
 
-Eager PyTorch pays a fixed cost per operator, which dominates a batch of one short text (a 16-token
-forward of the default model needs ~2 ms of arithmetic and takes ~15 ms); a graph runtime removes
-most of it. In bulk, fused torch kernels are as fast or faster. ``auto`` therefore times both runtimes
-on the machine at hand, on batch shapes from one short text upwards, and sends a batch to ONNX
-Runtime only while its padded tokens are at most the largest shape where ONNX Runtime was faster.
-One thread drives either runtime, never both at once.
+``auto`` times both runtimes on this machine and sends a batch to ONNX Runtime while its padded
+tokens are at most the largest probed shape where ONNX Runtime was faster (docs/backends.md).
 
 >>> resolve_backend("ONNXRuntime")
 'onnx'
@@ -16,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,27 +21,16 @@ import numpy as np
 
 from embedkit.engine.device import cpu_info
 from embedkit.errors import ConfigError
+from embedkit.io.fs import replace_text
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx")
-# Shapes (texts, tokens each) timed by ``auto``, smallest first: one short query up to a bulk batch
-# (32 texts of 64 tokens, where both runtimes are compute-bound, so their ratio holds for larger
-# batches too). Measurement stops early once torch wins twice in a row or the time budget is spent.
+# Shapes (texts, tokens each) timed by ``auto``, smallest first, up to a compute-bound bulk batch.
 PROBE_SHAPES = ((1, 16), (2, 32), (8, 32), (8, 64), (32, 64))
-# A shape is only probed when its predicted cost (a line through the last two shapes' costs against
-# their tokens) still fits in this budget. A server measures after /ping already answers 200 (the
-# first requests wait behind it, once per machine); the result is kept per machine (see
-# ``crossover_path``), so later starts measure nothing. Measured on a 2-core AVX2 EPYC: the whole
-# ladder takes ~3.5 s there, and ONNX Runtime won every shape (2x at 8x32, 1.35x at 32x64); an
-# earlier 0.5 s budget, scaled from the overhead-bound first shape, stopped after one short query.
-PROBE_BUDGET_S = 5.0
-# ONNX Runtime must beat torch by this factor to take a shape (measurement noise on shared machines).
-PROBE_MARGIN = 1.05
-
-
-# What ``Embedder(backend=None)`` runs. The engine reads no environment: ``--backend`` /
-# ``EMBEDKIT_BACKEND`` are resolved by the settings layer and passed in; a test suite may pin this.
+PROBE_BUDGET_S = 5.0  # a shape is probed only while its predicted cost fits in this budget
+PROBE_MARGIN = 1.05  # ONNX Runtime must beat torch by this factor (noise on shared machines)
+# What ``Embedder(backend=None)`` runs (the engine reads no environment); a test suite may pin this.
 DEFAULT_BACKEND = "auto"
 
 
@@ -124,12 +108,9 @@ class Crossover:
         )
 
     def forward_cost_tokens(self, runtime: str) -> float | None:
-        """What one more forward pass costs on ``runtime`` ("torch" or "onnx"), in padded tokens'
-        worth of compute: the intercept over the slope of a least-squares line through the probes'
-        times against their padded tokens, over the probes of at most 512 tokens (``None`` with
-        fewer than two such probes or a flat line).
-        Measured here (2-core AVX2 EPYC): ~14 tokens on ONNX Runtime, ~70 on eager torch."""
-        # Small shapes only: the intercept is a few ms, which the big shapes' noise would swamp.
+        """One more forward pass on ``runtime`` ("torch" or "onnx") in padded tokens' worth of
+        compute: intercept over slope of a line through the probes of at most 512 tokens (larger
+        ones' noise would swamp the intercept); ``None`` with fewer than two or a flat line."""
         points = [
             (p["rows"] * p["tokens"], p[f"{runtime}_ms"])
             for p in self.probes
@@ -173,13 +154,10 @@ def measure_crossover(
     reps: int = 2,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Crossover:
-    """Time ``run_torch(rows, tokens)`` against ``run_onnx(rows, tokens)`` on ``shapes`` (smallest
-    first; each runtime warmed once per shape, then the best of ``reps`` interleaved runs).
-
-    The result's ``max_onnx_tokens`` is the largest padded size where ONNX Runtime won by
-    ``margin``, among the shapes measured before torch won twice in a row or the next shape's
-    predicted cost would overrun ``budget_s``; :data:`EVERY_BATCH` when it won the last of
-    ``shapes`` (a bulk batch: beyond it both runtimes scale with tokens alike)."""
+    """Time ``run_torch(rows, tokens)`` against ``run_onnx(rows, tokens)`` on ``shapes`` (warm-up,
+    then the best of ``reps``) until torch wins twice in a row or ``budget_s`` would overrun.
+    ``max_onnx_tokens`` is the largest shape ONNX Runtime won by ``margin``; :data:`EVERY_BATCH`
+    when it won the last (bulk) shape."""
     t_start = clock()
     result = Crossover(max_onnx_tokens=0)
     torch_wins = 0
@@ -212,9 +190,8 @@ def measure_crossover(
 
 
 def _predict(costs: list[tuple[float, float]], tokens: float) -> float:
-    """Seconds a shape of ``tokens`` padded tokens should take to probe: proportional to the one
-    measured shape, or on the line through the last two (small shapes are overhead-bound, so
-    scaling the first one alone overestimates the larger ones several times)."""
+    """Seconds a shape of ``tokens`` padded tokens should take to probe: on the line through the
+    last two measured shapes (proportional to the only one at first)."""
     if not costs:
         return 0.0
     if len(costs) == 1:
@@ -226,9 +203,8 @@ def _predict(costs: list[tuple[float, float]], tokens: float) -> float:
 
 
 def crossover_path(root: Path, graph_digest: str, threads: int, versions: str) -> Path:
-    """Where ``auto``'s measurement for this graph on this machine is kept: the key covers the
-    graph, the CPU's name and flags, the thread count and both runtimes' versions, so another
-    machine, container size or upgrade measures afresh."""
+    """Where ``auto``'s measurement is kept, keyed by the graph, the CPU's name and flags, the thread
+    count and both runtimes' versions."""
     name, flags = cpu_info()
     blob = json.dumps([graph_digest, name, sorted(flags), int(threads), versions, PROBE_SHAPES]).encode()
     return Path(root) / f"{graph_digest}-{hashlib.sha256(blob).hexdigest()[:16]}.json"
@@ -244,11 +220,7 @@ def load_crossover(path: Path) -> Crossover | None:
 
 def save_crossover(path: Path, crossover: Crossover) -> None:
     """Keep a measurement (atomically; best effort: a read-only cache only costs a new measurement)."""
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(crossover.to_dict(), indent=2))
-        os.replace(tmp, path)
+        replace_text(path, json.dumps(crossover.to_dict(), indent=2))
     except OSError as exc:
         log.debug("could not keep the backend measurement at %s: %s", path, exc)

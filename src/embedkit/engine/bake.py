@@ -1,10 +1,5 @@
-"""Bake a model's ONNX graph next to its weights, so a fresh container starts without exporting.
-
-A serverless endpoint starts a new container at every cold start: a graph cached on local disk is
-gone each time, and exporting one costs seconds. ``embedkit graph bake``, ``embedkit sagemaker
-package-model`` and the Docker image's build therefore write the graph into the model directory
-itself, as ``<model>/.embedkit/graphs/<digest>/`` (see :mod:`embedkit.engine.graph`), where the
-engine finds it when its key matches: model content hash, precision, outputs and runtime version.
+"""Bake a model's ONNX graph next to its weights (``<model>/.embedkit/graphs/<digest>/``), so a
+fresh container (a serverless cold start) finds it instead of exporting one (docs/backends.md).
 
 >>> info = bake_graph("default", into="/tmp/baked")  # doctest: +SKIP
 >>> info["path"]  # doctest: +SKIP
@@ -38,8 +33,8 @@ def _why_not(path: Path) -> str | None:
 
 
 def _install(source: Path, target: Path) -> None:
-    """Copy the graph folder ``source`` to ``target`` (through a temporary folder and a rename), readable
-    by every user: the image bakes as root and serves as another user."""
+    """Copy the graph folder ``source`` to ``target`` through a temporary folder and a rename, readable
+    by every user (the image bakes as root and serves as another user)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".bake-", dir=target.parent))
     try:
@@ -59,12 +54,9 @@ def _install(source: Path, target: Path) -> None:
 def bake_graph(
     model: str | Path = "default", into: str | Path | None = None, *, pooling: str | None = None
 ) -> dict[str, Any]:
-    """Write ``model``'s fp32 ONNX graph into ``into/.embedkit/graphs/<digest>/`` (default: the
-    resolved model directory itself).
-
-    The model loads as the server loads it (fp32, CPU); the graph comes from where the engine would
-    find it (already baked, the cache) or is exported now, then copied. Returns ``baked`` (bool),
-    and either ``key``, ``digest``, ``path``, ``source``, ``seconds``, or ``reason`` (why not)."""
+    """Write ``model``'s fp32 ONNX graph (found where the engine would find it, or exported now) into
+    ``into/.embedkit/graphs/<digest>/`` (default: the model directory). Returns ``baked`` and either
+    ``key``, ``digest``, ``path``, ``source``, ``seconds``, or ``reason`` (why not)."""
     from embedkit.engine.embedder import Embedder
     from embedkit.models import load_text_model, resolve_model
 

@@ -1,8 +1,5 @@
-"""Token-budget batching: group length-sorted inputs so each padded batch costs at most a budget.
-
-A batch of ``n`` texts padded to length ``L`` costs ``n * L`` tokens of compute and memory; the budget
-bounds that product, so short texts travel in large batches and long ones in small batches, and no
-batch can exceed the memory the budget was sized for.
+"""Token-budget batching: group length-sorted inputs so each padded batch (``n`` texts of length
+``L`` cost ``n * L`` tokens) stays within a budget, short texts in large batches, long ones in small.
 
 >>> import numpy as np
 >>> [b.tolist() for b in plan_batches(np.array([3, 10, 4, 9]), max_batch_tokens=20)]

@@ -1,12 +1,8 @@
 """CPU kernel fusion for transformer encoders: oneDNN linear with the bias (and GELU) in the epilogue.
 
-On CPU, ``nn.Linear`` runs as ``addmm``, which first copies the bias into the output and then runs
-the GEMM; the feed-forward GELU is another full pass over a 4x-wide activation. oneDNN's
-``linear_pointwise`` does both inside the GEMM. Same arithmetic (fp32 results are unchanged to
-within float rounding), measured here: about 1.3x on the fp32 feed-forward and 2x in bf16.
-
-Applied to CPU fp32/bf16 models only; ``Embedder(cpu_fusion=False)`` (``--cpu-fusion false``,
-``EMBEDKIT_CPU_FUSION=0``) turns it off.
+``nn.Linear`` on CPU copies the bias into the output before the GEMM, and the feed-forward GELU is
+another pass over a 4x-wide activation; oneDNN's ``linear_pointwise`` does both inside the GEMM
+(same arithmetic; speed-ups in docs/backends.md). CPU fp32/bf16 only; ``cpu_fusion=False`` turns it off.
 """
 
 from __future__ import annotations

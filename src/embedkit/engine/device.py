@@ -29,14 +29,8 @@ PRECISION_ALIASES = {
     "int8": "int8",
     "qint8": "int8",
 }
-# Compute budget (padded tokens per batch) on CPU: large enough that matmuls run near peak, small
-# enough that activations stay in cache-friendly sizes. Measured with `make bench`'s mixed corpus on
-# an idle 2-core AMX CPU, fp32, three interleaved rounds: 4096 tokens 10.1 s, 8192 10.3 s, 16384
-# 11.9 s (16384 had looked best while the machine was shared by several jobs).
+# Padded tokens per batch on CPU (measured with `make bench`): matmuls near peak, activations in cache.
 CPU_DEFAULT_BATCH_TOKENS = 4096
-# bf16 kernels run ~2-3x faster, so smaller batches keep activations in cache: 8192 measured
-# 1.1-1.5x faster than 16384 for bf16 on a 2-core AMX CPU (three runs, shared machine); 4096 and
-# 8192 measured the same on an idle one.
 CPU_BF16_BATCH_TOKENS = 8192
 
 
@@ -104,10 +98,8 @@ def cpu_supports_bf16() -> bool:
 
 
 def cpu_supports_int8() -> bool:
-    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8).
-
-    Without them torch's int8 matmul runs a reference loop: ~1 GOP/s measured on an AVX2-only EPYC,
-    against ~70 GFLOP/s for fp32 on the same cores."""
+    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8);
+    without them torch's int8 matmul runs a slow reference loop."""
     return bool(cpu_info()[1] & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
@@ -175,14 +167,8 @@ def inference_context(precision: str, device: torch.device) -> Iterator[None]:
 def auto_batch_tokens(
     device: torch.device, hidden_size: int, num_layers: int, num_heads: int, precision: str = "fp32"
 ) -> int:
-    """Budget of padded tokens per batch chosen from the device's memory.
-
-    GPU: a quarter of free memory divided by the activation bytes one token needs in the worst layer
-    (hidden states, the 4x feed-forward and one attention row at the model's width). CPU: the
-    measured sweet spot, since batches beyond it do not run faster and only cost memory. (An
-    explicit budget, ``--max-batch-tokens`` / ``EMBEDKIT_MAX_BATCH_TOKENS``, never reaches here: the
-    settings layer resolves it and the embedder takes it as given.)
-    """
+    """Budget of padded tokens per batch: on GPU a quarter of free memory over the activation bytes
+    one token needs in the worst layer; on CPU the measured sweet spot."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         bytes_per_token = 4 * (hidden_size * 8 + num_heads * 512)
@@ -206,6 +192,9 @@ def attention_cells_budget(device: torch.device, num_heads: int, free_host_bytes
     return max(1, int(free * 0.25 / (8 * max(num_heads, 1))))
 
 
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate memory")
+
+
 def is_oom(exc: BaseException) -> bool:
     """True for CUDA out-of-memory, host MemoryError and allocator failures (torch's and ONNX Runtime's)."""
     if isinstance(exc, MemoryError):
@@ -213,15 +202,4 @@ def is_oom(exc: BaseException) -> bool:
     oom_cls = getattr(torch.cuda, "OutOfMemoryError", None)
     if oom_cls is not None and isinstance(exc, oom_cls):
         return True
-    if isinstance(exc, RuntimeError):
-        msg = str(exc).lower()
-        return any(
-            m in msg
-            for m in (
-                "out of memory",
-                "can't allocate memory",
-                "not enough memory",
-                "failed to allocate memory",
-            )
-        )
-    return False
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)

@@ -1,12 +1,8 @@
 """ONNX graphs of a text model: export, the cache keyed by what the graph computes, and a session.
 
-The graph is exported locally from the loaded model (never downloaded) and computes what the torch
-path computes up to normalisation: transformer, pooling and any Dense layers, one float32 vector per
-input. It is found, in order, baked into the model directory (``<model>/.embedkit/graphs/<key>/``,
-written by ``embedkit graph bake`` and ``embedkit sagemaker package-model``; hidden, so the model's
-content hash is unchanged) or in the cache (``$EMBEDKIT_CACHE_DIR/graphs/<key>/``), else exported
-into the cache. The key covers the model's content hash, the precision, the graph's outputs and the
-runtime's version, so a graph is never reused for different weights, outputs or runtime.
+The graph (transformer, pooling, Dense layers; no normalisation) is exported locally, never
+downloaded, and found baked into the model directory (``<model>/.embedkit/graphs/<key>/``), else in
+``$EMBEDKIT_CACHE_DIR/graphs/<key>/``, else exported there. The key: docs/backends.md.
 """
 
 from __future__ import annotations
@@ -47,9 +43,7 @@ SUPPORTED_MODEL_TYPES = ("bert", "xlm-roberta", "roberta", "mpnet", "camembert",
 
 def runtime_version() -> str | None:
     """``onnxruntime-<version>``, or ``None`` when ONNX Runtime (or the exporter's onnx) is missing.
-
-    onnx is only looked for, not imported: importing it costs ~1 s at start-up, and only an export
-    needs it (a baked or cached graph does not)."""
+    onnx is only looked for: importing it costs ~1 s, and only an export needs it."""
     if importlib.util.find_spec("onnx") is None:
         return None
     try:
@@ -230,13 +224,8 @@ def _probe_inputs(pad_id: int, vocab_size: int) -> list[dict[str, np.ndarray]]:
 def fuse_graph(
     path: Path, *, num_heads: int, hidden_size: int, vocab_size: int, pad_id: int = 0, tol: float = 1e-5
 ) -> int:
-    """Rewrite the graph at ``path`` with ONNX Runtime's transformer fusions (multi-head attention,
-    embedding and skip layer norm, bias GELU) when they keep its outputs within ``tol``.
-
-    A batch of one short text spends most of its time in per-operator overhead; the fused graph
-    runs ~1.3x faster there (4.3 ms against 5.4 ms for a 16-token query of the default model on a
-    2-core AVX2 EPYC). Returns the number of fused operators (0: left unchanged, with the reason
-    logged: the optimizer is missing, found nothing to fuse, or moved the outputs)."""
+    """Rewrite the graph at ``path`` with ONNX Runtime's transformer fusions when they keep its
+    outputs within ``tol``. Returns the number of fused operators (0: left unchanged, reason logged)."""
     import onnxruntime as ort
 
     try:
@@ -281,8 +270,7 @@ def fuse_graph(
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence INFO logging while ONNX Runtime's optimizer runs: it logs every fusion, from loggers
-    named after its modules (``onnx_model``, ``fusion_base``, ...)."""
+    """Silence INFO logging while ONNX Runtime's optimizer logs every fusion."""
     before = logging.root.manager.disable
     logging.disable(logging.INFO)
     try:
@@ -293,11 +281,7 @@ def _quiet():
 
 class GraphSession:
     """An ONNX Runtime session over a graph: ``run(input_ids, attention_mask)`` -> float32 vectors.
-
-    Threads: ``threads`` intra-op threads that spin while a run lasts and stop when it returns
-    (``force_spinning_stop``), so nothing spins between requests against the server's own threads
-    or torch's. Measured on a 2-core AVX2 EPYC, a 16-token query every 5 ms: 4.8 ms with this,
-    6.0 ms with threads that never spin, 5.7 ms (and 1.5 cores busy) with ONNX Runtime's default."""
+    Its ``threads`` intra-op threads spin only while a run lasts (docs/backends.md)."""
 
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort

@@ -1,17 +1,10 @@
 """The image engine: encoded images in, CLIP vectors out, in the same space as CLIP text queries.
 
-Three stages, overlapped: *decode* (in a thread pool: :mod:`embedkit.io.image_decode` for EXIF
-orientation, transparency onto white and RGB, then :class:`~embedkit.models.clip.ImageTransform` to
-resize and crop per the model's processor, kept as uint8), *core* (the vision tower in batches of
-``image_batch_size``, at the engine's precision, run by :class:`~embedkit.engine.runner.ModelRunner`)
-and *post* (projection, normalisation, Matryoshka slice). While the model runs one batch the pool
-decodes the next ones, so the model does not wait on JPEG decoding. Texts go through the CLIP text
-tower with the text engine's own tokenisation and token-budget batching (:class:`ImageEmbedder` is
-an :class:`~embedkit.Embedder`), so ``encode(["a photo of a cat"])`` and
-``encode_images([jpeg_bytes])`` are directly comparable.
-
-Pixels match ``CLIPImageProcessor`` (within float32 rounding), so vectors match transformers'
-``CLIPModel.get_image_features`` / ``get_text_features`` (normalised) to 1e-5.
+Images are decoded and resized on a thread pool (:mod:`embedkit.io.image_decode`,
+:class:`~embedkit.models.clip.ImageTransform`) ahead of the vision tower, which the
+:class:`~embedkit.engine.runner.ModelRunner` runs in batches of ``image_batch_size``. Texts go
+through the CLIP text tower as in the text engine (:class:`ImageEmbedder` is an
+:class:`~embedkit.Embedder`). Vectors match transformers' CLIP features (normalised) to 1e-5.
 
 >>> from embedkit.engine.image import ImageEmbedder
 >>> emb = ImageEmbedder("./clip-vit-base-patch32")                       # doctest: +SKIP
@@ -35,21 +28,18 @@ import torch
 from PIL import Image
 
 from embedkit.engine.embedder import Embedder
-from embedkit.engine.runner import Replica, RunningTotals, Workload
+from embedkit.engine.runner import Replica, RunnerTotals, Workload
 from embedkit.errors import ConfigError, InvalidImageError, OutOfMemoryError
 from embedkit.io.image_decode import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, to_image
 from embedkit.models.clip import ClipModel, ImageTransform, features, load_clip_model
 
 
 @dataclass
-class ImageStats(RunningTotals):
+class ImageStats(RunnerTotals):
     """Running totals of the image side (thread-safe updates)."""
 
     images: int = 0
-    batches: int = 0
     rejected: int = 0
-    oom_splits: int = 0
-    model_seconds: float = 0.0
 
 
 @dataclass
@@ -217,12 +207,9 @@ class ImageEmbedder(Embedder):
         stop: Callable[[], bool] | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> ImageBatchResult | None:
-        """Embed a stream of images, skipping (and reporting) those that cannot be decoded.
-
-        Decoding runs ahead of the model on the decode pool (a bounded window, so memory stays at a
-        few batches of decoded images); the model takes batches of ``image_batch_size`` decoded
-        images in input order. ``stop()`` is checked between batches: when it returns True the call
-        returns None. ``on_batch(n)`` is called after each batch with the images it embedded."""
+        """Embed a stream of images, skipping (and reporting) those that cannot be decoded; decoding
+        runs a bounded window ahead of the model. Returns None once ``stop()`` (checked between
+        batches) is True; ``on_batch(n)`` follows each batch of ``n`` images."""
         window = max(2 * self.image_batch_size, self.image_batch_size + 2 * self.decode_workers)
         pending: deque[tuple[int, Future]] = deque()
         it = enumerate(images)

@@ -1,10 +1,8 @@
 """int8 on CPU that keeps the vectors: int8 weights per output channel, int8 activations per token.
 
-PyTorch's stock dynamic quantisation scales each layer's input by one range for the whole batch, so
-an outlier token crushes the others (min cosine 0.80 vs fp32, against 0.992 here; docs/backends.md,
-"int8"). Here every token row gets its own asymmetric range and every weight row its own symmetric
-scale; the GEMM runs on ``torch._int_mm`` and the scales, zero points and bias are applied to the
-int32 result.
+Every token row gets its own asymmetric range (not one per batch, as PyTorch's dynamic quantisation;
+docs/backends.md, "int8") and every weight row its own symmetric scale; the GEMM runs on
+``torch._int_mm`` and the scales, zero points and bias are applied to the int32 result.
 
 Maths, for one token row ``x`` and output channel ``j``::
 
@@ -14,11 +12,8 @@ Maths, for one token row ``x`` and output channel ``j``::
     x . W[j] + b[j] ~= s * ws[j] * (q . Wq[j]) - s * zc * ws[j] * sum(Wq[j]) + b[j]
 
 The two rank-1 terms (zero point, bias) are added with one ``addmm_`` of inner size 2. (253 rather
-than 255 steps keeps ``round`` provably inside int8, so no clamp pass is needed.)
-
-Every pass over the activations is memory-bound here, so int8 wants small batches that stay in
-cache: the CPU token budget for int8 is :data:`INT8_CPU_BATCH_TOKENS` (measured: 1024-2048 run 2x
-faster than 16384).
+than 255 steps keeps ``round`` provably inside int8, so no clamp pass is needed.) The passes over the
+activations are memory-bound, hence the small token budget :data:`INT8_CPU_BATCH_TOKENS`.
 
 Sibling layers fed the same tensor (query/key/value) quantise it once: they share a
 :class:`_SharedInput` that remembers, per thread, the last input it quantised.

@@ -1,10 +1,8 @@
 """One model runner for every modality: where the model runs and how batches reach it.
 
-:class:`ModelRunner` owns what the text engine (:class:`~embedkit.Embedder`) and the image engine
-(:class:`~embedkit.engine.image.ImageEmbedder`) share: devices, precision and the prepared module
-with a replica per extra device, host-to-device transfer, the out-of-memory split and retry, the
-spread of batches over replicas, and the running totals. An engine keeps only its modality and
-describes one call's batches (arrays of row indices into its inputs) as a :class:`Workload`.
+:class:`ModelRunner` owns what the text and image engines share (devices, precision, replicas,
+transfers, the out-of-memory split, spreading batches over replicas, running totals); an engine
+describes one call's batches (row indices into its inputs) as a :class:`Workload`.
 
 >>> runner = ModelRunner("cpu", "fp32")
 >>> runner.devices, runner.precision
@@ -54,17 +52,23 @@ class RunningTotals:
 
 
 @dataclass
-class EngineStats(RunningTotals):
+class RunnerTotals(RunningTotals):
+    """The totals :meth:`ModelRunner.run` counts for every workload; engines add their own."""
+
+    batches: int = 0
+    oom_splits: int = 0
+    model_seconds: float = 0.0
+
+
+@dataclass
+class EngineStats(RunnerTotals):
     """Running totals of an :class:`~embedkit.Embedder` (thread-safe updates)."""
 
     texts: int = 0
     tokens: int = 0
     padded_tokens: int = 0
     truncated: int = 0
-    batches: int = 0
     onnx_batches: int = 0
-    oom_splits: int = 0
-    model_seconds: float = 0.0
 
 
 class Replica(NamedTuple):
@@ -94,7 +98,7 @@ class Workload:
     forward: Callable[[Any, int], tuple[torch.Tensor, dict[str, int]]]
     shrink: Callable[[Batch], str]
     too_big: Callable[[int, torch.device], OutOfMemoryError]
-    stats: RunningTotals
+    stats: RunnerTotals
     cost: Callable[[Batch], int] = len
 
 

@@ -112,22 +112,14 @@ class TextTokenizer:
         n = len(texts)
         if n == 0:
             return Tokenized.concat([])
-        if self._fast is not None:
-            if truncate:
-                encs = self._fast.encode_batch(texts, add_special_tokens=True)
-                ids = [np.asarray(e.ids, dtype=np.int32) for e in encs]
-                truncated = np.fromiter((bool(e.overflowing) for e in encs), dtype=bool, count=n)
-                lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=n)
-                original = lengths.copy()
-                if truncated.any():
-                    for i in np.flatnonzero(truncated):
-                        original[i] = len(self._fast_full.encode(texts[i], add_special_tokens=True).ids)
-            else:
-                encs = self._fast_full.encode_batch(texts, add_special_tokens=True)
-                ids = [np.asarray(e.ids, dtype=np.int32) for e in encs]
-                lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=n)
-                original = lengths
-                truncated = np.zeros(n, dtype=bool)
+        if self._fast is not None:  # the untruncating tokenizer never overflows
+            encs = (self._fast if truncate else self._fast_full).encode_batch(texts, add_special_tokens=True)
+            ids = [np.asarray(e.ids, dtype=np.int32) for e in encs]
+            truncated = np.fromiter((bool(e.overflowing) for e in encs), dtype=bool, count=n)
+            lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=n)
+            original = lengths.copy()
+            for i in np.flatnonzero(truncated):
+                original[i] = len(self._fast_full.encode(texts[i], add_special_tokens=True).ids)
         else:
             full = self.hf(texts, add_special_tokens=True, truncation=False)["input_ids"]
             original = np.fromiter((len(x) for x in full), dtype=np.int64, count=n)

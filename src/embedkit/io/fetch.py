@@ -38,13 +38,9 @@ class _Retry(Exception):
 
 
 class Fetcher:
-    """Fetch image bytes from ``http(s)://``, ``s3://``, ``file://`` URLs or paths, concurrently.
-
-    ``workers`` fetches run at once; each try has ``timeout`` seconds overall (connect, headers and
-    body together); transient failures are retried ``retries`` times with exponential backoff;
-    bodies over ``max_bytes`` are refused without reading the rest. Relative paths are read from
-    ``base`` (the folder of the URL list). Failures raise
-    :class:`~embedkit.errors.InvalidImageError` (``fetch failed``, ``oversized image``).
+    """Fetch image bytes from ``http(s)://``, ``s3://``, ``file://`` URLs or paths, as
+    :class:`FetchSettings` says: ``timeout`` per try (whole body), transient failures retried with
+    backoff, bodies over ``max_bytes`` refused unread, relative paths read from ``base``.
 
     >>> with Fetcher(FetchSettings(workers=2)) as f:          # doctest: +SKIP
     ...     blobs = f.fetch_many(["https://example.com/a.jpg", "s3://bucket/b.jpg"])

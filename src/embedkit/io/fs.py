@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -74,6 +76,16 @@ def has_glob(url: str) -> bool:
     return any(c in str(url) for c in "*?[")
 
 
+def glob_root(path: str) -> tuple[str, str]:
+    """Split a glob into (folder before the first wildcard, remaining pattern).
+
+    >>> glob_root("s3://b/data/2024-*/x.parquet")
+    ('s3://b/data', '2024-*/x.parquet')
+    """
+    root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+    return root, path[len(root) + 1 :]
+
+
 def list_files(url: str, extensions: tuple[str, ...], region: str | None = None) -> list[tuple[str, str]]:
     """Files under ``url`` (a file, a folder searched recursively, or a glob) whose names end in one
     of ``extensions``, sorted, as ``(full_path_in_fs, name_relative_to_the_root)`` pairs.
@@ -90,7 +102,7 @@ def list_files(url: str, extensions: tuple[str, ...], region: str | None = None)
     fs.invalidate_cache()
     try:
         if has_glob(path):
-            root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+            root, _ = glob_root(path)
             found = []
             for p in fs.glob(path):
                 found.extend(fs.find(p) if fs.isdir(p) else [p])
@@ -121,7 +133,7 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all: a temp file then ``os.replace`` locally, a
     single PUT (or one multipart upload, visible only when complete) on object stores."""
     try:
-        if _is_local(fs):
+        if not is_remote_fs(fs):
             folder = os.path.dirname(path)
             os.makedirs(folder, exist_ok=True)
             tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
@@ -137,6 +149,16 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 
 TMP_PREFIX = ".embedkit-tmp-"
+
+
+def replace_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to the local file ``path`` through a temporary file and a rename, so that a
+    reader never sees half of it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
@@ -162,6 +184,32 @@ def remove(fs: fsspec.AbstractFileSystem, path: str) -> bool:
         return False
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def list_names(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    """Names of the entries in ``folder``, listed afresh (not from fsspec's cache); [] if it is absent."""
+    fs.invalidate_cache(folder)
+    try:
+        return [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def is_remote_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for an object store's filesystem, False for the local one."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+    return protocol not in ("file", "local")
+
+
+def join_fs(fs: fsspec.AbstractFileSystem, base: str, *parts: str) -> str:
+    """Join inside a filesystem: ``/`` for object stores (paths without protocol), os.path locally."""
+    if is_remote_fs(fs):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return join(base, *parts)
+
+
+def older_than(fs: fsspec.AbstractFileSystem, path: str, seconds: float = 3600) -> bool:
+    """True when ``path`` was last modified over ``seconds`` ago (False when that is unknown)."""
+    try:
+        mtime = fs.modified(path).timestamp()
+    except Exception:
+        return False
+    return time.time() - mtime > seconds

@@ -1,19 +1,8 @@
 """Readers for img2dataset output, local or ``s3://`` alike (URLs are fetched by :mod:`embedkit.io.fetch`).
 
-The three layouts img2dataset writes or reads (see docs/images.md):
-
-- **webdataset**: ``NNNNN.tar`` holding ``{key}.jpg|png|webp`` + ``{key}.txt`` (caption) +
-  ``{key}.json`` (metadata), with ``NNNNN.parquet`` (one row per URL tried, failed ones included) and
-  ``NNNNN_stats.json`` beside. Failed downloads appear only in the parquet.
-- **parquet with bytes** (``output_format=parquet``): the image in a ``jpg`` (or ``png``/``webp``)
-  binary column beside the metadata columns.
-- **URL list** (img2dataset's input): ``url``, ``caption``, ``key`` columns; URLs are
-  ``http(s)://``, ``s3://``, ``file://`` or paths (relative ones from the list's folder).
-
-Every row becomes one :class:`ImageRecord`: its bytes, its metadata, or the reason it has none
-(``download failed: ...`` for rows img2dataset marked failed, ``missing image: ...``,
-``fetch failed: ...``, ``oversized image: ...``). Decoding happens later
-(:mod:`embedkit.io.image_decode`, on the engine's decode pool).
+The layouts (webdataset shards, parquet with image bytes, URL lists) are tabled in docs/images.md.
+Every row becomes one :class:`ImageRecord`: its bytes and metadata, or the reason it has none;
+decoding happens later, on the engine's decode pool.
 
 >>> META_COLUMNS[:3]
 ('key', 'caption', 'url')

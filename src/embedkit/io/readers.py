@@ -1,10 +1,8 @@
 """Streaming readers for text datasets: Parquet, JSON Lines and CSV, local or ``s3://`` alike.
 
-A file is described once (:func:`describe_file`: format, columns, row count when it is cheap to
-know, row-group sizes) and then read by row range (:func:`read_rows`), so a batch job can cut large
-files into units of work and read one unit at a time: memory is bounded by the unit, never by the
-file. Parquet row ranges seek straight to the row groups that hold them; CSV and JSON Lines are
-streamed from the start of the file and rows before the range are skipped.
+A file is described once (:func:`describe_file`) and then read by row range (:func:`read_rows`), so
+memory is bounded by a unit, never by the file: Parquet seeks to the row groups of the range, CSV and
+JSON Lines stream from the start (or from where the previous range of that file ended).
 
 >>> import tempfile, os, pyarrow as pa, pyarrow.parquet as pq
 >>> d = tempfile.mkdtemp(); path = os.path.join(d, "a.parquet")

@@ -1,12 +1,8 @@
 """Load a CLIP-family model (image tower + text tower sharing one vector space) from a local directory.
 
-The directory is a plain Hugging Face CLIP layout (``config.json`` with ``model_type: clip``, weights,
-tokenizer files, and ``preprocessor_config.json`` or ``processor_config.json``); ``s3://`` archives
-and prefixes reach it through :func:`~embedkit.models.resolve_model`. The result is a
-:class:`ClipModel`: a :class:`~embedkit.models.TextModel` (so the text engine runs its text tower
-unchanged) that also carries the image tower and the image preprocessing read from the processor's
-configuration; :class:`ImageTransform` does that preprocessing (resize, center crop, normalise) on
-images decoded by :mod:`embedkit.io.image_decode`.
+A plain Hugging Face CLIP layout (``model_type: clip``, a processor config) gives a :class:`ClipModel`:
+a :class:`~embedkit.models.TextModel` (the text engine runs its text tower unchanged) that also
+carries the image tower and the processor's settings, which :class:`ImageTransform` applies.
 
 Environment notes (transformers 5): ``CLIPImageProcessor`` needs torchvision, which does not install
 beside a pinned CPU torch; ``AutoImageProcessor`` then gives ``CLIPImageProcessorPil``. embedkit only

@@ -13,7 +13,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from embedkit.models.resolve import cache_dir
+from embedkit.io.fs import replace_text
+from embedkit.models.resolve import cache_dir, sha256_file
 
 _SKIP_NAMES = {"README.md", ".gitattributes"}
 
@@ -63,17 +64,10 @@ def content_hash(root: str | os.PathLike[str]) -> str:
         pass
     total = hashlib.sha256()
     for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        total.update(f"{f.relative_to(root)}\0{h.hexdigest()}\n".encode())
+        total.update(f"{f.relative_to(root)}\0{sha256_file(f)}\n".encode())
     digest = "sha256:" + total.hexdigest()
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(digest)
-        os.replace(tmp, memo)
+        replace_text(memo, digest)
     except OSError:  # read-only home: hashing again next time is fine
         pass
     return digest

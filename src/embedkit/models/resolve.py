@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from embedkit.errors import ModelLoadError, ModelNotFoundError, StorageError
-from embedkit.io.fs import get_fs
+from embedkit.io.fs import get_fs, replace_text
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def _unpack_archive_to_cache(local_archive: Path, digest: str) -> Path:
     return target
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256 hex digest, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -145,13 +146,10 @@ def _download_remote(spec: str) -> Path:
         local = Path(tmpdir) / "model.tar.gz"
         log.info("downloading %s", spec)
         fs.get(path, str(local))
-        digest = _sha256_file(local)
+        digest = sha256_file(local)
         root = _unpack_archive_to_cache(local, digest)
     index[key] = digest
-    _ensure(index_path.parent)
-    tmp_index = index_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp_index.write_text(json.dumps(index, indent=1))
-    os.replace(tmp_index, index_path)
+    replace_text(index_path, json.dumps(index, indent=1))
     return root
 
 
@@ -191,7 +189,7 @@ def model_directory(spec: str | os.PathLike[str] | None) -> Path | None:
         return local
     if local.is_file():
         if tarfile.is_tarfile(local):
-            return _unpack_archive_to_cache(local, _sha256_file(local))
+            return _unpack_archive_to_cache(local, sha256_file(local))
         raise ModelLoadError(
             f"{spec} is a file but not a model archive (expected a directory or model.tar.gz)"
         )

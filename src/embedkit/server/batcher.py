@@ -1,15 +1,9 @@
 """Dynamic batching, TEI style: requests from many clients share one forward pass.
 
-Requests are tokenised on arrival (so bad and over-long inputs fail before queueing) and queued with
-their token counts. ONE inference worker thread takes whatever is queued, runs the engine once per
-batch and hands each request its rows. It waits for company (at most ``max_wait_s``, while the batch
-is below the token budget) only when the previous batch merged several requests: a lone client pays
-no delay, while under load, where answers go out together and the next requests come back a few
-hundred microseconds apart, the wait gathers them into one batch instead of a batch of one followed
-by the rest. The queue is bounded by tokens waiting: a request that would
-overflow it is refused at once with :class:`~embedkit.errors.OverloadedError` (HTTP 429) instead of
-growing memory. The event loop never runs model compute; the worker never touches the loop except
-through one ``call_soon_threadsafe`` per batch.
+Requests are tokenised on arrival and queued with their token counts; ONE inference worker thread
+runs the engine once per batch and hands each request its rows (docs/server.md, "How it batches").
+A request that would overflow the token-bounded queue gets :class:`~embedkit.errors.OverloadedError`
+(429). The worker touches the event loop only through one ``call_soon_threadsafe`` per batch.
 
 >>> import asyncio
 >>> from embedkit import Embedder
@@ -41,11 +35,7 @@ from embedkit.errors import NotReadyError, OverloadedError, PayloadTooLargeError
 log = logging.getLogger("embedkit.server")
 
 _STOP = object()
-# What one extra forward pass costs, in padded tokens' worth of compute (kernel launches, Python
-# overhead, pooling), when the engine measured nothing (eager torch). Length groups are split only
-# where the padding saved is worth more. With ``auto`` the engine's own measurement replaces it:
-# ~14 tokens on ONNX Runtime here, where 96 left merged batches padded 19% over their tokens
-# against 1% for the offline engine's sorted batches (5% with 14, on the bench's mixed corpus).
+# One extra forward pass in padded tokens' worth of compute, when the engine measured nothing.
 FORWARD_COST_TOKENS = 96
 
 
@@ -258,9 +248,8 @@ class Batcher:
     def _embed(
         self, tok: Tokenized, *, alone: bool, normalize: bool | None, dimensions: int | None
     ) -> np.ndarray:
-        """One request alone is embedded exactly as ``Embedder.encode`` would (same batches, so the
-        same bits); requests merged from many clients are first split into length groups so short
-        texts are not padded to a long neighbour (see :func:`length_groups`)."""
+        """One request alone as ``Embedder.encode`` would (same bits); merged requests split into
+        :func:`length_groups` first."""
         emb = self.embedder
         assert emb is not None
         if alone or len(tok) == 1:
@@ -313,11 +302,9 @@ class Batcher:
 def length_groups(
     lengths: np.ndarray, max_tokens: int, forward_cost: int = FORWARD_COST_TOKENS
 ) -> list[np.ndarray]:
-    """Split texts into groups that minimise padded tokens plus ``forward_cost`` per group.
-
-    Texts are sorted by length (longest first) and cut into consecutive runs by dynamic programming:
-    a run of ``n`` texts whose longest has ``L`` tokens costs ``forward_cost + n * L`` and may not
-    exceed ``max_tokens`` padded tokens. Returns index arrays into ``lengths``.
+    """Split texts into groups that minimise padded tokens plus ``forward_cost`` per group: runs of
+    the length-sorted texts, each ``n`` texts of at most ``L`` tokens costing ``forward_cost + n * L``
+    (at most ``max_tokens``). Returns index arrays into ``lengths``.
 
     >>> [g.tolist() for g in length_groups(np.array([12, 250, 10, 11, 240]), 16384, 96)]
     [[1, 4], [0, 3, 2]]

@@ -132,9 +132,8 @@ def runtime_error(status: int, body: bytes, headers: dict[str, str]) -> tuple[in
 
 
 def runtime_too_large(limit: int) -> tuple[int, bytes, dict[str, str]]:
-    """The runtime API's own answer to a body over the limit, before any model sees it: a 413 that
-    boto3 raises as ``ClientError`` with code ``413`` and this message (the wording the real
-    SageMaker runtime uses, with its 6 MiB limit: ``HTTP content length exceeded 6291456 bytes.``)."""
+    """The runtime API's own 413 for a body over the limit, before any model sees it, in the real
+    SageMaker runtime's wording (``HTTP content length exceeded 6291456 bytes.``)."""
     return 413, orjson.dumps({"message": f"HTTP content length exceeded {limit} bytes."}), {}
 
 

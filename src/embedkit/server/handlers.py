@@ -1,17 +1,8 @@
-"""Custom ``inference.py`` handlers with the sagemaker-inference-toolkit hooks.
-
-A module named by ``SAGEMAKER_PROGRAM`` in ``SAGEMAKER_SUBMIT_DIRECTORY`` (default: ``<model
-dir>/code``), or ``<model dir>/code/inference.py`` when present, may define::
-
-    model_fn(model_dir[, context])                   -> model
-    input_fn(body, content_type[, context])          -> data
-    predict_fn(data, model[, context])               -> prediction
-    output_fn(prediction, accept[, context])         -> bytes | str | (body, content_type)
-    transform_fn(model, body, content_type, accept[, context])   (replaces the three above)
-
-Any hook it omits falls back to embedkit's default; user hooks run on the inference worker thread,
-one at a time. Defaults, errors and load failures (``/ping`` at 503, :class:`HandlerLoadError`):
-docs/server.md, "Custom handlers".
+"""Custom ``inference.py`` handlers with the sagemaker-inference-toolkit hooks (``model_fn``,
+``input_fn``, ``predict_fn``, ``output_fn`` or ``transform_fn``, each with an optional trailing
+``context``), from ``SAGEMAKER_PROGRAM`` in ``SAGEMAKER_SUBMIT_DIRECTORY`` or
+``<model dir>/code/inference.py``. Omitted hooks are embedkit's defaults; user hooks run on the
+inference worker, one at a time (docs/server.md, "Custom handlers").
 
 >>> handler = load_handler(None, None)  # no program, no model dir: nothing to load
 >>> handler is None

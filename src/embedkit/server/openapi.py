@@ -8,35 +8,66 @@ from typing import Any
 from embedkit import __version__
 from embedkit.server.contracts import Limits
 
-_ERROR = {
-    "type": "object",
-    "required": ["error", "error_type"],
-    "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
-}
-_DLC_ERROR = {
-    "type": "object",
-    "required": ["code", "type", "message"],
-    "properties": {"code": {"type": "integer"}, "type": {"type": "string"}, "message": {"type": "string"}},
-}
-_AWS_ERROR = {
-    "type": "object",
-    "properties": {
-        "message": {"type": "string"},
-        "ErrorCode": {"type": "string"},
-        "Message": {"type": "string"},
-        "OriginalMessage": {"type": "string"},
-        "OriginalStatusCode": {"type": "integer"},
-        "LogStreamArn": {"type": "string"},
-    },
-}
+_STR: dict[str, Any] = {"type": "string"}
+_INT: dict[str, Any] = {"type": "integer"}
+_OBJECT: dict[str, Any] = {"type": "object"}
 _VECTOR = {"type": "array", "items": {"type": "number"}}
 _MATRIX = {"type": "array", "items": _VECTOR}
 
 
+def _obj(properties: dict[str, Any], *required: str, **extra: Any) -> dict[str, Any]:
+    """An object schema: ``properties``, the ``required`` ones, and other keywords."""
+    out = {"type": "object", **extra, "properties": properties}
+    if required:
+        out["required"] = list(required)
+    return out
+
+
+def _record(properties: dict[str, Any]) -> dict[str, Any]:
+    """An object schema whose properties are all required."""
+    return _obj(properties, *properties)
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
 def _errors(schema: dict, codes: tuple[int, ...]) -> dict[str, Any]:
-    return {
-        str(c): {"description": "error", "content": {"application/json": {"schema": schema}}} for c in codes
+    return {str(c): {"description": "error", "content": _json(schema)} for c in codes}
+
+
+def _op(
+    summary: str,
+    ok: str,
+    content: dict | None = None,
+    errors: dict | None = None,
+    *,
+    public: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One operation: a 200 described by ``ok`` (with ``content``) and the ``errors``; ``public``
+    operations need no key; ``extra`` carries ``parameters`` and ``requestBody``."""
+    answer: dict[str, Any] = {"description": ok}
+    if content:
+        answer["content"] = content
+    op = {"summary": summary, **extra, "responses": {"200": answer, **(errors or {})}}
+    if public:
+        op["security"] = []
+    return op
+
+
+_ERROR = _record({"error": _STR, "error_type": _STR})
+_DLC_ERROR = _record({"code": _INT, "type": _STR, "message": _STR})
+_AWS_ERROR = _obj(
+    {
+        "message": _STR,
+        "ErrorCode": _STR,
+        "Message": _STR,
+        "OriginalMessage": _STR,
+        "OriginalStatusCode": _INT,
+        "LogStreamArn": _STR,
     }
+)
 
 
 def build_spec(
@@ -53,92 +84,53 @@ def build_spec(
     dims: dict[str, Any] = {"type": "integer", "minimum": 1, "nullable": True}
     if dim:
         dims["maximum"] = dim
-    params = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "normalize": {"type": "boolean"},
-            "truncate": {"type": "boolean"},
-            "dimensions": dims,
-        },
-    }
-    hf_req = {
-        "type": "object",
-        "required": ["inputs"],
-        "properties": {"inputs": one_or_many, "parameters": params},
-    }
-    search_req = {
-        "type": "object",
-        "required": ["search_term"],
-        "properties": {"search_term": one_or_many, "parameters": params},
-    }
+    options = {"normalize": {"type": "boolean"}, "truncate": {"type": "boolean"}, "dimensions": dims}
+    params = _obj(options, additionalProperties=False)
+    line_text = {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}}
+    hf_req, search_req = (
+        _obj({key: one_or_many, "parameters": params}, key) for key in ("inputs", "search_term")
+    )
     invocation_body = {
         "required": True,
         "content": {
-            "application/json": {"schema": {"oneOf": [hf_req, search_req]}},
-            "text/csv": {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}},
-            "application/jsonlines": {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}},
+            **_json({"oneOf": [hf_req, search_req]}),
+            "text/csv": line_text,
+            "application/jsonlines": line_text,
         },
     }
-    container_errors = _DLC_ERROR if dlc else _ERROR
-    hf_ok = {
-        "type": "object",
-        "properties": {
-            "embeddings": {"oneOf": [_VECTOR, _MATRIX]},
-            "embedding": _VECTOR,
-        },
-    }
+    hf_ok = _obj({"embeddings": {"oneOf": [_VECTOR, _MATRIX]}, "embedding": _VECTOR})
     invocation_ok = (
-        {"application/json": {"schema": {"type": "array"}}}
+        _json({"type": "array"})
         if dlc
         else {
-            "application/json": {"schema": {"oneOf": [_MATRIX, hf_ok]} if tei else hf_ok},
+            **_json({"oneOf": [_MATRIX, hf_ok]} if tei else hf_ok),
             "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
-            "text/csv": {"schema": {"type": "string"}},
-            "application/jsonlines": {"schema": {"type": "string"}},
+            "text/csv": {"schema": _STR},
+            "application/jsonlines": {"schema": _STR},
         }
     )
-    tei_req = {
-        "type": "object",
-        "required": ["inputs"],
-        "properties": {"inputs": one_or_many, **params["properties"]},
-    }
-    openai_req = {
-        "type": "object",
-        "required": ["input"],
-        "properties": {
+    openai_req = _obj(
+        {
             "input": one_or_many,
-            "model": {"type": "string"},
+            "model": _STR,
             "encoding_format": {"type": "string", "enum": ["float", "base64"]},
             "dimensions": dims,
-            "user": {"type": "string"},
+            "user": _STR,
         },
-    }
-    openai_resp = {
-        "type": "object",
-        "required": ["object", "data", "model", "usage"],
-        "properties": {
+        "input",
+    )
+    item = _record({"object": _STR, "index": _INT, "embedding": {"oneOf": [_VECTOR, _STR]}})
+    openai_resp = _record(
+        {
             "object": {"type": "string", "enum": ["list"]},
-            "data": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["object", "index", "embedding"],
-                    "properties": {
-                        "object": {"type": "string"},
-                        "index": {"type": "integer"},
-                        "embedding": {"oneOf": [_VECTOR, {"type": "string"}]},
-                    },
-                },
-            },
-            "model": {"type": "string"},
-            "usage": {
-                "type": "object",
-                "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}},
-            },
-        },
-    }
+            "data": {"type": "array", "items": item},
+            "model": _STR,
+            "usage": _obj({"prompt_tokens": _INT, "total_tokens": _INT}),
+        }
+    )
+    transform = _record({"MaxConcurrentTransforms": _INT, "BatchStrategy": _STR, "MaxPayloadInMB": _INT})
     codes = (400, 401, 406, 413, 415, 429, 500, 503)
+    not_ready, no_key = _errors(_ERROR, (503,)), _errors(_ERROR, (401,))
     spec: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {
@@ -149,135 +141,67 @@ def build_spec(
         },
         "paths": {
             "/ping": {
-                "get": {
-                    "summary": "SageMaker health check: 200 once the model is loaded and warmed up",
-                    "security": [],
-                    "responses": {"200": {"description": "ready"}, **_errors(_ERROR, (503,))},
-                }
+                "get": _op(
+                    "SageMaker health check: 200 once the model is loaded and warmed up",
+                    "ready",
+                    errors=not_ready,
+                    public=True,
+                )
             },
-            "/health": {
-                "get": {
-                    "summary": "same as /ping",
-                    "security": [],
-                    "responses": {"200": {"description": "ready"}, **_errors(_ERROR, (503,))},
-                }
-            },
+            "/health": {"get": _op("same as /ping", "ready", errors=not_ready, public=True)},
             "/invocations": {
-                "post": {
-                    "summary": "SageMaker container invocation",
-                    "requestBody": invocation_body,
-                    "responses": {
-                        "200": {"description": "embeddings", "content": invocation_ok},
-                        **_errors(container_errors, codes),
-                    },
-                }
+                "post": _op(
+                    "SageMaker container invocation",
+                    "embeddings",
+                    invocation_ok,
+                    _errors(_DLC_ERROR if dlc else _ERROR, codes),
+                    requestBody=invocation_body,
+                )
             },
             "/endpoints/{name}/invocations": {
-                "post": {
-                    "summary": "SageMaker runtime InvokeEndpoint (what boto3 sagemaker-runtime calls)",
-                    "parameters": [
-                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-                    ],
-                    "requestBody": invocation_body,
-                    "responses": {
-                        "200": {"description": "embeddings", "content": invocation_ok},
-                        **_errors(_AWS_ERROR, (400, 403, 413, 424, 429, 503)),
-                    },
-                }
+                "post": _op(
+                    "SageMaker runtime InvokeEndpoint (what boto3 sagemaker-runtime calls)",
+                    "embeddings",
+                    invocation_ok,
+                    _errors(_AWS_ERROR, (400, 403, 413, 424, 429, 503)),
+                    parameters=[{"name": "name", "in": "path", "required": True, "schema": _STR}],
+                    requestBody=invocation_body,
+                )
             },
             "/execution-parameters": {
-                "get": {
-                    "summary": "SageMaker Batch Transform: how to split and send the job's records",
-                    "security": [],
-                    "responses": {
-                        "200": {
-                            "description": "execution parameters",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "required": [
-                                            "MaxConcurrentTransforms",
-                                            "BatchStrategy",
-                                            "MaxPayloadInMB",
-                                        ],
-                                        "properties": {
-                                            "MaxConcurrentTransforms": {"type": "integer"},
-                                            "BatchStrategy": {"type": "string"},
-                                            "MaxPayloadInMB": {"type": "integer"},
-                                        },
-                                    }
-                                }
-                            },
-                        }
-                    },
-                }
+                "get": _op(
+                    "SageMaker Batch Transform: how to split and send the job's records",
+                    "execution parameters",
+                    _json(transform),
+                    public=True,
+                )
             },
             "/embed": {
-                "post": {
-                    "summary": "text-embeddings-inference embed",
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": tei_req}}},
-                    "responses": {
-                        "200": {
-                            "description": "one vector per input",
-                            "content": {"application/json": {"schema": _MATRIX}},
-                        },
-                        **_errors(_ERROR, codes),
+                "post": _op(
+                    "text-embeddings-inference embed",
+                    "one vector per input",
+                    _json(_MATRIX),
+                    _errors(_ERROR, codes),
+                    requestBody={
+                        "required": True,
+                        "content": _json(_obj({"inputs": one_or_many, **options}, "inputs")),
                     },
-                }
+                )
             },
             "/v1/embeddings": {
-                "post": {
-                    "summary": "OpenAI embeddings",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": openai_req}},
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "embeddings",
-                            "content": {"application/json": {"schema": openai_resp}},
-                        },
-                        **_errors(_ERROR, codes),
-                    },
-                }
+                "post": _op(
+                    "OpenAI embeddings",
+                    "embeddings",
+                    _json(openai_resp),
+                    _errors(_ERROR, codes),
+                    requestBody={"required": True, "content": _json(openai_req)},
+                )
             },
-            "/info": {
-                "get": {
-                    "summary": "model, limits and readiness",
-                    "responses": {
-                        "200": {
-                            "description": "info",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        },
-                        **_errors(_ERROR, (401,)),
-                    },
-                }
-            },
+            "/info": {"get": _op("model, limits and readiness", "info", _json(_OBJECT), no_key)},
             "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "responses": {
-                        "200": {
-                            "description": "metrics",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        },
-                        **_errors(_ERROR, (401,)),
-                    },
-                }
+                "get": _op("Prometheus metrics", "metrics", {"text/plain": {"schema": _STR}}, no_key)
             },
-            "/openapi.json": {
-                "get": {
-                    "summary": "this document",
-                    "security": [],
-                    "responses": {
-                        "200": {
-                            "description": "spec",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
+            "/openapi.json": {"get": _op("this document", "spec", _json(_OBJECT), public=True)},
         },
     }
     if auth:

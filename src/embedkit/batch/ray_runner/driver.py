@@ -31,10 +31,8 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # only the job, unit numbers and result 
 
 
 class RayRunner:
-    """Runs this host's units still to do (``todo``) on a Ray actor pool, each actor running its own
-    copy of ``pipeline`` (the driver's keeps the progress and the stop flag). Same interface as the
-    local runner (``run()``, ``markers``, ``units_done``, ``interrupted``), plus ``describe()`` for
-    metadata."""
+    """Runs this host's units still to do (``todo``) on a Ray actor pool; the local runner's interface
+    (``run()``, ``markers``, ``units_done``, ``interrupted``) plus ``describe()`` for metadata."""
 
     def __init__(self, pipeline: UnitPipeline, todo: list[Unit]) -> None:
         require_ray()
@@ -180,17 +178,14 @@ class RayRunner:
         remote_args: dict[str, Any] = {"num_cpus": sz.cpus_per_worker}
         if sz.gpus_per_worker:
             remote_args["num_gpus"] = sz.gpus_per_worker
-        # Plain actors, not a Ray Data pipeline: Ray Data's executor and helper actors cost a 2-core
-        # machine seconds of CPU at start-up and a polling driver during the job, for nothing a
-        # fixed pool fed unit numbers needs. A unit redone after an actor restart is idempotent.
+        # Plain actors, not Ray Data (docs/batch-jobs.md); a unit redone after a restart is idempotent.
         actor_cls = ray.remote(max_restarts=1, max_task_retries=1)(UnitWorker)
         self._actors = [actor_cls.options(**remote_args).remote(job) for _ in range(sz.num_workers)]
         self._consume()
 
     def _consume(self) -> None:
-        """Feed unit numbers to the actors, two in flight each (the next one waits at the actor,
-        which reads it ahead), and take their results as they come; the main thread stays free
-        for signals, and the stop flag ends the pool at once (a unit in flight is not recorded)."""
+        """Feed unit numbers to the actors, two in flight each (the actor reads the next ahead), and
+        take results as they come; the stop flag ends the pool at once."""
         import ray
 
         actors = self._actors
@@ -216,7 +211,7 @@ class RayRunner:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
                 for ref in done:
                     a = pending.pop(ref)
-                    self._take({"result": ray.get(ref)})
+                    self._take(ray.get(ref))
                     if not self.stop.is_set():
                         submit(a)
         except EmbedkitError:
@@ -228,7 +223,7 @@ class RayRunner:
                 try:
                     done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
                     for ref in done:
-                        self._take({"result": ray.get(ref)}, raise_errors=False)
+                        self._take(ray.get(ref), raise_errors=False)
                 except Exception:
                     log.debug("ray: collecting the last results failed", exc_info=True)
             self._end_pool()
@@ -256,8 +251,8 @@ class RayRunner:
                 self.markers.append(m)
                 self.units_done += 1
 
-    def _take(self, row: dict[str, Any], raise_errors: bool = True) -> None:
-        res = json.loads(row["result"])
+    def _take(self, result: str, raise_errors: bool = True) -> None:
+        res = json.loads(result)
         if not res["ok"]:
             if raise_errors:
                 raise rebuild_error(res)

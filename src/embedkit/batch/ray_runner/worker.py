@@ -84,12 +84,8 @@ def driver_embedder(settings: JobSettings) -> Any:
 
 def worker_backend(embedder: Any, device: str) -> str:
     """The backend an actor runs: the driver's, with ``auto`` resolved where the driver's kept
-    measurement leaves nothing to split (ONNX Runtime for every batch, or for none), so that an
-    actor neither opens a runtime it will not use nor measures again: its thread count differs from
-    the driver's when it reserves fewer cores, so it would not find the driver's kept measurement,
-    spend seconds measuring, and might route batches (hence vectors, within 1e-5) differently. A
-    split measurement (ONNX Runtime up to some batch size) stays ``auto``: the actor then uses the
-    measurement kept for its own thread count."""
+    measurement leaves nothing to split (ONNX Runtime for every batch, or for none), so an actor
+    with another thread count neither measures again nor routes batches differently."""
     backend = getattr(embedder, "backend", None) or "auto"
     if backend != "auto" or device != "cpu" or getattr(embedder, "pending_graph", None) is not None:
         return backend
@@ -159,12 +155,9 @@ def rebuild_error(rec: dict[str, Any]) -> EmbedkitError:
 
 
 class UnitWorker:
-    """A Ray actor: loads the model once, then prepares, embeds, writes and records units.
-
-    :meth:`run_unit` runs one unit; given the unit the driver sends next (``prefetch``), it reads
-    and tokenises that one on a reader thread while it embeds this one, as the local runner does.
-    An error is returned as a record (and raised again by the driver), not thrown inside Ray, so the
-    user sees embedkit's own message (a missing model, a storage error, ``--fail-fast``)."""
+    """A Ray actor: loads the model once, then prepares, embeds, writes and records units, reading
+    the next one (``prefetch``) ahead. Errors travel back as records the driver raises again, so the
+    user sees embedkit's own message."""
 
     def __init__(self, job: WorkerJob) -> None:
         t0 = time.perf_counter()
@@ -211,10 +204,6 @@ class UnitWorker:
         return UnitPipeline(
             job.settings, embedder, job.plan, job.state, job.folder, job.hosts, TextModality()
         )
-
-    def ready(self) -> dict[str, Any]:
-        """When the model was loaded, and how long that took (the driver waits on the first)."""
-        return {"worker": self.id, "load_seconds": self.load_seconds, "ready_at": self.ready_at}
 
     def run_unit(self, k: int, prefetch: int | None = None) -> str:
         """Unit ``todo[k]``: its result record, as JSON (a marker, or an error record)."""

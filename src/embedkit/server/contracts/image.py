@@ -1,12 +1,7 @@
-"""Images on ``/invocations`` (a CLIP model): raw image bodies and ``{"inputs": {"image": ...}}``.
+"""Images on ``/invocations`` (a CLIP model): raw image bodies, ``{"inputs": {"image": <base64>}}``
+and, with ``--allow-image-urls``, ``{"inputs": {"url": ...}}`` (docs/images.md, "Serving").
 
-Image bytes (``Content-Type: application/x-image``, ``image/jpeg``...), ``{"inputs": {"image": ...}}``
-with base64 (or ``data:`` URLs) and, with ``--allow-image-urls``, ``{"inputs": {"url": ...}}``; the
-request and answer table is in docs/images.md ("Serving"). Text queries go through the usual text
-path (the CLIP text tower), into the same space.
-
-URL fetching is off by default: it lets any caller make the server fetch any address it can reach
-(internal services and cloud metadata endpoints included). Turn it on only behind a trusted caller.
+URL fetching is off by default: it lets any caller make the server fetch any address it can reach.
 
 >>> is_image_type("image/jpeg; q=1"), is_image_type("application/json")
 (True, False)

@@ -1,10 +1,7 @@
 """OpenAI's ``POST /v1/embeddings``, so the ``openai`` client works unchanged.
 
-Request ``{"input": str | [str], "model": "...", "encoding_format": "float" | "base64",
-"dimensions": n}``; answer ``{"object": "list", "data": [{"object": "embedding", "index": i,
-"embedding": ...}], "model": ..., "usage": {"prompt_tokens": n, "total_tokens": n}}``. ``base64`` is
-the little-endian float32 bytes of each vector (what the client decodes). Token counts include the
-model's special tokens. Token-id inputs (lists of integers) are refused with a 400.
+``base64`` answers carry each vector's little-endian float32 bytes; token counts include the model's
+special tokens; token-id inputs (lists of integers) are refused with a 400.
 """
 
 from __future__ import annotations
