@@ -1,5 +1,7 @@
 """The server's OpenAPI 3.0 document, written out by hand and filled with the loaded model's limits
-(dimension, inputs per request) so generated tests know what a valid request is."""
+(dimension, inputs per request) so generated tests know what a valid request is. BGE-M3's outputs
+(``parameters.return_sparse`` / ``return_colbert_vecs``, ``POST /embed_sparse``) are described for
+every model; one without the heads answers them 400 (``/invocations``) or 424 (``/embed_sparse``)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,13 @@ _AWS_ERROR = {
 }
 _VECTOR = {"type": "array", "items": {"type": "number"}}
 _MATRIX = {"type": "array", "items": _VECTOR}
+_LEXICAL = {"type": "object", "additionalProperties": {"type": "number"}}  # {"token_id": weight}
+_SPARSE_VALUE = {
+    "type": "object",
+    "required": ["index", "value"],
+    "properties": {"index": {"type": "integer"}, "value": {"type": "number"}},
+}
+_BINARY = {"type": "string", "format": "binary"}
 
 
 def _errors(schema: dict, codes: tuple[int, ...]) -> dict[str, Any]:
@@ -62,6 +71,14 @@ def build_spec(
             "dimensions": dims,
         },
     }
+    m3_params = {
+        "return_dense": {"type": "boolean", "default": True},
+        "return_sparse": {"type": "boolean", "default": False},
+        "return_colbert_vecs": {"type": "boolean", "default": False},
+        "dtype": {"type": "string", "enum": ["float32", "float16"], "default": "float32"},
+    }
+    if not tei and not dlc:  # --hf-mode tei and dlc-exact refuse them on /invocations
+        params = {**params, "properties": {**params["properties"], **m3_params}}
     hf_req = {
         "type": "object",
         "required": ["inputs"],
@@ -86,6 +103,8 @@ def build_spec(
         "properties": {
             "embeddings": {"oneOf": [_VECTOR, _MATRIX]},
             "embedding": _VECTOR,
+            "lexical_weights": {"oneOf": [_LEXICAL, {"type": "array", "items": _LEXICAL}]},
+            "colbert_vecs": {"oneOf": [_MATRIX, {"type": "array", "items": _MATRIX}]},
         },
     }
     invocation_ok = (
@@ -93,7 +112,8 @@ def build_spec(
         if dlc
         else {
             "application/json": {"schema": {"oneOf": [_MATRIX, hf_ok]} if tei else hf_ok},
-            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+            "application/x-npy": {"schema": _BINARY},
+            "application/x-npz": {"schema": _BINARY},
             "text/csv": {"schema": {"type": "string"}},
             "application/jsonlines": {"schema": {"type": "string"}},
         }
@@ -101,7 +121,19 @@ def build_spec(
     tei_req = {
         "type": "object",
         "required": ["inputs"],
-        "properties": {"inputs": one_or_many, **params["properties"]},
+        "properties": {
+            "inputs": one_or_many,
+            **{k: v for k, v in params["properties"].items() if k not in m3_params},
+        },
+    }
+    tei_sparse_req = {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "inputs": one_or_many,
+            "truncate": {"type": "boolean"},
+            "prompt_name": {"type": "string"},
+        },
     }
     openai_req = {
         "type": "object",
@@ -223,6 +255,30 @@ def build_spec(
                             "content": {"application/json": {"schema": _MATRIX}},
                         },
                         **_errors(_ERROR, codes),
+                    },
+                }
+            },
+            "/embed_sparse": {
+                "post": {
+                    "summary": "text-embeddings-inference embed_sparse: BGE-M3 lexical weights "
+                    "(424 when the model has no sparse head)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": tei_sparse_req}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "one list of {index, value} per input",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "array",
+                                        "items": {"type": "array", "items": _SPARSE_VALUE},
+                                    }
+                                }
+                            },
+                        },
+                        **_errors(_ERROR, (*codes, 424)),
                     },
                 }
             },
