@@ -1,7 +1,7 @@
 """The server's OpenAPI 3.0 document, written out by hand and filled with the loaded model's limits
-(dimension, inputs per request) so generated tests know what a valid request is. BGE-M3's outputs
-(``parameters.return_sparse`` / ``return_colbert_vecs``, ``POST /embed_sparse``) are described for
-every model; one without the heads answers them 400 (``/invocations``) or 424 (``/embed_sparse``)."""
+(dimension, inputs per request, outputs) so generated tests know what a valid request is: BGE-M3's
+``parameters.return_sparse`` / ``return_colbert_vecs`` and ``POST /embed_sparse`` are described when
+the model has those heads (or while it loads); otherwise they answer 400 / 424."""
 
 from __future__ import annotations
 
@@ -77,6 +77,9 @@ def build_spec(
         "return_colbert_vecs": {"type": "boolean", "default": False},
         "dtype": {"type": "string", "enum": ["float32", "float16"], "default": "float32"},
     }
+    outputs = limits.outputs if limits else ("dense", "sparse", "colbert")
+    flags = {"return_sparse": "sparse", "return_colbert_vecs": "colbert"}
+    m3_params = {k: v for k, v in m3_params.items() if flags.get(k, "dense") in outputs}
     if not tei and not dlc:  # --hf-mode tei and dlc-exact refuse them on /invocations
         params = {**params, "properties": {**params["properties"], **m3_params}}
     hf_req = {
@@ -171,6 +174,23 @@ def build_spec(
         },
     }
     codes = (400, 401, 406, 413, 415, 429, 500, 503)
+    sparse_route = {
+        "post": {
+            "summary": "text-embeddings-inference embed_sparse: BGE-M3 lexical weights",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": tei_sparse_req}}},
+            "responses": {
+                "200": {
+                    "description": "one list of {index, value} per input",
+                    "content": {
+                        "application/json": {
+                            "schema": {"type": "array", "items": {"type": "array", "items": _SPARSE_VALUE}}
+                        }
+                    },
+                },
+                **_errors(_ERROR, (*codes, 424)),
+            },
+        }
+    }
     spec: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {
@@ -258,30 +278,6 @@ def build_spec(
                     },
                 }
             },
-            "/embed_sparse": {
-                "post": {
-                    "summary": "text-embeddings-inference embed_sparse: BGE-M3 lexical weights "
-                    "(424 when the model has no sparse head)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": tei_sparse_req}},
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "one list of {index, value} per input",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "array",
-                                        "items": {"type": "array", "items": _SPARSE_VALUE},
-                                    }
-                                }
-                            },
-                        },
-                        **_errors(_ERROR, (*codes, 424)),
-                    },
-                }
-            },
             "/v1/embeddings": {
                 "post": {
                     "summary": "OpenAI embeddings",
@@ -336,6 +332,8 @@ def build_spec(
             },
         },
     }
+    if "sparse" in outputs:
+        spec["paths"]["/embed_sparse"] = sparse_route
     if auth:
         spec["components"] = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
         spec["security"] = [{"bearer": []}]

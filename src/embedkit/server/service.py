@@ -82,10 +82,12 @@ class Service:
             self.embedder = self.model if isinstance(self.model, Embedder) else None
             if self.embedder is not None:
                 self.embedder.warmup()
-                dim = self.embedder.dimension
+                dim, outputs = self.embedder.dimension, tuple(self.embedder.outputs)
             else:
-                dim = 0
-            self.limits = Limits(dimension=dim, max_client_batch_size=s.max_client_batch_size)
+                dim, outputs = 0, ("dense",)
+            self.limits = Limits(
+                dimension=dim, max_client_batch_size=s.max_client_batch_size, outputs=outputs
+            )
             self.batcher = Batcher(
                 self.embedder,  # type: ignore[arg-type]
                 max_wait_s=s.batch_wait_ms / 1000.0,

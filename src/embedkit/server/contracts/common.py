@@ -15,10 +15,12 @@ from embedkit.errors import InputError, PayloadTooLargeError
 
 @dataclass(frozen=True)
 class Limits:
-    """What a request may ask for: the model's full dimension and the inputs-per-request cap."""
+    """What a request may ask for: the model's full dimension, the inputs-per-request cap and the
+    model's outputs (``dense``, and BGE-M3's ``sparse`` / ``colbert`` when it has their heads)."""
 
     dimension: int
     max_client_batch_size: int = 512
+    outputs: tuple[str, ...] = ("dense", "sparse", "colbert")
 
 
 @dataclass
