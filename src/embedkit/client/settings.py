@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from embedkit.errors import ConfigError
 from embedkit.settings import Settings, setting
 
-CONTRACTS = ("hf", "search_term", "openai")
+CONTRACTS = ("hf", "search_term", "openai", "tei")
 TOKEN_POOLING = ("mean", "cls")
 # SageMaker's real-time payload limit is 6 MiB and the serverless one 4 MB; stay under both.
 DEFAULT_MAX_PAYLOAD_BYTES = 3_500_000
@@ -28,7 +28,8 @@ class ClientSettings(Settings):
 
     endpoint_url: str | None = setting(
         None,
-        "HTTP endpoint: a base URL (http://host:8080 -> /invocations, or /v1/embeddings for openai) "
+        "HTTP endpoint: a base URL (http://host:8080 -> /invocations, /v1/embeddings for openai, /embed "
+        "for tei) "
         "or a full URL ending in the path to POST to",
     )
     sagemaker_endpoint: str | None = setting(None, "SageMaker endpoint name, called through boto3")
@@ -42,7 +43,10 @@ class ClientSettings(Settings):
         "URL of the sagemaker-runtime API (a local stand-in such as `embedkit serve`); unset = AWS",
         env=("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME",),
     )
-    contract: str = setting("hf", "wire contract: hf ({inputs}->{embeddings}), search_term, openai")
+    contract: str = setting(
+        "hf",
+        "wire contract: hf ({inputs}->{embeddings}), search_term, openai, tei (text-embeddings-inference /embed)",
+    )
     search_term_batch: bool = setting(
         False, "send lists as {search_term: [...]} (embedkit serve accepts them); else one text a request"
     )

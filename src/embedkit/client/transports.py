@@ -41,6 +41,22 @@ def resolve_url(endpoint_url: str, default_path: str) -> str:
     return base
 
 
+def base_url(endpoint_url: str, default_path: str) -> str | None:
+    """The server's base URL, from which its other routes (``/embed_sparse``) are reached: the URL
+    itself when it has no path, the URL less ``default_path`` when it ends with it, else ``None``.
+
+    >>> base_url("http://localhost:8080", "/embed"), base_url("http://h/embed", "/embed")
+    ('http://localhost:8080', 'http://h')
+    >>> base_url("http://host/endpoints/e/invocations", "/embed") is None
+    True
+    """
+    base = endpoint_url.rstrip("/")
+    path = urlsplit(base).path
+    if not path:
+        return base
+    return base[: -len(default_path)] if path.endswith(default_path) else None
+
+
 def _headers(settings: ClientSettings) -> dict[str, str]:
     headers = {"Content-Type": JSON, "Accept": JSON}
     if settings.api_key:
@@ -60,18 +76,34 @@ class _PooledHttp:
 
     def __init__(self, settings: ClientSettings, default_path: str) -> None:
         self.url = resolve_url(str(settings.endpoint_url), default_path)
+        self.base = base_url(str(settings.endpoint_url), default_path)
         limits = httpx.Limits(max_connections=max(10, settings.concurrency * 2))
         self._client = self._client_class(
             headers=_headers(settings), timeout=settings.request_timeout, limits=limits
         )
 
+    def _target(self, route: str | None, accept: str) -> tuple[str, dict[str, str] | None]:
+        """The URL and extra headers of one request (``route``: another route of the server)."""
+        url = self.url
+        if route is not None:
+            if self.base is None:
+                raise ConfigError(
+                    f"{route} cannot be reached from EMBEDKIT_ENDPOINT_URL={self.url!r} (a URL with its "
+                    "own path); give the server's base URL (http://host:port)"
+                )
+            url = self.base + route
+        return url, ({"Accept": accept} if accept != JSON else None)
+
 
 class HttpTransport(_PooledHttp):
     """POSTs JSON bodies to one URL with a pooled :class:`httpx.Client`."""
 
-    def send(self, body: bytes, timeout: float) -> WireResponse:
+    def send(
+        self, body: bytes, timeout: float, *, route: str | None = None, accept: str = JSON
+    ) -> WireResponse:
+        url, headers = self._target(route, accept)
         try:
-            r = self._client.post(self.url, content=body, timeout=timeout)
+            r = self._client.post(url, content=body, timeout=timeout, headers=headers)
         except httpx.TransportError as exc:
             raise _httpx_failure(exc, self.url, timeout) from exc
         return WireResponse(r.status_code, r.content, r.headers)
@@ -85,9 +117,12 @@ class AsyncHttpTransport(_PooledHttp):
 
     _client_class = httpx.AsyncClient
 
-    async def send(self, body: bytes, timeout: float) -> WireResponse:
+    async def send(
+        self, body: bytes, timeout: float, *, route: str | None = None, accept: str = JSON
+    ) -> WireResponse:
+        url, headers = self._target(route, accept)
         try:
-            r = await self._client.post(self.url, content=body, timeout=timeout)
+            r = await self._client.post(url, content=body, timeout=timeout, headers=headers)
         except httpx.TransportError as exc:
             raise _httpx_failure(exc, self.url, timeout) from exc
         return WireResponse(r.status_code, r.content, r.headers)
@@ -128,7 +163,14 @@ class SageMakerTransport:
                 "(or EMBEDKIT_REGION / --region)"
             ) from None
 
-    def send(self, body: bytes, timeout: float) -> WireResponse:
+    def send(
+        self, body: bytes, timeout: float, *, route: str | None = None, accept: str = JSON
+    ) -> WireResponse:
+        if route is not None:
+            raise ConfigError(
+                f"{route} cannot be reached through SageMaker's InvokeEndpoint (it calls /invocations "
+                "only); use contract hf, whose /invocations parameters carry BGE-M3's outputs"
+            )
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -139,7 +181,7 @@ class SageMakerTransport:
 
         try:
             r = self._client.invoke_endpoint(
-                EndpointName=self.endpoint_name, Body=body, ContentType=JSON, Accept=JSON
+                EndpointName=self.endpoint_name, Body=body, ContentType=JSON, Accept=accept
             )
             return WireResponse(200, r["Body"].read(), {"content-type": r.get("ContentType", JSON)})
         except ClientError as exc:
@@ -155,8 +197,10 @@ class SageMakerTransport:
         except BotoCoreError as exc:  # EndpointConnectionError, ConnectionClosedError, ...
             raise TransportFailure(f"{type(exc).__name__}: {exc}") from exc
 
-    async def send_async(self, body: bytes, timeout: float) -> WireResponse:
-        return await asyncio.to_thread(self.send, body, timeout)
+    async def send_async(
+        self, body: bytes, timeout: float, *, route: str | None = None, accept: str = JSON
+    ) -> WireResponse:
+        return await asyncio.to_thread(self.send, body, timeout, route=route, accept=accept)
 
     def close(self) -> None:
         self._client.close()

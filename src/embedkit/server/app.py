@@ -28,13 +28,15 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedkit import __version__
+from embedkit.engine import Tokenized
 from embedkit.errors import EmbedkitError, InputError, NotAcceptableError
 from embedkit.server import codecs, images
-from embedkit.server.contracts import hf, image, openai, search, tei
-from embedkit.server.contracts.common import EmbedRequest, texts_request
+from embedkit.server.contracts import hf, image, m3, openai, search, tei
+from embedkit.server.contracts.common import EmbedRequest, asks_multi, texts_request
 from embedkit.server.errors import (
     BodyTooLargeError,
     HookError,
+    ModelCapabilityError,
     NotFoundError,
     UnauthorizedError,
     body_too_large,
@@ -169,6 +171,7 @@ class EmbedServer:
             Route("/endpoints/{name}/invocations", self._runtime, methods=["POST"]),
             Route("/execution-parameters", self._execution_parameters, methods=["GET"]),
             Route("/embed", self._wrap("/embed", self._tei), methods=["POST"]),
+            Route("/embed_sparse", self._wrap("/embed_sparse", self._tei_sparse), methods=["POST"]),
             Route("/v1/embeddings", self._wrap("/v1/embeddings", self._openai), methods=["POST"]),
             Route("/info", self._wrap("/info", self._info), methods=["GET"]),
             Route("/metrics", self._wrap("/metrics", self._metrics), methods=["GET"]),
@@ -271,9 +274,23 @@ class EmbedServer:
             if lines:
                 prediction = await self._predict_lines(payload["inputs"])
             else:
-                prediction = await self._predict(payload)
-            return Response(codecs.encode(prediction, accept), media_type=accept)
+                prediction = await self._predict(payload, accept=accept)
+            return Response(self._encode(prediction, accept), media_type=accept)
         return await self._custom(handler, body, ctype, accept_raw)
+
+    def _encode(self, prediction: Any, accept: str) -> bytes:
+        """The answer's bytes; one with lexical weights or ColBERT vectors is refused (413) when
+        it is over ``max_response_bytes`` (dense-only answers are not checked)."""
+        if not isinstance(prediction, m3.MultiAnswer):
+            return codecs.encode(prediction, accept)
+        m3.check_accept(prediction.outputs, len(prediction.vectors), accept)
+        body = prediction.encode(accept)
+        limit = self.settings.max_response_bytes
+        if len(body) > limit:
+            raise m3.too_large(
+                len(body), limit, accept=accept, outputs=prediction.outputs, dtype=prediction.dtype
+            )
+        return body
 
     async def _hook(self, name: str, fn: Any, *args: Any) -> Any:
         """Run one of the user's hooks on the inference worker; what it raises answers the request."""
@@ -303,18 +320,23 @@ class EmbedServer:
         else:
             prediction = await self._predict(data, from_user=h.input_fn is not None)
         if h.output_fn is not None:
+            if isinstance(prediction, m3.MultiAnswer):  # output_fn sees the JSON answer's dict
+                prediction = prediction.to_json()
             return _user_response(
                 await self._hook("output_fn", h.output_fn, prediction, accept_arg), accept_arg
             )
         accept = codecs.negotiate(accept_raw)
-        return Response(codecs.encode(prediction, accept), media_type=accept)
+        return Response(self._encode(prediction, accept), media_type=accept)
 
-    async def _predict(self, payload: Any, from_user: bool = False) -> Any:
-        """embedkit's default predict: route a decoded payload to its contract and embed it."""
+    async def _predict(self, payload: Any, from_user: bool = False, accept: str | None = None) -> Any:
+        """embedkit's default predict: route a decoded payload to its contract and embed it.
+        ``accept`` (when already known) lets a BGE-M3 request be refused before any compute."""
         limits = self.service.limits
         if isinstance(payload, dict):
             if "search_term" in payload:
                 req = search.parse(payload, limits)
+                if req.multi:
+                    return await self._multi(req, accept, "embedding" if req.single else "embeddings")
                 vecs, _ = await self.service.embed(req)
                 return search.respond(req, vecs)
             if "inputs" not in payload:
@@ -325,6 +347,13 @@ class EmbedServer:
             if image.wants_images(payload):  # {"inputs": {"image": <base64>}} (a CLIP model)
                 return await images.predict_json(self.service, payload)
             # tei: TEI's own request options ({"inputs", "normalize", "truncate", ...}) as its container takes
+            if self.tei and asks_multi(payload.get("parameters")):
+                raise InputError(
+                    '--hf-mode tei answers {"inputs"} as TEI\'s /embed does (dense vectors only); POST '
+                    "/embed_sparse for lexical weights, or run the server with --hf-mode embeddings for "
+                    "parameters.return_sparse / return_colbert_vecs / dtype",
+                    field="parameters",
+                )
             req = tei.parse(payload, limits) if self.tei else hf.parse(payload, limits)
         elif from_user and isinstance(payload, (list, str)):  # what a custom input_fn may return
             req = texts_request(payload, field="inputs", limits=limits)
@@ -333,9 +362,43 @@ class EmbedServer:
                 f"request body must be a JSON object such as {hf.EXAMPLE}, got {type(payload).__name__}"
             )
         if self.dlc:
+            if req.multi or req.dtype != "float32":
+                raise InputError(
+                    "--hf-mode dlc-exact answers token vectors as the Hugging Face container does; "
+                    "parameters.return_sparse / return_colbert_vecs / dtype need --hf-mode embeddings",
+                    field="parameters",
+                )
             return hf.respond_dlc(req, await self.service.token_embeddings(req))
+        if req.multi:
+            return await self._multi(req, accept)
         vecs, _ = await self.service.embed(req)
         return tei.respond(req, vecs) if self.tei else hf.respond(req, vecs)
+
+    async def _multi(self, req: EmbedRequest, accept: str | None, key: str = "embeddings") -> m3.MultiAnswer:
+        """BGE-M3's outputs for ``req``. With ``accept`` known, a type that cannot carry them (406)
+        or an answer certain to be over ``max_response_bytes`` (413) is refused before any compute."""
+        limit = self.settings.max_response_bytes
+        before = None
+        if accept is not None:
+            m3.check_accept(req.outputs, len(req.texts), accept)
+
+            def before(tok: Tokenized) -> None:
+                dense_dim, colbert_dim = self.service.output_dims()
+                least = m3.least_bytes(
+                    tok.lengths,
+                    req.outputs,
+                    dense_dim=req.dimensions or dense_dim,
+                    colbert_dim=colbert_dim,
+                    accept=accept,
+                    dtype=req.dtype,
+                )
+                if least > limit:
+                    raise m3.too_large(
+                        least, limit, accept=accept, outputs=req.outputs, dtype=req.dtype, at_least=True
+                    )
+
+        found, _ = await self.service.embed_multi(req, before)
+        return m3.MultiAnswer(found, req.outputs, single=req.single, dtype=req.dtype, dense_key=key)
 
     async def _predict_lines(self, texts: list[str]) -> Any:
         """A body of one record per line (CSV, JSON Lines: what a Batch Transform job sends): any
@@ -396,6 +459,22 @@ class EmbedServer:
         vecs, _ = await self.service.embed(req)
         return Response(codecs.dumps(tei.respond(req, vecs)), media_type=JSON)
 
+    async def _tei_sparse(self, request: Request) -> Response:
+        svc = self.service
+        svc.require_ready()
+        payload = codecs.parse_json(await read_body(request, self.settings.max_body_bytes))
+        req = tei.parse_sparse(payload, svc.limits)
+        try:
+            svc.check_outputs(req.outputs)
+        except InputError as exc:  # TEI answers a route its model cannot serve with 424
+            raise ModelCapabilityError(f"/embed_sparse: {exc.message}") from None
+        found, _ = await svc.embed_multi(req)
+        body = codecs.dumps(tei.respond_sparse(found.sparse or []))
+        limit = self.settings.max_response_bytes
+        if len(body) > limit:
+            raise m3.too_large(len(body), limit, accept=JSON, outputs=req.outputs, binary=False)
+        return Response(body, media_type=JSON)
+
     async def _openai(self, request: Request) -> Response:
         svc = self.service
         svc.require_ready()
@@ -413,6 +492,7 @@ class EmbedServer:
             "hf_mode": self.settings.hf_mode,
             "max_body_bytes": self.settings.max_body_bytes,
             "max_client_batch_size": self.settings.max_client_batch_size,
+            "max_response_bytes": self.settings.max_response_bytes,
         }
         if svc.embedder is not None:
             emb = svc.embedder
@@ -426,6 +506,7 @@ class EmbedServer:
                 backend_plan=emb.backend_note,
                 device=str(emb.device),
                 content_hash=emb.content_hash,
+                outputs=list(emb.outputs),
                 modality="image+text" if hasattr(emb, "encode_images") else "text",
             )
         return json_response(info)

@@ -5,6 +5,11 @@ runs the engine once per batch and hands each request its rows (docs/server.md, 
 A request that would overflow the token-bounded queue gets :class:`~embedkit.errors.OverloadedError`
 (429). The worker touches the event loop only through one ``call_soon_threadsafe`` per batch.
 
+Requests for BGE-M3's lexical weights or ColBERT vectors (``outputs`` beyond dense) share a forward
+pass only with each other: merged, they run once for the union of their outputs and each gets its
+own (:class:`~embedkit.engine.multi.MultiVectors`). Dense-only requests keep their own path
+(length groups, the ONNX graph), untouched by them.
+
 >>> import asyncio
 >>> from embedkit import Embedder
 >>> async def main(emb):
@@ -30,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from embedkit.engine import Embedder, Tokenized
+from embedkit.engine.multi import DENSE_ONLY, OUTPUTS, MultiVectors
 from embedkit.errors import NotReadyError, OverloadedError, PayloadTooLargeError
 
 log = logging.getLogger("embedkit.server")
@@ -40,12 +46,19 @@ FORWARD_COST_TOKENS = 96
 
 
 class _Item:
-    __slots__ = ("future", "key", "tok", "tokens")
+    __slots__ = ("future", "key", "outputs", "tok", "tokens")
 
-    def __init__(self, tok: Tokenized, key: tuple[bool | None, int | None], future: asyncio.Future) -> None:
+    def __init__(
+        self,
+        tok: Tokenized,
+        key: tuple[bool | None, int | None],
+        future: asyncio.Future,
+        outputs: tuple[str, ...] = DENSE_ONLY,
+    ) -> None:
         self.tok = tok
         self.key = key
         self.future = future
+        self.outputs = outputs
         self.tokens = int(tok.lengths.sum())
 
 
@@ -109,15 +122,21 @@ class Batcher:
             raise NotReadyError("the inference worker has stopped; the server must be restarted")
 
     def submit(
-        self, tok: Tokenized, *, normalize: bool | None = None, dimensions: int | None = None
+        self,
+        tok: Tokenized,
+        *,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        outputs: tuple[str, ...] = DENSE_ONLY,
     ) -> asyncio.Future:
-        """Queue tokenised inputs; the future resolves to their ``(n, dim)`` float32 rows.
+        """Queue tokenised inputs; the future resolves to their ``(n, dim)`` float32 rows, or, with
+        ``outputs`` beyond dense (BGE-M3), to their :class:`MultiVectors` (only those outputs).
 
         Call on the event loop thread. Raises 429 (:class:`OverloadedError`) when the queue is full,
         413 when the request alone is bigger than the whole queue."""
         self._check_open()
         loop = self._loop or asyncio.get_running_loop()
-        item = _Item(tok, (normalize, dimensions), loop.create_future())
+        item = _Item(tok, (normalize, dimensions), loop.create_future(), tuple(outputs))
         if item.tokens > self.max_queue_tokens:
             raise PayloadTooLargeError(
                 f"request holds {item.tokens} tokens, more than the server's whole queue "
@@ -212,17 +231,24 @@ class Batcher:
     def _process(self, batch: list[_Item]) -> None:
         t0 = time.perf_counter()
         groups: dict[tuple, list[_Item]] = {}
-        for it in batch:
-            groups.setdefault(it.key, []).append(it)
+        for it in batch:  # dense-only requests never share a forward pass with multi-output ones
+            groups.setdefault((it.key, it.outputs == DENSE_ONLY), []).append(it)
         results: list[tuple[asyncio.Future, Any, bool]] = []
         tokens = texts = 0
         fatal: BaseException | None = None
-        for (normalize, dimensions), items in groups.items():
+        for ((normalize, dimensions), dense_only), items in groups.items():
             tok = items[0].tok if len(items) == 1 else Tokenized.concat([it.tok for it in items])
             texts += len(tok)
             tokens += sum(it.tokens for it in items)
             try:
-                vecs = self._embed(tok, alone=len(items) == 1, normalize=normalize, dimensions=dimensions)
+                if dense_only:
+                    vecs = self._embed(tok, alone=len(items) == 1, normalize=normalize, dimensions=dimensions)
+                else:  # one forward pass for the union of what the merged requests ask for
+                    assert self.embedder is not None
+                    wanted = tuple(o for o in OUTPUTS if any(o in it.outputs for it in items))
+                    vecs = self.embedder.embed_tokenized_multi(
+                        tok, wanted, normalize=normalize, dimensions=dimensions
+                    )
             except Exception as exc:
                 results.extend((it.future, exc, True) for it in items)
                 continue
@@ -233,7 +259,8 @@ class Batcher:
             start = 0
             for it in items:
                 n = len(it.tok)
-                results.append((it.future, vecs[start : start + n], False))
+                part = vecs[start : start + n] if dense_only else _rows(vecs, start, n, it.outputs)
+                results.append((it.future, part, False))
                 start += n
         self._post(results, sum(it.tokens for it in batch))
         elapsed = time.perf_counter() - t0
@@ -297,6 +324,18 @@ class Batcher:
                 pending.append(item)
         if pending:
             self._post([(p.future, err, True) for p in pending], sum(p.tokens for p in pending))
+
+
+def _rows(found: MultiVectors, start: int, n: int, outputs: tuple[str, ...]) -> MultiVectors:
+    """Rows ``start:start + n`` of a merged batch's outputs, keeping only the ``outputs`` asked for."""
+    end = start + n
+    return MultiVectors(
+        dense=found.dense[start:end] if "dense" in outputs and found.dense is not None else None,
+        sparse=found.sparse[start:end] if "sparse" in outputs and found.sparse is not None else None,
+        colbert=found.colbert[start:end] if "colbert" in outputs and found.colbert is not None else None,
+        token_counts=found.token_counts[start:end],
+        truncated=found.truncated[start:end],
+    )
 
 
 def length_groups(

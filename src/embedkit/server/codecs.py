@@ -1,4 +1,4 @@
-"""Content types in and out of ``/invocations``: JSON, JSON Lines, CSV and npy, with ``Accept``
+"""Content types in and out of ``/invocations``: JSON, JSON Lines, CSV, npy and npz, with ``Accept``
 negotiation. Tiny pure functions, tested on their own.
 
 >>> decode(b'{"inputs": "hi"}', None)
@@ -25,7 +25,8 @@ JSON = "application/json"
 JSONLINES = "application/jsonlines"
 CSV = "text/csv"
 NPY = "application/x-npy"
-ACCEPTED_OUT = (JSON, JSONLINES, CSV, NPY)
+NPZ = "application/x-npz"  # several named arrays (np.savez): BGE-M3's outputs, see contracts/m3.py
+ACCEPTED_OUT = (JSON, JSONLINES, CSV, NPY, NPZ)
 _JSON_IN = {JSON, "application/x-www-form-urlencoded"}  # curl -d sends the latter by default
 _JSONLINES_IN = {
     JSONLINES,
@@ -174,25 +175,77 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
 
 
+def short_float16(arr: np.ndarray) -> np.ndarray:
+    """float16 values as float64 numbers with 5 significant digits, which JSON writes short
+    (``0.031235`` instead of float32's ``0.031234741``) and which read back to the same float16
+    (5 digits are float16's round-trip precision).
+
+    >>> x = np.array([0.0312347, -1.5, 0.0, 65504.0], np.float16)
+    >>> dumps(short_float16(x))
+    b'[0.031235,-1.5,0.0,65504.0]'
+    >>> bool((np.asarray(orjson.loads(dumps(short_float16(x))), np.float16) == x).all())
+    True
+    """
+    x = np.asarray(arr, dtype=np.float16).astype(np.float64)
+    magnitude = np.abs(x)
+    exponent = np.floor(np.log10(np.where(magnitude > 0, magnitude, 1.0)))
+    scale = 10.0 ** (4 - exponent)  # float16 spans 6e-8..65504: exact powers of ten up to 1e12
+    return np.round(x * scale) / scale
+
+
+def _text_ready(obj: Any) -> Any:
+    """Float16 arrays (``parameters.dtype``), at the top of an answer, in a dict of them or a list of
+    them, as :func:`short_float16` numbers; anything else as it is."""
+    if isinstance(obj, np.ndarray):
+        return short_float16(obj) if obj.dtype == np.float16 else obj
+    if isinstance(obj, dict):
+        return {k: _text_ready(v) if isinstance(v, (np.ndarray, list)) else v for k, v in obj.items()}
+    if isinstance(obj, list) and obj and isinstance(obj[0], np.ndarray) and obj[0].dtype == np.float16:
+        return [short_float16(a) for a in obj]
+    return obj
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """One array as a ``.npy`` file (``np.load(io.BytesIO(body))`` reads it; no pickles)."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """Named arrays as an uncompressed ``.npz`` file (``np.load(io.BytesIO(body))`` reads it)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _vectors(arr: Any) -> np.ndarray:
+    """float16 arrays stay float16 (``parameters.dtype``); everything else becomes float32."""
+    arr = np.asarray(arr)
+    return arr if arr.dtype == np.float16 else arr.astype(np.float32, copy=False)
+
+
 def _matrix(prediction: Any) -> np.ndarray:
     if isinstance(prediction, dict) and len(prediction) == 1:
         prediction = next(iter(prediction.values()))
-    arr = np.asarray(prediction, dtype=np.float32)
+    arr = _vectors(prediction)
     return arr.reshape(1, -1) if arr.ndim == 1 else arr
 
 
 def encode(prediction: Any, accept: str) -> bytes:
-    """Serialise a prediction (``{"embeddings": array}`` or an array) as ``accept`` asks."""
+    """Serialise a prediction (``{"embeddings": array}`` or an array) as ``accept`` asks; an npz
+    holds it as ``dense`` (rows, dim)."""
     if accept == JSON:
-        return dumps(prediction)
+        return dumps(_text_ready(prediction))
     if accept == NPY:
         arr = prediction
         if isinstance(arr, dict) and len(arr) == 1:
             arr = next(iter(arr.values()))
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(arr, dtype=np.float32), allow_pickle=False)
-        return buf.getvalue()
+        return npy_bytes(_vectors(arr))
     rows = _matrix(prediction)
+    if accept == NPZ:
+        return npz_bytes({"dense": rows})
+    rows = _text_ready(rows)
     if accept == CSV:
         return b"".join(orjson.dumps(row, option=_NUMPY_OPTS)[1:-1] + b"\n" for row in rows)
     if accept == JSONLINES:

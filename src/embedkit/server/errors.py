@@ -31,6 +31,7 @@ LOG_STREAM_ARN = "arn:aws:logs:local:000000000000:log-group:/aws/sagemaker/Endpo
 __all__ = [
     "BodyTooLargeError",
     "HookError",
+    "ModelCapabilityError",
     "NotFoundError",
     "UnauthorizedError",
     "http_error",
@@ -57,6 +58,15 @@ class NotFoundError(EmbedkitError):
     def __init__(self, message: str, status: int = 404) -> None:
         super().__init__(message)
         self.http_status = status
+
+
+class ModelCapabilityError(EmbedkitError):
+    """The loaded model cannot serve the route: ``POST /embed_sparse`` on a model without BGE-M3's
+    sparse head. 424 with ``error_type`` ``Backend``, as TEI answers a route its model lacks."""
+
+    http_status = 424
+    exit_code = 2
+    error_type = "Backend"
 
 
 class HookError(EmbedkitError):

@@ -1,5 +1,7 @@
 """The server's OpenAPI 3.0 document, written out by hand and filled with the loaded model's limits
-(dimension, inputs per request) so generated tests know what a valid request is."""
+(dimension, inputs per request, outputs) so generated tests know what a valid request is: BGE-M3's
+``parameters.return_sparse`` / ``return_colbert_vecs`` and ``POST /embed_sparse`` are described when
+the model has those heads (or while it loads); otherwise they answer 400 / 424."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ _INT: dict[str, Any] = {"type": "integer"}
 _OBJECT: dict[str, Any] = {"type": "object"}
 _VECTOR = {"type": "array", "items": {"type": "number"}}
 _MATRIX = {"type": "array", "items": _VECTOR}
+_LEXICAL = {"type": "object", "additionalProperties": {"type": "number"}}  # {"token_id": weight}
+_BINARY = {"type": "string", "format": "binary"}
 
 
 def _obj(properties: dict[str, Any], *required: str, **extra: Any) -> dict[str, Any]:
@@ -85,7 +89,17 @@ def build_spec(
     if dim:
         dims["maximum"] = dim
     options = {"normalize": {"type": "boolean"}, "truncate": {"type": "boolean"}, "dimensions": dims}
-    params = _obj(options, additionalProperties=False)
+    m3_params = {
+        "return_dense": {"type": "boolean", "default": True},
+        "return_sparse": {"type": "boolean", "default": False},
+        "return_colbert_vecs": {"type": "boolean", "default": False},
+        "dtype": {"type": "string", "enum": ["float32", "float16"], "default": "float32"},
+    }
+    outputs = limits.outputs if limits else ("dense", "sparse", "colbert")
+    flags = {"return_sparse": "sparse", "return_colbert_vecs": "colbert"}
+    m3_params = {k: v for k, v in m3_params.items() if flags.get(k, "dense") in outputs}
+    # --hf-mode tei and dlc-exact refuse them on /invocations
+    params = _obj({**options, **({} if tei or dlc else m3_params)}, additionalProperties=False)
     line_text = {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}}
     hf_req, search_req = (
         _obj({key: one_or_many, "parameters": params}, key) for key in ("inputs", "search_term")
@@ -98,13 +112,21 @@ def build_spec(
             "application/jsonlines": line_text,
         },
     }
-    hf_ok = _obj({"embeddings": {"oneOf": [_VECTOR, _MATRIX]}, "embedding": _VECTOR})
+    hf_ok = _obj(
+        {
+            "embeddings": {"oneOf": [_VECTOR, _MATRIX]},
+            "embedding": _VECTOR,
+            "lexical_weights": {"oneOf": [_LEXICAL, {"type": "array", "items": _LEXICAL}]},
+            "colbert_vecs": {"oneOf": [_MATRIX, {"type": "array", "items": _MATRIX}]},
+        }
+    )
     invocation_ok = (
         _json({"type": "array"})
         if dlc
         else {
             **_json({"oneOf": [_MATRIX, hf_ok]} if tei else hf_ok),
-            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+            "application/x-npy": {"schema": _BINARY},
+            "application/x-npz": {"schema": _BINARY},
             "text/csv": {"schema": _STR},
             "application/jsonlines": {"schema": _STR},
         }
@@ -204,6 +226,20 @@ def build_spec(
             "/openapi.json": {"get": _op("this document", "spec", _json(_OBJECT), public=True)},
         },
     }
+    if "sparse" in outputs:
+        sparse_value = _record({"index": _INT, "value": {"type": "number"}})
+        sparse_req = _obj(
+            {"inputs": one_or_many, "truncate": {"type": "boolean"}, "prompt_name": _STR}, "inputs"
+        )
+        spec["paths"]["/embed_sparse"] = {
+            "post": _op(
+                "text-embeddings-inference embed_sparse: BGE-M3 lexical weights",
+                "one list of {index, value} per input",
+                _json({"type": "array", "items": {"type": "array", "items": sparse_value}}),
+                _errors(_ERROR, (*codes, 424)),
+                requestBody={"required": True, "content": _json(sparse_req)},
+            )
+        }
     if auth:
         spec["components"] = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
         spec["security"] = [{"bearer": []}]

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from embedkit.engine import Embedder, Tokenized, build_embedder
-from embedkit.errors import ConfigError, NotReadyError
+from embedkit.engine.multi import MultiVectors, check_outputs
+from embedkit.errors import ConfigError, InputError, NotReadyError
 from embedkit.models.resolve import model_directory
 from embedkit.server.batcher import Batcher
 from embedkit.server.contracts import EmbedRequest, Limits
@@ -81,10 +82,12 @@ class Service:
             self.embedder = self.model if isinstance(self.model, Embedder) else None
             if self.embedder is not None:
                 self.embedder.warmup()
-                dim = self.embedder.dimension
+                dim, outputs = self.embedder.dimension, tuple(self.embedder.outputs)
             else:
-                dim = 0
-            self.limits = Limits(dimension=dim, max_client_batch_size=s.max_client_batch_size)
+                dim, outputs = 0, ("dense",)
+            self.limits = Limits(
+                dimension=dim, max_client_batch_size=s.max_client_batch_size, outputs=outputs
+            )
             self.batcher = Batcher(
                 self.embedder,  # type: ignore[arg-type]
                 max_wait_s=s.batch_wait_ms / 1000.0,
@@ -222,6 +225,35 @@ class Service:
         tok = await self.tokenize(req)
         vecs = await batcher.submit(tok, normalize=req.normalize, dimensions=req.dimensions)
         return vecs, tok
+
+    def check_outputs(self, outputs: tuple[str, ...]) -> None:
+        """400 naming the missing head file when the model lacks an output ``outputs`` asks for."""
+        emb = self._embedder()
+        try:
+            check_outputs(outputs, emb.outputs, emb.model.name)
+        except ConfigError as exc:
+            raise InputError(exc.message, field="parameters") from None
+
+    def output_dims(self) -> tuple[int, int]:
+        """The widths of dense and ColBERT vectors (0 for a model without a ColBERT head)."""
+        emb = self._embedder()
+        head = getattr(emb.model, "heads", {}).get("colbert")
+        return emb.dimension, int(head.out_features) if head is not None else 0
+
+    async def embed_multi(
+        self, req: EmbedRequest, before: Callable[[Tokenized], None] | None = None
+    ) -> tuple[MultiVectors, Tokenized]:
+        """BGE-M3's ``req.outputs`` through the dynamic batcher, all from one forward pass.
+        ``before`` sees the tokenisation first and may refuse the request (413) before it queues."""
+        batcher = self.require_ready()
+        self.check_outputs(req.outputs)
+        tok = await self.tokenize(req)
+        if before is not None:
+            before(tok)
+        found = await batcher.submit(
+            tok, normalize=req.normalize, dimensions=req.dimensions, outputs=req.outputs
+        )
+        return found, tok
 
     async def token_embeddings(self, req: EmbedRequest) -> list:
         """Unpooled token vectors (HF DLC exact mode), computed on the inference worker."""

@@ -34,6 +34,11 @@ class ServerSettings(Settings):
     )
     max_body_bytes: int = setting(6 * 1024 * 1024, "largest request body in bytes (413 above it)")
     max_client_batch_size: int = setting(512, "most inputs in one request (413 above it)")
+    max_response_bytes: int = setting(
+        64 * 1024 * 1024,
+        "largest answer carrying lexical weights or ColBERT vectors, in bytes (413 above it, naming "
+        "the size); dense-only answers are not checked. SageMaker: 6291456 real-time, 4000000 serverless",
+    )
     max_queue_tokens: int = setting(
         0, "tokens waiting before new requests get 429; 0 = automatic (max(262144, batch size x max length))"
     )
@@ -69,7 +74,7 @@ class ServerSettings(Settings):
         super().__post_init__()
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be between 1 and 65535, got {self.port}")
-        for name in ("max_body_bytes", "max_client_batch_size"):
+        for name in ("max_body_bytes", "max_client_batch_size", "max_response_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_queue_tokens < 0 or self.batch_wait_ms < 0 or self.threads < 0:

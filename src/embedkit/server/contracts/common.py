@@ -15,10 +15,12 @@ from embedkit.errors import InputError, PayloadTooLargeError
 
 @dataclass(frozen=True)
 class Limits:
-    """What a request may ask for: the model's full dimension and the inputs-per-request cap."""
+    """What a request may ask for: the model's full dimension, the inputs-per-request cap and the
+    model's outputs (``dense``, and BGE-M3's ``sparse`` / ``colbert`` when it has their heads)."""
 
     dimension: int
     max_client_batch_size: int = 512
+    outputs: tuple[str, ...] = ("dense", "sparse", "colbert")
 
 
 @dataclass
@@ -32,6 +34,14 @@ class EmbedRequest:
     dimensions: int | None = None
     truncate: bool | None = None
     prompt_name: str | None = None
+    # BGE-M3: which outputs (dense, sparse, colbert; see embedkit.engine.multi) and the vectors' dtype
+    outputs: tuple[str, ...] = ("dense",)
+    dtype: str = "float32"
+
+    @property
+    def multi(self) -> bool:
+        """True when the request asks for more than dense vectors (lexical weights, ColBERT)."""
+        return self.outputs != ("dense",)
 
 
 def texts_request(value: Any, *, field: str, limits: Limits) -> EmbedRequest:
@@ -82,13 +92,19 @@ def check_str(value: Any, name: str) -> str | None:
     raise InputError(f"{name} must be a string, got {type(value).__name__}", field=name)
 
 
-_PARAMETERS = {"normalize", "truncate", "truncation", "dimensions", "prompt_name"}
+# BGE-M3's outputs as FlagEmbedding's ``encode`` names them, in embedkit.engine.multi.OUTPUTS order
+OUTPUT_FLAGS = (("return_dense", "dense"), ("return_sparse", "sparse"), ("return_colbert_vecs", "colbert"))
+DTYPES = ("float32", "float16")
+MULTI_PARAMETERS = frozenset({flag for flag, _ in OUTPUT_FLAGS} | {"dtype"})
+_PARAMETERS = {"normalize", "truncate", "truncation", "dimensions", "prompt_name", *MULTI_PARAMETERS}
 
 
 def apply_parameters(
     req: EmbedRequest, params: Any, limits: Limits, *, name: str = "parameters"
 ) -> EmbedRequest:
-    """Apply the HF-style ``parameters`` object (``normalize``, ``truncate``, ``dimensions``, ``prompt_name``)."""
+    """Apply the HF-style ``parameters`` object: ``normalize``, ``truncate``, ``dimensions``,
+    ``prompt_name``, and BGE-M3's ``return_dense`` (default true), ``return_sparse``,
+    ``return_colbert_vecs`` (default false) and ``dtype`` (``float32`` or ``float16``)."""
     if params is None:
         return req
     if not isinstance(params, dict):
@@ -96,7 +112,8 @@ def apply_parameters(
     unknown = sorted(set(params) - _PARAMETERS)
     if unknown:
         raise InputError(
-            f"{name} has unknown key(s) {unknown}; allowed: normalize, truncate, dimensions, prompt_name",
+            f"{name} has unknown key(s) {unknown}; allowed: normalize, truncate, dimensions, prompt_name, "
+            "return_dense, return_sparse, return_colbert_vecs, dtype",
             field=name,
         )
     req.normalize = check_bool(params.get("normalize"), f"{name}.normalize")
@@ -104,7 +121,27 @@ def apply_parameters(
     req.truncate = check_bool(truncate, f"{name}.truncate")
     req.dimensions = check_dimensions(params.get("dimensions"), f"{name}.dimensions", limits)
     req.prompt_name = check_str(params.get("prompt_name"), f"{name}.prompt_name")
+    wanted = []
+    for flag, output in OUTPUT_FLAGS:
+        asked = check_bool(params.get(flag), f"{name}.{flag}")
+        if asked if asked is not None else output == "dense":
+            wanted.append(output)
+    if not wanted:
+        raise InputError(
+            f"{name} asks for no output; set return_dense, return_sparse or return_colbert_vecs to true",
+            field=name,
+        )
+    req.outputs = tuple(wanted)
+    dtype = params.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"{name}.dtype must be 'float32' or 'float16', got {dtype!r}", field=f"{name}.dtype")
+    req.dtype = dtype or "float32"
     return req
+
+
+def asks_multi(params: Any) -> bool:
+    """True when a ``parameters`` object names any of BGE-M3's output options or ``dtype``."""
+    return isinstance(params, dict) and bool(MULTI_PARAMETERS & set(params))
 
 
 def require_object(payload: Any, example: str) -> dict:

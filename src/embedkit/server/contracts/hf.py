@@ -24,6 +24,7 @@ def parse(payload: dict, limits: Limits) -> EmbedRequest:
 
 
 def respond(req: EmbedRequest, vecs: np.ndarray) -> dict[str, Any]:
+    vecs = vecs.astype(np.float16) if req.dtype == "float16" else vecs
     return {"embeddings": vecs[0] if req.single else vecs}
 
 

@@ -45,6 +45,15 @@ def parse(payload: Any, limits: Limits) -> tuple[EmbedRequest, str]:
             "input holds token ids; this server takes text only (a string or a list of strings)",
             field="input",
         )
+    params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+    asked = sorted(k for k in ("return_sparse", "return_colbert_vecs") if k in body or k in params)
+    if asked:
+        raise InputError(
+            f"the OpenAI route gives dense vectors only and takes no {', '.join(asked)}; for BGE-M3's "
+            "lexical weights or ColBERT vectors POST /invocations with parameters.return_sparse / "
+            "return_colbert_vecs, or POST /embed_sparse",
+            field=asked[0],
+        )
     req = texts_request(value, field="input", limits=limits)
     fmt = body.get("encoding_format")
     fmt = "float" if fmt is None else fmt
