@@ -73,7 +73,7 @@ def long_text(emb: Any, tokens: int = 8192) -> str:
     parts, text = build_corpus(0, 0), ""
     for part in parts * 20:
         text += part + "\n\n"
-        if int(emb.tokenize([text], truncate=False).lengths[0]) > tokens:
+        if len(emb.model.tokenizer(text)["input_ids"]) > tokens:  # the engine truncates to 8192
             return text
     return text
 

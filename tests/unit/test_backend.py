@@ -332,3 +332,25 @@ def test_forward_cost_in_tokens_comes_from_the_small_probes_line():
     assert res.forward_cost_tokens("torch") == pytest.approx(100, rel=1e-6)
     assert res.forward_cost_tokens("onnx") == pytest.approx(20, rel=1e-6)
     assert Crossover(max_onnx_tokens=0).forward_cost_tokens("onnx") is None
+
+
+def test_bge_m3_outputs_on_onnx_come_from_the_graphs_token_states(tiny_m3):
+    """A model with BGE-M3's heads gets a graph that also gives the last hidden states, so its
+    sparse and ColBERT outputs run on ONNX Runtime too, within 1e-5 of torch."""
+    from tests.reference_m3 import M3_TEXTS
+
+    texts = [t for t in M3_TEXTS if len(t) < 3000]
+    exact = Embedder(str(tiny_m3), device="cpu", backend="torch")
+    fast = Embedder(str(tiny_m3), device="cpu", backend="onnx")
+    assert fast.graph_key.outputs.endswith("+token_embeddings") and fast._onnx.token_states
+    a = exact.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    b = fast.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    assert fast.stats.onnx_batches > 0
+    np.testing.assert_allclose(b["dense_vecs"], a["dense_vecs"], atol=1e-5)
+    for x, y in zip(a["lexical_weights"], b["lexical_weights"], strict=True):
+        assert set(x) == set(y)
+        np.testing.assert_allclose([y[k] for k in x], list(x.values()), atol=1e-5)
+    for x, y in zip(a["colbert_vecs"], b["colbert_vecs"], strict=True):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(y, x, atol=1e-5)
+    np.testing.assert_allclose(fast.encode(texts), a["dense_vecs"], atol=1e-5)  # dense alone: same graph

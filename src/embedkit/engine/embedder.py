@@ -206,7 +206,7 @@ class Embedder:
         return GraphKey(
             content_hash=self.content_hash,
             precision="fp32",
-            outputs=graph_outputs(self.model.pooling, len(self.model.dense)),
+            outputs=graph_outputs(self.model.pooling, len(self.model.dense), bool(self.model.heads)),
             runtime=runtime_version() or "none",
         )
 
@@ -254,6 +254,7 @@ class Embedder:
                     key,
                     cache_dir() / "graphs",
                     pad_id=self.tokenizer.pad_id,
+                    token_states=bool(self.model.heads),
                 )
             except Exception as exc:
                 why = f"the ONNX export failed ({type(exc).__name__}: {str(exc)[:200]})"
@@ -452,12 +453,17 @@ class Embedder:
                 pooled = layer(pooled.float())
             if outputs == DENSE_ONLY:
                 return pooled.float()
-            found = {"dense": pooled.float()}
-            if "sparse" in outputs:
-                found["sparse"] = torch.relu(heads[self._head_slot["sparse"]](hidden.float())).squeeze(-1)
-            if "colbert" in outputs:
-                vecs = heads[self._head_slot["colbert"]](hidden[:, 1:].float())
-                found["colbert"] = vecs * mask[:, 1:, None].float()
+            return self._token_outputs(pooled.float(), hidden.float(), mask, outputs, heads)
+
+    def _token_outputs(
+        self, pooled: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, outputs: tuple, heads: list
+    ) -> dict[str, torch.Tensor]:
+        """BGE-M3's heads over the last hidden states: per-token sparse weights and ColBERT vectors."""
+        found = {"dense": pooled}
+        if "sparse" in outputs:
+            found["sparse"] = torch.relu(heads[self._head_slot["sparse"]](hidden)).squeeze(-1)
+        if "colbert" in outputs:
+            found["colbert"] = heads[self._head_slot["colbert"]](hidden[:, 1:]) * mask[:, 1:, None].float()
         return found
 
     def _token_level(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -474,24 +480,35 @@ class Embedder:
             vecs = torch.nn.functional.normalize(vecs, p=2, dim=1)
         return vecs
 
-    def _run_model(self, tensors: tuple[torch.Tensor, ...], replica: int) -> tuple[torch.Tensor, dict]:
+    def _run_model(
+        self, tensors: tuple[torch.Tensor, ...], replica: int, outputs: tuple = DENSE_ONLY
+    ) -> tuple[Any, dict]:
         """One padded batch on ONNX Runtime (the first replica, when the backend plan gives it this
-        many padded tokens) or on torch; the vectors and the counters the runner adds to stats."""
+        many padded tokens; for BGE-M3's other outputs, a graph that also gives the token states) or
+        on torch; what :meth:`_forward` returns and the counters the runner adds to stats."""
         padded = int(tensors[0].numel())
-        on_graph = self._onnx is not None and replica == 0 and padded <= self.onnx_max_tokens
-        if on_graph:
-            vecs = torch.from_numpy(self._onnx.run(tensors[0].numpy(), tensors[1].numpy()))
+        graph = self._onnx
+        on_graph = (
+            graph is not None
+            and replica == 0
+            and padded <= self.onnx_max_tokens
+            and (outputs == DENSE_ONLY or graph.token_states)
+        )
+        if not on_graph:
+            found = self._forward(*tensors, replica=replica, outputs=outputs)
+        elif outputs == DENSE_ONLY:
+            found = torch.from_numpy(graph.run(tensors[0].numpy(), tensors[1].numpy()))
         else:
-            vecs = self._forward(*tensors, replica=replica)
-        return vecs, {"onnx_batches": int(on_graph), "padded_tokens": padded}
+            pooled, hidden = graph.run_tokens(tensors[0].numpy(), tensors[1].numpy())
+            with torch.inference_mode():
+                heads = self.runner.replicas[0].heads
+                found = self._token_outputs(
+                    torch.from_numpy(pooled), torch.from_numpy(hidden), tensors[1], outputs, heads
+                )
+        return found, {"onnx_batches": int(on_graph), "padded_tokens": padded}
 
     def _workload(self, tok: Tokenized, outputs: tuple = DENSE_ONLY) -> Workload:
-        """The runner's view of ``tok``: padded batches, this engine's budget, errors naming the input.
-        More ``outputs`` than dense run on torch (ONNX graphs give pooled vectors only)."""
-
-        def forward_tokens(tensors: tuple[torch.Tensor, ...], replica: int) -> tuple[Any, dict]:
-            found = self._forward(*tensors, replica=replica, outputs=outputs)
-            return found, {"padded_tokens": int(tensors[0].numel())}
+        """The runner's view of ``tok``: padded batches, this engine's budget, errors naming the input."""
 
         def shrink(idx: np.ndarray) -> str:
             longest = int(tok.lengths[idx].max())
@@ -507,7 +524,7 @@ class Embedder:
 
         return Workload(
             prepare=lambda idx, replica: self._to_tensors([tok.ids[i] for i in idx], replica.device),
-            forward=self._run_model if outputs == DENSE_ONLY else forward_tokens,
+            forward=lambda tensors, replica: self._run_model(tensors, replica, outputs),
             shrink=shrink,
             too_big=too_big,
             stats=self.stats,

@@ -72,27 +72,32 @@ class GraphKey:
         return asdict(self)
 
 
-def graph_outputs(pooling: str, dense_layers: int) -> str:
-    """The outputs a text model's graph computes, as written into its key."""
-    return f"sentence_embedding(pooling={pooling},dense={dense_layers})"
+def graph_outputs(pooling: str, dense_layers: int, token_states: bool = False) -> str:
+    """The outputs a text model's graph computes, as written into its key (``token_states``: the
+    last hidden states too, for BGE-M3's sparse and ColBERT heads)."""
+    tokens = "+token_embeddings" if token_states else ""
+    return f"sentence_embedding(pooling={pooling},dense={dense_layers}){tokens}"
 
 
 class _Pooled(torch.nn.Module):
     """Transformer + pooling + Dense: the torch path's forward, minus normalisation."""
 
-    def __init__(self, transformer: torch.nn.Module, pooling: str, dense: list[torch.nn.Module]) -> None:
+    def __init__(
+        self, transformer: torch.nn.Module, pooling: str, dense: list[torch.nn.Module], token_states: bool
+    ) -> None:
         super().__init__()
         self.transformer = transformer
         self.pooling = pooling
         self.dense = torch.nn.ModuleList(dense)
+        self.token_states = token_states
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         vecs = pool(self.pooling, hidden, attention_mask)
         for layer in self.dense:
             vecs = layer(vecs)
-        return vecs
+        return (vecs, hidden) if self.token_states else vecs
 
 
 @contextlib.contextmanager
@@ -141,8 +146,10 @@ def export_graph(
     dest_root: Path,
     *,
     pad_id: int = 0,
+    token_states: bool = False,
 ) -> Path:
-    """Export the fp32 CPU ``transformer`` (+ pooling, Dense) to ``dest_root/<key>/model.onnx``.
+    """Export the fp32 CPU ``transformer`` (+ pooling, Dense) to ``dest_root/<key>/model.onnx``;
+    with ``token_states`` the graph also outputs ``token_embeddings`` (the last hidden states).
 
     Written to a temporary folder and renamed into place, so a concurrent reader never sees half a
     graph. Returns the graph's path."""
@@ -153,7 +160,8 @@ def export_graph(
     dest_root = Path(dest_root)
     dest_root.mkdir(parents=True, exist_ok=True)
     target = dest_root / key.digest
-    wrapper = _Pooled(transformer, pooling, dense).eval()
+    wrapper = _Pooled(transformer, pooling, dense, token_states).eval()
+    outputs = ["sentence_embedding", *(["token_embeddings"] if token_states else [])]
     # A dummy batch with padding, so the traced graph keeps the attention mask's path.
     ids = torch.full((2, 8), pad_id, dtype=torch.long)
     ids[:, 0] = 5
@@ -170,11 +178,12 @@ def export_graph(
                 (ids, mask),
                 str(tmp / GRAPH_FILE),
                 input_names=["input_ids", "attention_mask"],
-                output_names=["sentence_embedding"],
+                output_names=outputs,
                 dynamic_axes={
                     "input_ids": {0: "batch", 1: "tokens"},
                     "attention_mask": {0: "batch", 1: "tokens"},
                     "sentence_embedding": {0: "batch"},
+                    "token_embeddings": {0: "batch", 1: "tokens"},
                 },
                 opset_version=OPSET,
                 dynamo=False,
@@ -253,9 +262,10 @@ def fuse_graph(
         candidate = ort.InferenceSession(str(fused_path), so, providers=["CPUExecutionProvider"])
         worst = 0.0
         for feeds in _probe_inputs(pad_id, vocab_size):
-            a = plain.run(None, feeds)[0]
-            b = candidate.run(None, feeds)[0]
-            worst = max(worst, float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf"))
+            for a, b in zip(plain.run(None, feeds), candidate.run(None, feeds), strict=True):
+                mask = feeds["attention_mask"][..., None] if a.ndim == 3 else 1  # padded token states vary
+                diff = np.abs(a - b) * mask if a.shape == b.shape else np.array(np.inf)
+                worst = max(worst, float(np.max(diff)))
         if not worst <= tol:
             log.info("the fused graph moved outputs by %.2g (> %.0e); left unfused", worst, tol)
             return 0
@@ -297,5 +307,14 @@ class GraphSession:
         self.path = Path(path)
         self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
+        self.token_states = "token_embeddings" in {o.name for o in self._session.get_outputs()}
+
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return self._session.run(["sentence_embedding"], feeds)[0]
+
+    def run_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pooled vectors and the last hidden states (a graph exported with ``token_states``)."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        pooled, hidden = self._session.run(["sentence_embedding", "token_embeddings"], feeds)
+        return pooled, hidden
