@@ -244,3 +244,17 @@ def test_cpu_fusion_replaces_linear_layers_and_keeps_vectors(tiny_model, monkeyp
     assert not any(isinstance(m, FusedLinear) for m in plain._transformer.modules())
     texts = ["hello world", "the cat sat on the mat " * 5, "a"]
     assert np.abs(fused.encode(texts) - plain.encode(texts)).max() <= 1e-5
+
+
+def test_cpu_fusion_is_left_off_where_onednn_refuses_the_dtype(monkeypatch):
+    """An AVX2-only CPU has no oneDNN bf16 linear: the model keeps torch's layers instead of failing."""
+    from embedkit.engine import cpu_fusion
+
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 4)).to(torch.bfloat16)
+
+    def refuse(*args):
+        raise RuntimeError("could not create a primitive descriptor for the inner product")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
+    assert cpu_fusion.fuse_for_cpu(layer) == 0
+    assert type(layer[0]) is torch.nn.Linear

@@ -21,6 +21,18 @@ def _op_available() -> bool:
     )
 
 
+def _kernel_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused linear runs in ``dtype`` on this CPU: bf16 needs at least AVX-512
+    (an AVX2-only CPU refuses the primitive, where a plain bf16 ``nn.Linear`` still runs), so try it."""
+    try:
+        x = torch.ones(2, 8, dtype=dtype)
+        torch.ops.mkldnn._linear_pointwise(x, torch.ones(4, 8, dtype=dtype), None, "none", [], "")
+        return True
+    except RuntimeError as exc:
+        log.info("cpu fusion off for %s: oneDNN's fused linear does not run here (%s)", dtype, str(exc)[:80])
+        return False
+
+
 class FusedLinear(torch.nn.Module):
     """``activation(x @ W.T + b)`` in one oneDNN call; ``activation`` is ``none`` or ``gelu``."""
 
@@ -67,7 +79,7 @@ def fuse_for_cpu(model: torch.nn.Module) -> int:
     if not _op_available():
         return 0
     dtype = next(model.parameters()).dtype
-    if dtype not in (torch.float32, torch.bfloat16):
+    if dtype not in (torch.float32, torch.bfloat16) or not _kernel_runs(dtype):
         return 0
     replaced = 0
     for parent in list(model.modules()):
