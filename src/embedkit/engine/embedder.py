@@ -459,11 +459,12 @@ class Embedder:
         self, pooled: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, outputs: tuple, heads: list
     ) -> dict[str, torch.Tensor]:
         """BGE-M3's heads over the last hidden states: per-token sparse weights and ColBERT vectors."""
-        found = {"dense": pooled}
+        found = {"dense": pooled}  # the heads' answers in float32 (autocast runs them in bf16/fp16)
         if "sparse" in outputs:
-            found["sparse"] = torch.relu(heads[self._head_slot["sparse"]](hidden)).squeeze(-1)
+            found["sparse"] = torch.relu(heads[self._head_slot["sparse"]](hidden)).squeeze(-1).float()
         if "colbert" in outputs:
-            found["colbert"] = heads[self._head_slot["colbert"]](hidden[:, 1:]) * mask[:, 1:, None].float()
+            vecs = heads[self._head_slot["colbert"]](hidden[:, 1:]).float()
+            found["colbert"] = vecs * mask[:, 1:, None].float()
         return found
 
     def _token_level(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
