@@ -317,7 +317,13 @@ _M3_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0-3 as in XLM-R; <mask> 
 
 
 def build_tiny_bge_m3(
-    out_dir: str | Path, *, hidden_size: int = 32, vocab_size: int = 3000, seed: int = 0, **encoder: Any
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 32,
+    vocab_size: int = 3000,
+    seed: int = 0,
+    embedding_rows: int | None = None,
+    **encoder: Any,
 ) -> Path:
     """Write a random stand-in for BAAI/bge-m3 to ``out_dir``: the same layout and tokenizer framing
     at toy size, for parity tests of its three outputs (dense, sparse lexical weights, ColBERT).
@@ -332,9 +338,10 @@ def build_tiny_bge_m3(
     - BGE-M3's heads beside them: ``sparse_linear.pt`` (``torch.nn.Linear(hidden, 1)``'s state_dict)
       and ``colbert_linear.pt`` (``torch.nn.Linear(hidden, hidden)``'s), random from ``seed``.
 
-    ``encoder`` overrides the XLM-R config (``make bench`` builds BGE-M3's vocabulary size of
-    embedding rows with 6 layers at hidden size 384). Returns the directory. Takes a few seconds
-    (the tokenizer's training).
+    ``vocab_size`` is the tokenizer's (it learns at most what the corpus holds, ~13k);
+    ``embedding_rows`` gives the model more rows than that (``make bench`` builds BGE-M3's 250,002
+    with 6 layers at hidden size 384: ``encoder`` overrides the XLM-R config). Returns the
+    directory. Takes a few seconds (the tokenizer's training).
     """
     import torch
 
@@ -344,9 +351,8 @@ def build_tiny_bge_m3(
     torch.manual_seed(seed)
     # Weights 10x the usual initial scale: at 0.02 a random encoder's attention is near uniform and
     # every text's CLS vector the same to ~1e-4, too alike for a parity test to tell texts apart.
-    encoder = _build_encoder(
-        "xlm-roberta", n_vocab, hidden_size, 8192, **{"initializer_range": 0.2, **encoder}
-    )
+    rows = max(n_vocab, embedding_rows or 0)
+    encoder = _build_encoder("xlm-roberta", rows, hidden_size, 8192, **{"initializer_range": 0.2, **encoder})
     encoder.eval().save_pretrained(str(out))
     _write_sentence_transformers_layout(out, hidden_size, 8192, "cls", True, None)
     torch.manual_seed(seed + 1)

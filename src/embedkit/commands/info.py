@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         "normalize": model.normalize,
         "parameters": model.num_parameters,
         "prompts": model.prompts,
+        "outputs": list(getattr(model, "outputs", ("dense",))),
         "content_hash": content_hash(path),
     }
     if args.json:
