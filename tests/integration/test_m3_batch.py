@@ -6,7 +6,6 @@ with random ``sparse_linear.pt`` / ``colbert_linear.pt`` heads)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 
@@ -20,7 +19,7 @@ from embedkit.batch.settings import JobSettings
 from embedkit.cli import main as cli
 from embedkit.engine import multi
 from embedkit.errors import ConfigError, InterruptedJobError, JobStateError
-from tests.integration.batch_data import count_markers, read_metadata, read_rejects, sentence
+from tests.integration.batch_data import count_markers, local_ray, read_metadata, read_rejects, sentence
 
 ALL = ("dense", "sparse", "colbert")
 
@@ -375,28 +374,17 @@ def test_export_of_a_sparse_only_float16_colbert_job(tmp_path, m3, capsys):
 # ------------------------------------------------------------------------------------------- Ray
 @pytest.mark.slow  # ~30 s: a local Ray and two actors on 2 cores
 def test_ray_engine_writes_the_local_engines_columns(tmp_path, small_m3):
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'embedkit[ray]')")
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'embedkit[ray]')")
     texts = _texts(60)
     texts[4] = "  "
     inp = _dataset(tmp_path / "in", texts)
     common = ["--model", str(small_m3), "--unit-rows", "10", "--progress", "none"]
     common += ["--outputs", "dense,sparse,colbert", "--dtype", "float16"]
     assert cli(["embed", inp, str(tmp_path / "local"), *common]) == 0
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        object_store_memory=128 * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
-    try:
+    with local_ray():
         assert (
             cli(["embed", inp, str(tmp_path / "ray"), *common, "--engine", "ray", "--num-workers", "2"]) == 0
         )
-    finally:
-        ray.shutdown()
     _assert_rows_equal(read_outputs(tmp_path / "ray"), read_outputs(tmp_path / "local"))
     assert read_rejects(tmp_path / "ray") == read_rejects(tmp_path / "local")
     meta, local = read_metadata(tmp_path / "ray"), read_metadata(tmp_path / "local")
