@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_serve import ROOT, _env, _free_port, start_server, stop_server
+from bench.report import print_and_save
 
 # (name, backend, baked graph)
 CASES = (
@@ -178,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", default=None)
     a = p.parse_args(argv)
     res = run(a.model, a.reps, Path(a.workdir) if a.workdir else None)
-    print("\n".join(describe(res)))
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(res, indent=2))
-    return 0
+    return print_and_save("\n".join(describe(res)), res, a.json_out)
 
 
 if __name__ == "__main__":

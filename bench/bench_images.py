@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import http.server
 import io
-import json
 import sys
 import tarfile
 import tempfile
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.report import print_and_save
 
 TARGET = 1.5
 NAIVE_BATCH = 32
@@ -293,10 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="embedkit-bench-images-") as tmp:
         res = run(args.workdir or tmp, n=args.n, latency_ms=args.latency_ms, reps=args.reps)
-    print(table(res))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=2))
-    return 0
+    return print_and_save(table(res), res, args.json_out)
 
 
 if __name__ == "__main__":

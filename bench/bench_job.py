@@ -54,6 +54,28 @@ def write_dataset(texts: list[str], folder: Path, files: int = FILES, row_group:
     return folder
 
 
+def prepare(
+    texts: list[str],
+    workdir: str,
+    files: int,
+    min_unit_rows: int,
+    precision: str,
+    model: str = "default",
+    device: str = "cpu",
+) -> tuple[Path, int, Path, Any]:
+    """A job bench's start: ``texts`` as ``files`` Parquet files of one unit each (at least
+    ``min_unit_rows`` rows) under ``workdir``/in, and a warmed-up engine. Returns the workdir, the
+    unit size, the input folder and the engine."""
+    from embedkit import Embedder
+
+    work = Path(workdir)
+    unit_rows = max(min_unit_rows, math.ceil(len(texts) / files))
+    inp = write_dataset(texts, work / "in", files=files, row_group=unit_rows)
+    emb = Embedder(model, device=device, precision=precision)
+    emb.warmup()
+    return work, unit_rows, inp, emb
+
+
 def read_vectors(out: Path) -> tuple[list[str], np.ndarray]:
     table = pq.read_table(sorted(str(p) for p in out.glob("part-*.parquet")))
     table = table.sort_by("id")
@@ -91,16 +113,11 @@ def run(
     rss_scale: int = RSS_SCALE,
 ) -> dict[str, Any]:
     """Job vs in-memory engine on ``texts`` at ``precision``; files go under ``workdir``."""
-    from embedkit import Embedder
     from embedkit.batch import embed_dataset
 
-    work = Path(workdir)
     # One unit per file: several units in flight (read / embed / write overlap), each large enough
     # that its token-budget batches pad as little as the engine's over the whole corpus.
-    unit_rows = max(64, math.ceil(len(texts) / FILES))
-    inp = write_dataset(texts, work / "in", row_group=unit_rows)
-    emb = Embedder(model, device=device, precision=precision)
-    emb.warmup()
+    work, unit_rows, inp, emb = prepare(texts, workdir, FILES, 64, precision, model=model, device=device)
 
     cpu: dict[str, float] = {}
 

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.report import print_and_save
+
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_PYTHON = Path(os.environ.get("EMBEDKIT_REFERENCE_PYTHON", ROOT / ".venv-flagembedding/bin/python"))
 GEOMETRY = dict(
@@ -236,10 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="embedkit-m3-") as tmp:
         res = run(args.workdir or tmp, n=args.n, reps=args.reps, with_memory=args.memory)
-    print(table(res))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=2))
-    return 0
+    return print_and_save(table(res), res, args.json_out)
 
 
 if __name__ == "__main__":

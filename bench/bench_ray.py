@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import ray  # the harness reports the section as skipped when the ray extra is not installed
 
-from bench.bench_job import read_vectors, write_dataset
+from bench.bench_job import prepare, read_vectors
 
 FILES = 8
 DONE_WHEN_WALL_RATIO = 1.15  # Ray's wall time, start-up included, at most this times local's
@@ -81,21 +81,15 @@ def run(
     precision: str,
     workdir: str,
     *,
-    model: str = "default",
-    device: str = "cpu",
     pairs: int = 1,
+    **engine: str,
 ) -> dict[str, Any]:
     """Local engine vs Ray engine (1 worker, ``pairs`` interleaved pairs; then 2 workers once) on
-    ``texts`` at ``precision``; files under ``workdir``."""
-    from embedkit import Embedder
-
+    ``texts`` at ``precision``; files under ``workdir``; ``engine``: the ``model`` and ``device`` of
+    :func:`bench.bench_job.prepare`."""
     if ray.is_initialized():
         raise RuntimeError("bench_ray times Ray's own start-up: call it without a connected Ray")
-    work = Path(workdir)
-    unit_rows = max(16, math.ceil(len(texts) / FILES))
-    inp = write_dataset(texts, work / "in", files=FILES, row_group=unit_rows)
-    emb = Embedder(model, device=device, precision=precision)
-    emb.warmup()
+    work, unit_rows, inp, emb = prepare(texts, workdir, FILES, 16, precision, **engine)
     locals_: list[dict[str, Any]] = []
     rays: list[dict[str, Any]] = []
     for k in range(max(1, pairs)):

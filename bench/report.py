@@ -167,6 +167,15 @@ def describe_machine(m: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- JSON
+def print_and_save(text: str, result: dict[str, Any], json_out: str | None) -> int:
+    """A bench script's ending: print ``text`` (its summary) and, with ``--json-out``, write ``result``
+    there as JSON. Returns main's exit code, 0."""
+    print(text)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def write_results(
     result: dict[str, Any], results_dir: Path = RESULTS_DIR, *, quick: bool = False
 ) -> tuple[Path, Path]:

@@ -61,6 +61,16 @@ def tiny_m3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_m3(tmp_path_factory) -> Path:
+    """A small BGE-M3-like model, quicker to build than ``tiny_m3`` (no tokenizer to train): the tiny
+    XLM-R of ``build_tiny_bert`` (dim 32, CLS pooling, 60 tokens) with random heads (``add_m3_heads``)."""
+    from embedkit.testing import add_m3_heads, build_tiny_bert
+
+    path = tmp_path_factory.mktemp("small-m3")
+    return add_m3_heads(build_tiny_bert(path, arch="xlm-roberta", pooling="cls", max_seq_length=60))
+
+
+@pytest.fixture(scope="session")
 def m3_reference(tiny_m3, tmp_path_factory) -> dict:
     """FlagEmbedding's dense, sparse and ColBERT outputs (and pair scores) for ``tiny_m3`` on
     ``tests.reference_m3.M3_TEXTS``, run once in .venv-flagembedding (~30 s); skips without that

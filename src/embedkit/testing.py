@@ -355,9 +355,21 @@ def build_tiny_bge_m3(
     encoder = _build_encoder("xlm-roberta", rows, hidden_size, 8192, **{"initializer_range": 0.2, **encoder})
     encoder.eval().save_pretrained(str(out))
     _write_sentence_transformers_layout(out, hidden_size, 8192, "cls", True, None)
-    torch.manual_seed(seed + 1)
-    torch.save(torch.nn.Linear(hidden_size, 1).state_dict(), out / "sparse_linear.pt")
-    torch.save(torch.nn.Linear(hidden_size, hidden_size).state_dict(), out / "colbert_linear.pt")
+    return add_m3_heads(out, seed=seed + 1)
+
+
+def add_m3_heads(model_dir: str | Path, *, colbert_dim: int | None = None, seed: int = 1) -> Path:
+    """Write BGE-M3's heads beside the encoder in ``model_dir`` (e.g. a :func:`build_tiny_bert` with
+    ``arch="xlm-roberta"``), random from ``seed``: ``sparse_linear.pt`` (``torch.nn.Linear(hidden, 1)``'s
+    state_dict) and ``colbert_linear.pt`` (``Linear(hidden, colbert_dim or hidden)``'s). Returns the
+    directory."""
+    import torch
+
+    out = Path(model_dir)
+    hidden = json.loads((out / "config.json").read_text())["hidden_size"]
+    torch.manual_seed(seed)
+    torch.save(torch.nn.Linear(hidden, 1).state_dict(), out / "sparse_linear.pt")
+    torch.save(torch.nn.Linear(hidden, colbert_dim or hidden).state_dict(), out / "colbert_linear.pt")
     return out
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +38,27 @@ def write_parquet_dataset(
         with fs.open(path, "wb") as fh:
             pq.write_table(table, fh, row_group_size=row_group_size)
     return texts
+
+
+@contextmanager
+def local_ray() -> Iterator[str]:
+    """A local Ray (2 CPUs, no GPU, 128 MiB of object store, quiet) while in the block; yields its
+    address for ``--ray-address``. The caller has checked that ray imports (``pytest.importorskip``)."""
+    import ray
+
+    ctx = ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=0,
+        object_store_memory=128 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
 
 
 def read_parts(url: str) -> tuple[list[str], np.ndarray, list[str]]:

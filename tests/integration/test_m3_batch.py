@@ -6,7 +6,6 @@ with random ``sparse_linear.pt`` / ``colbert_linear.pt`` heads)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 
@@ -20,31 +19,16 @@ from embedkit.batch.settings import JobSettings
 from embedkit.cli import main as cli
 from embedkit.engine import multi
 from embedkit.errors import ConfigError, InterruptedJobError, JobStateError
-from tests.integration.batch_data import count_markers, read_metadata, read_rejects, sentence
+from tests.integration.batch_data import count_markers, local_ray, read_metadata, read_rejects, sentence
 
 ALL = ("dense", "sparse", "colbert")
 
 
 @pytest.fixture(scope="module")
-def m3_model(tmp_path_factory):
-    """A tiny BGE-M3-like model folder (hidden size 32, CLS pooling, both heads)."""
-    import torch
-
-    from embedkit.testing import build_tiny_bert
-
-    d = tmp_path_factory.mktemp("tiny-m3")
-    build_tiny_bert(d, arch="xlm-roberta", pooling="cls", max_seq_length=60)
-    torch.manual_seed(1)
-    torch.save(torch.nn.Linear(32, 1).state_dict(), d / "sparse_linear.pt")
-    torch.save(torch.nn.Linear(32, 32).state_dict(), d / "colbert_linear.pt")
-    return d
-
-
-@pytest.fixture(scope="module")
-def m3(m3_model):
+def m3(small_m3):
     from embedkit import Embedder
 
-    return Embedder(str(m3_model), device="cpu")
+    return Embedder(str(small_m3), device="cpu")
 
 
 def _texts(n: int = 60) -> list[str]:
@@ -299,11 +283,11 @@ def test_search_modes_rank_by_m3s_scores(m3_job, m3, mode, weights):
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5] and hits[0].text == texts[top[0]]
 
 
-def test_search_cli_modes_and_clear_errors(m3_job, m3_model, tmp_path, m3, capsys):
+def test_search_cli_modes_and_clear_errors(m3_job, small_m3, tmp_path, m3, capsys):
     from embedkit.batch.search import search_output
 
     out, texts = m3_job
-    base = ["search", out, texts[3], "-k", "3", "--model", str(m3_model), "--json"]
+    base = ["search", out, texts[3], "-k", "3", "--model", str(small_m3), "--json"]
     assert cli([*base, "--mode", "hybrid", "--weights", "0.5,0.5,0"]) == 0
     hits = json.loads(capsys.readouterr().out)[0]["hits"]
     assert len(hits) == 3 and hits[0]["id"] == "doc-03"
@@ -389,29 +373,18 @@ def test_export_of_a_sparse_only_float16_colbert_job(tmp_path, m3, capsys):
 
 # ------------------------------------------------------------------------------------------- Ray
 @pytest.mark.slow  # ~30 s: a local Ray and two actors on 2 cores
-def test_ray_engine_writes_the_local_engines_columns(tmp_path, m3_model):
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'embedkit[ray]')")
+def test_ray_engine_writes_the_local_engines_columns(tmp_path, small_m3):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'embedkit[ray]')")
     texts = _texts(60)
     texts[4] = "  "
     inp = _dataset(tmp_path / "in", texts)
-    common = ["--model", str(m3_model), "--unit-rows", "10", "--progress", "none"]
+    common = ["--model", str(small_m3), "--unit-rows", "10", "--progress", "none"]
     common += ["--outputs", "dense,sparse,colbert", "--dtype", "float16"]
     assert cli(["embed", inp, str(tmp_path / "local"), *common]) == 0
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        object_store_memory=128 * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
-    try:
+    with local_ray():
         assert (
             cli(["embed", inp, str(tmp_path / "ray"), *common, "--engine", "ray", "--num-workers", "2"]) == 0
         )
-    finally:
-        ray.shutdown()
     _assert_rows_equal(read_outputs(tmp_path / "ray"), read_outputs(tmp_path / "local"))
     assert read_rejects(tmp_path / "ray") == read_rejects(tmp_path / "local")
     meta, local = read_metadata(tmp_path / "ray"), read_metadata(tmp_path / "local")

@@ -61,25 +61,10 @@ class LocalServer:
 
 
 @pytest.fixture(scope="module")
-def m3_model(tmp_path_factory):
-    import torch
-
-    from embedkit.testing import build_tiny_bert
-
-    d = build_tiny_bert(
-        tmp_path_factory.mktemp("m3-serve"), arch="xlm-roberta", pooling="cls", max_seq_length=60
-    )
-    torch.manual_seed(1)
-    torch.save(torch.nn.Linear(32, 1).state_dict(), d / "sparse_linear.pt")
-    torch.save(torch.nn.Linear(32, 32).state_dict(), d / "colbert_linear.pt")
-    return d
-
-
-@pytest.fixture(scope="module")
-def engine(m3_model):
+def engine(small_m3):
     from embedkit import Embedder
 
-    return Embedder(str(m3_model), device="cpu", backend="torch")
+    return Embedder(str(small_m3), device="cpu", backend="torch")
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +73,8 @@ def ref(engine):
 
 
 @pytest.fixture(scope="module")
-def server(m3_model):
-    with LocalServer(m3_model) as srv:
+def server(small_m3):
+    with LocalServer(small_m3) as srv:
         yield srv
 
 
@@ -257,10 +242,10 @@ def test_info_and_openapi_describe_the_outputs(http):
 
 
 # -------------------------------------------------------------------------------- response limit
-def test_answers_over_max_response_bytes_are_413_saying_how_to_stay_under(m3_model, ref):
+def test_answers_over_max_response_bytes_are_413_saying_how_to_stay_under(small_m3, ref):
     limit = 3000
     with (
-        LocalServer(m3_model, max_response_bytes=limit) as srv,
+        LocalServer(small_m3, max_response_bytes=limit) as srv,
         httpx.Client(base_url=srv.url, timeout=60) as c,
     ):
         r = c.post("/invocations", json={"inputs": TEXTS, "parameters": ALL})

@@ -7,7 +7,6 @@ the killed driver joins it with ``--ray-address``, so killing it leaves no Ray p
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -28,6 +27,7 @@ from embedkit.errors import ConfigError, InputError
 from embedkit.io.fs import get_fs
 from tests.integration.batch_data import (
     count_markers,
+    local_ray,
     read_metadata,
     read_parts,
     read_rejects,
@@ -37,7 +37,7 @@ from tests.integration.batch_data import (
 
 pytestmark = pytest.mark.slow  # ~95 s: Ray clusters and actors on 2 cores
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'embedkit[ray]')")
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'embedkit[ray]')")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -49,19 +49,8 @@ def model_dir(tiny_model):
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray for the module (starting one costs seconds); yields its address."""
-    ctx = ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        object_store_memory=128 * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
-    try:
-        yield ctx.address_info["gcs_address"]
-    finally:
-        ray.shutdown()
+    with local_ray() as address:
+        yield address
 
 
 def _same_dataset(out, ref) -> None:

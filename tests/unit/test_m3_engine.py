@@ -19,7 +19,7 @@ from embedkit.engine.multi import (
     sparse_score,
 )
 from embedkit.errors import ConfigError, InputError, ModelLoadError
-from embedkit.testing import build_tiny_bert
+from embedkit.testing import add_m3_heads, build_tiny_bert
 
 TEXTS = [
     "the cat sat on the mat and the cat slept",
@@ -30,19 +30,12 @@ TEXTS = [
 ]
 
 
-def _with_heads(path, colbert_dim: int = 32):
-    torch.manual_seed(1)
-    torch.save(torch.nn.Linear(32, 1).state_dict(), path / "sparse_linear.pt")
-    torch.save(torch.nn.Linear(32, colbert_dim).state_dict(), path / "colbert_linear.pt")
-    return path
-
-
 @pytest.fixture(scope="module")
 def m3(tmp_path_factory) -> Embedder:
     path = build_tiny_bert(
         tmp_path_factory.mktemp("m3"), arch="xlm-roberta", pooling="cls", max_seq_length=48
     )
-    return Embedder(str(_with_heads(path, colbert_dim=24)), device="cpu", backend="torch")
+    return Embedder(str(add_m3_heads(path, colbert_dim=24)), device="cpu", backend="torch")
 
 
 def _reference(emb: Embedder, texts: list[str]) -> dict:

@@ -23,19 +23,10 @@ LIMITS = Limits(dimension=8, max_client_batch_size=4)
 
 
 @pytest.fixture(scope="module")
-def m3_embedder(tmp_path_factory):
-    import torch
-
+def m3_embedder(small_m3):
     from embedkit import Embedder
-    from embedkit.testing import build_tiny_bert
 
-    d = build_tiny_bert(
-        tmp_path_factory.mktemp("m3-unit"), arch="xlm-roberta", pooling="cls", max_seq_length=60
-    )
-    torch.manual_seed(1)
-    torch.save(torch.nn.Linear(32, 1).state_dict(), d / "sparse_linear.pt")
-    torch.save(torch.nn.Linear(32, 32).state_dict(), d / "colbert_linear.pt")
-    return Embedder(str(d), device="cpu")
+    return Embedder(str(small_m3), device="cpu")
 
 
 def sample(n: int = 2, dim: int = 4) -> MultiVectors:

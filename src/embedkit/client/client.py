@@ -20,8 +20,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,15 +54,13 @@ class ClientStats:
 
 
 def _options(
-    normalize: bool | None,
-    dimensions: int | None,
-    truncate: bool | None,
-    prompt_name: str | None,
-    dtype: str | None = None,
-):
-    given = dict(
-        normalize=normalize, dimensions=dimensions, truncate=truncate, prompt_name=prompt_name, dtype=dtype
-    )
+    normalize: bool | None = None,
+    dimensions: int | None = None,
+    truncate: bool | None = None,
+    prompt_name: str | None = None,
+) -> dict[str, Any]:
+    """The options given (None: not sent); by keyword from the async client, whose methods pass theirs on."""
+    given = dict(normalize=normalize, dimensions=dimensions, truncate=truncate, prompt_name=prompt_name)
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -151,38 +150,13 @@ class _Base:
             self.stats.retries += int(retry)
             self.stats.failures += int(failure)
 
-    def _failed(self, attempts: Any, failure: TransportFailure) -> float:
-        try:
-            return attempts.failed(failure=failure)
-        except Exception:
-            self._count(failure=True)
-            raise
-
-    def _what(self, start: int, end: int) -> str:
-        return f"texts[{start}]" if end - start == 1 else f"texts[{start}:{end}]"
-
-    def _outcome(
-        self, response: WireResponse, count: int, options: dict[str, Any], contract: Contract
-    ) -> Any:
-        if response.status == 200:
-            return contract.decode_response(response, count, options)
-        return None
-
-    def _send_args(self, contract: Contract) -> dict[str, Any]:
-        """How the transport reaches ``contract``'s route, with which ``Accept``."""
-        return {"route": contract.route, "accept": contract.accept}
-
     def _multi_plan(
-        self,
-        outputs: Sequence[str] | str,
-        normalize: bool | None,
-        dimensions: int | None,
-        truncate: bool | None,
-        prompt_name: str | None,
-        dtype: str | None,
+        self, outputs: Sequence[str] | str, dtype: str | None, options: dict[str, Any]
     ) -> tuple[tuple[str, ...], list[Contract], dict[str, Any]]:
+        """embed_multi's outputs in M3's order, the contracts (requests) they take, and the options."""
         wanted = _outputs(outputs)
-        options = _options(normalize, dimensions, truncate, prompt_name, _dtype(dtype))
+        if _dtype(dtype):
+            options["dtype"] = dtype
         return wanted, self.contract.multi(wanted), options
 
     @staticmethod
@@ -190,6 +164,52 @@ class _Base:
         if not parts:
             return np.zeros((0, 0), dtype=np.float32)
         return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+class _Call:
+    """One request of ``texts[start:end]``, all but its I/O (the one thing the two clients do
+    differently): the body, the route and ``Accept``, the attempts, and what each answer means.
+
+    ``with call.attempt() as timeout:`` wraps one send and its :meth:`answer`; after it, either
+    ``call.done`` (the decoded ``call.result``) or wait ``call.delay`` and try again."""
+
+    def __init__(
+        self, client: _Base, contract: Contract, texts: list[str], start: int, end: int, options: dict
+    ) -> None:
+        self.client, self.contract, self.options = client, contract, options
+        self.count = end - start
+        self.body = contract.encode(texts[start:end], options)
+        self.send_args = {"route": contract.route, "accept": contract.accept}
+        what = f"texts[{start}]" if end - start == 1 else f"texts[{start}:{end}]"
+        self.attempts = client.policy.start(client.target, what)
+        self.done, self.result, self.delay = False, None, 0.0
+
+    @contextmanager
+    def attempt(self) -> Iterator[float]:
+        """One attempt; yields its timeout. A TransportFailure in it sets the wait before the next
+        one (or raises the typed error when none is left); any error raised counts as a failure."""
+        timeout = self.attempts.timeout()
+        self.client._count(retry=self.attempts.count > 1)
+        try:
+            try:
+                yield timeout
+            except TransportFailure as failure:
+                self.delay = self.attempts.failed(failure=failure)
+        except Exception:
+            self.client._count(failure=True)
+            raise
+        if not self.done:
+            log.debug(
+                "retrying %s in %.2fs (attempt %d)", self.attempts.what, self.delay, self.attempts.count
+            )
+
+    def answer(self, response: WireResponse) -> None:
+        """Decode a 200; any other status sets the wait before the next attempt, or raises."""
+        if response.status == 200:
+            self.result = self.contract.decode_response(response, self.count, self.options)
+            self.done = True
+        else:
+            self.delay = self.attempts.failed(response=response)
 
 
 class EmbeddingClient(_Base):
@@ -249,13 +269,9 @@ class EmbeddingClient(_Base):
         FlagEmbedding's ``encode`` dict: ``dense_vecs`` ``(n, dim)``, ``lexical_weights`` (one dict
         per text), ``colbert_vecs`` (one ``(tokens - 1, dim)`` array per text); ``None`` for those not
         asked. Vectors are float32, or float16 with ``dtype="float16"`` (half the bytes on the wire)."""
-        wanted, contracts, options = self._multi_plan(
-            outputs, normalize, dimensions, truncate, prompt_name, dtype
-        )
-        parts: list[dict[str, Any]] = []
-        for contract in contracts:
-            parts.extend(self._run(contract, texts, options))
-        return merge_flags(parts, wanted)
+        options = _options(normalize, dimensions, truncate, prompt_name)
+        wanted, contracts, options = self._multi_plan(outputs, dtype, options)
+        return merge_flags([part for c in contracts for part in self._run(c, texts, options)], wanted)
 
     def _run(self, contract: Contract, texts: Sequence[str], options: dict[str, Any]) -> list[Any]:
         """One result per request ``texts`` is split into, in order."""
@@ -277,25 +293,13 @@ class EmbeddingClient(_Base):
     def _request(
         self, contract: Contract, texts: list[str], start: int, end: int, options: dict[str, Any]
     ) -> Any:
-        body = contract.encode(texts[start:end], options)
-        send_args = self._send_args(contract)
-        attempts = self.policy.start(self.target, self._what(start, end))
+        call = _Call(self, contract, texts, start, end, options)
         while True:
-            timeout = attempts.timeout()
-            self._count(retry=attempts.count > 1)
-            try:
-                response = self._transport.send(body, timeout, **send_args)
-                result = self._outcome(response, end - start, options, contract)
-                if result is not None:
-                    return result
-                delay = attempts.failed(response=response)
-            except TransportFailure as failure:
-                delay = self._failed(attempts, failure)
-            except Exception:
-                self._count(failure=True)
-                raise
-            log.debug("retrying %s in %.2fs (attempt %d)", attempts.what, delay, attempts.count)
-            time.sleep(delay)
+            with call.attempt() as timeout:
+                call.answer(self._transport.send(call.body, timeout, **call.send_args))
+            if call.done:
+                return call.result
+            time.sleep(call.delay)
 
     def close(self) -> None:
         """Close connections and worker threads."""
@@ -323,18 +327,9 @@ class AsyncEmbeddingClient(_Base):
 
     _http = AsyncHttpTransport
 
-    async def embed(
-        self,
-        texts: Sequence[str],
-        *,
-        normalize: bool | None = None,
-        dimensions: int | None = None,
-        truncate: bool | None = None,
-        prompt_name: str | None = None,
-    ) -> np.ndarray:
-        """Vectors for ``texts`` as float32 ``(len(texts), dim)``, rows in input order."""
-        options = _options(normalize, dimensions, truncate, prompt_name)
-        return self._join(await self._run(self.contract, texts, options))
+    async def embed(self, texts: Sequence[str], **options: Any) -> np.ndarray:
+        """See :meth:`EmbeddingClient.embed` (the same keyword options)."""
+        return self._join(await self._run(self.contract, texts, _options(**options)))
 
     async def embed_one(self, text: str, **options: Any) -> np.ndarray:
         """One text's vector, float32 ``(dim,)``."""
@@ -352,20 +347,12 @@ class AsyncEmbeddingClient(_Base):
         texts: Sequence[str],
         outputs: Sequence[str] | str = OUTPUTS,
         *,
-        normalize: bool | None = None,
-        dimensions: int | None = None,
-        truncate: bool | None = None,
-        prompt_name: str | None = None,
         dtype: str | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
-        """See :meth:`EmbeddingClient.embed_multi`."""
-        wanted, contracts, options = self._multi_plan(
-            outputs, normalize, dimensions, truncate, prompt_name, dtype
-        )
-        parts: list[dict[str, Any]] = []
-        for contract in contracts:
-            parts.extend(await self._run(contract, texts, options))
-        return merge_flags(parts, wanted)
+        """See :meth:`EmbeddingClient.embed_multi` (the same keyword options)."""
+        wanted, contracts, options = self._multi_plan(outputs, dtype, _options(**options))
+        return merge_flags([part for c in contracts for part in await self._run(c, texts, options)], wanted)
 
     async def _run(self, contract: Contract, texts: Sequence[str], options: dict[str, Any]) -> list[Any]:
         """One result per request ``texts`` is split into, in order (``concurrency`` at a time)."""
@@ -392,29 +379,15 @@ class AsyncEmbeddingClient(_Base):
     async def _request(
         self, contract: Contract, texts: list[str], start: int, end: int, options: dict[str, Any]
     ) -> Any:
-        body = contract.encode(texts[start:end], options)
-        send_args = self._send_args(contract)
-        attempts = self.policy.start(self.target, self._what(start, end))
+        call = _Call(self, contract, texts, start, end, options)
         sagemaker = isinstance(self._transport, SageMakerTransport)
+        send = self._transport.send_async if sagemaker else self._transport.send
         while True:
-            timeout = attempts.timeout()
-            self._count(retry=attempts.count > 1)
-            try:
-                if sagemaker:
-                    response = await self._transport.send_async(body, timeout, **send_args)
-                else:
-                    response = await self._transport.send(body, timeout, **send_args)
-                result = self._outcome(response, end - start, options, contract)
-                if result is not None:
-                    return result
-                delay = attempts.failed(response=response)
-            except TransportFailure as failure:
-                delay = self._failed(attempts, failure)
-            except Exception:
-                self._count(failure=True)
-                raise
-            log.debug("retrying %s in %.2fs (attempt %d)", attempts.what, delay, attempts.count)
-            await asyncio.sleep(delay)
+            with call.attempt() as timeout:
+                call.answer(await send(call.body, timeout, **call.send_args))
+            if call.done:
+                return call.result
+            await asyncio.sleep(call.delay)
 
     async def close(self) -> None:
         """Close connections."""
