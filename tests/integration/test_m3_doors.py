@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 
 import httpx
 import numpy as np
@@ -23,7 +22,7 @@ import pytest
 from embedkit.cli import main as cli
 from embedkit.client import EmbeddingClient
 from tests.contract.serving import local_runtime_client
-from tests.integration.batch_data import read_rejects
+from tests.integration.batch_data import local_ray, read_rejects
 from tests.integration.test_m3_batch import read_outputs
 from tests.integration.test_m3_server import FAST, LocalServer
 from tests.reference_m3 import M3_LONG, M3_TEXTS
@@ -148,21 +147,10 @@ def test_the_batch_jobs_columns_match_flagembedding(dataset, tiny_m3, m3_referen
 
 
 def test_the_ray_engines_columns_match_flagembedding(dataset, tiny_m3, m3_reference, tmp_path):
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'embedkit[ray]')")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        object_store_memory=128 * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'embedkit[ray]')")
     out = tmp_path / "ray"
-    try:
+    with local_ray():
         rows = _job(dataset, out, tiny_m3, "--engine", "ray", "--num-workers", "1")
-    finally:
-        ray.shutdown()
     check_job(rows, out, m3_reference, "batch job (ray)")
 
 
@@ -176,10 +164,11 @@ def server(tiny_m3):
         yield srv
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
-        yield client
+    client = httpx.Client(base_url=server.url, timeout=120)  # the long inputs take seconds on 2 cores
+    yield client
+    client.close()
 
 
 def test_embed_sparse_matches_flagembedding(http, m3_reference):
