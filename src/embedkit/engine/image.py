@@ -114,7 +114,10 @@ class ImageEmbedder(Embedder):
         return out
 
     # ------------------------------------------------------------- text tower
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, replica: int = 0) -> torch.Tensor:
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, replica: int = 0, outputs: tuple = ("dense",)
+    ) -> torch.Tensor:
+        """CLIP's text tower (dense only: ``outputs`` is the text engine's signature)."""
         clip = self.runner.replicas[replica].module
         with self.runner.context(replica):
             vecs = features(clip.get_text_features(input_ids=input_ids, attention_mask=mask))
