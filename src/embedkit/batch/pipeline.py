@@ -34,7 +34,6 @@ from embedkit.batch.report import Progress
 from embedkit.batch.settings import HostPlan, JobSettings
 from embedkit.batch.signals import STOP_GRACE_SECONDS, Background, StopSignals
 from embedkit.batch.state import JobState
-from embedkit.engine.multi import DENSE_ONLY
 from embedkit.engine.tokenize import Tokenized
 from embedkit.errors import InputError
 from embedkit.io.readers import RowBlock, StreamCache
@@ -127,10 +126,8 @@ class TextModality:
 
 
 def embed_outputs(embedder: Any, tok: Tokenized, outputs: tuple[str, ...]) -> Outputs:
-    """``outputs`` of ``tok`` from one pass of the engine: dense alone through ``embed_tokenized``
-    (which may run an ONNX graph), more through ``embed_tokenized_multi`` (the BGE-M3 heads)."""
-    if outputs == DENSE_ONLY:
-        return {"dense": embedder.embed_tokenized(tok)}
+    """``outputs`` of ``tok`` from one pass of the engine (dense alone takes the engine's dense
+    path, ONNX graph included)."""
     found = embedder.embed_tokenized_multi(tok, outputs)
     return {name: getattr(found, name) for name in outputs}
 

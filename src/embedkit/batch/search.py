@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from embedkit.batch.export import EXPORT_DIR, JobOutput, colbert_rows, dense_matrix, load_export, sparse_rows
 from embedkit.batch.settings import output_columns
-from embedkit.engine.multi import DENSE_ONLY, HYBRID_WEIGHTS, OUTPUTS
+from embedkit.engine.multi import HYBRID_WEIGHTS, OUTPUTS
 from embedkit.errors import ConfigError, DeviceError, ModelNotFoundError
 from embedkit.io.fs import join_fs
 
@@ -137,11 +137,8 @@ def search_output(
     text_col = (
         meta.get("text_column") if meta.get("text_column") in (meta.get("keep_columns") or []) else None
     )
-    if needed == DENSE_ONLY:  # any model; the engine's own path (ONNX graph or torch)
-        q: dict[str, Any] = {"dense": np.asarray(emb.encode(list(queries)), dtype=np.float32)}
-    else:
-        found = emb.embed_multi(list(queries), needed)
-        q = {o: getattr(found, o) for o in needed}
+    found = emb.embed_multi(list(queries), needed)  # dense alone: the engine's dense path
+    q: dict[str, Any] = {o: getattr(found, o) for o in needed}
     exported = load_export(url) if mode == "dense" else None
     if exported is not None:
         dense = q["dense"]

@@ -548,8 +548,7 @@ class Embedder:
         self, work: Workload, batches: list, n: int, normalize: bool | None, dims: int | None
     ) -> np.ndarray:
         """``n`` rows of float32 vectors: ``batches`` through the runner, then the post stage."""
-        dims = self._check_dimensions(dims) if dims is not None else self.dimensions
-        norm = self.normalize if normalize is None else bool(normalize)
+        norm, dims = self._post_options(normalize, dims)
         out = np.empty((n, dims or self.model.dimension), dtype=np.float32)
 
         def emit(rows: Batch, vecs: torch.Tensor) -> None:
@@ -557,6 +556,11 @@ class Embedder:
 
         self.runner.run_all(work, batches, emit)
         return out
+
+    def _post_options(self, normalize: bool | None, dimensions: int | None) -> tuple[bool, int | None]:
+        """A call's normalisation and Matryoshka width: its own, else this engine's."""
+        dims = self._check_dimensions(dimensions) if dimensions is not None else self.dimensions
+        return (self.normalize if normalize is None else bool(normalize)), dims
 
     def _plan(self, tok: Tokenized) -> list[np.ndarray]:
         return plan_batches(
@@ -580,8 +584,7 @@ class Embedder:
         if outputs == DENSE_ONLY:  # the dense path as it is (ONNX Runtime where it was faster)
             vecs = self.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
             return MultiVectors(vecs, None, None, tok.lengths.copy(), tok.truncated.copy())
-        dims = self._check_dimensions(dimensions) if dimensions is not None else self.dimensions
-        norm = self.normalize if normalize is None else bool(normalize)
+        norm, dims = self._post_options(normalize, dimensions)
         n = len(tok)
         dense = np.empty((n, dims or self.model.dimension), np.float32) if "dense" in outputs else None
         sparse: list = [None] * n

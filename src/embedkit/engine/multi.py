@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedkit.errors import ConfigError
+from embedkit.models.text import HEADS
 
 OUTPUTS = ("dense", "sparse", "colbert")
 DENSE_ONLY = ("dense",)
@@ -91,10 +92,9 @@ def check_outputs(outputs: Sequence[str], available: Sequence[str], model: str) 
     """Raise :class:`ConfigError` when ``outputs`` asks for a head ``model`` does not have."""
     missing = [o for o in outputs if o not in available]
     if missing:
-        files = {"sparse": "sparse_linear.pt", "colbert": "colbert_linear.pt"}
         raise ConfigError(
             f"output {', '.join(missing)} asked for, but model {model} has no "
-            f"{' or '.join(files.get(m, m) for m in missing)} head (it gives: {', '.join(available)}); "
+            f"{' or '.join(HEADS.get(m, m) for m in missing)} head (it gives: {', '.join(available)}); "
             f"use a BGE-M3 model folder that has the head files, or ask only for {', '.join(available)}"
         )
 
