@@ -99,6 +99,21 @@ class TextTokenizer:
             self._fast_full = Tokenizer.from_str(backend.to_str())
             self._fast_full.no_padding()
             self._fast_full.no_truncation()
+            post = self._fast.post_processor
+            self._specials = post.num_special_tokens_to_add(False) if post is not None else 0
+            self._overflow_counts = self._overflow_counts_exact()
+
+    def _overflow_counts_exact(self) -> bool:
+        """Whether a truncated text's full length is its kept tokens plus its overflowing pieces
+        (each with the special tokens the template adds), checked once on a long probe. Then the
+        length of a cut text costs nothing; otherwise cut texts are tokenised again uncut."""
+        probe = "the quick brown fox jumps over the lazy dog, 1234 times. " * (self.max_seq_length // 4 + 8)
+        (enc,) = self._fast.encode_batch([probe], add_special_tokens=True)
+        full = len(self._fast_full.encode(probe, add_special_tokens=True).ids)
+        return bool(enc.overflowing) and self._full_length(enc) == full
+
+    def _full_length(self, enc: Any) -> int:
+        return len(enc.ids) + sum(len(o.ids) - self._specials for o in enc.overflowing)
 
     def _prep(self, texts: list[str]) -> list[str]:
         return [t.lower() for t in texts] if self.do_lower_case else texts
@@ -118,8 +133,13 @@ class TextTokenizer:
             truncated = np.fromiter((bool(e.overflowing) for e in encs), dtype=bool, count=n)
             lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=n)
             original = lengths.copy()
-            for i in np.flatnonzero(truncated):
-                original[i] = len(self._fast_full.encode(texts[i], add_special_tokens=True).ids)
+            cut = np.flatnonzero(truncated)
+            if self._overflow_counts:
+                for i in cut:
+                    original[i] = self._full_length(encs[i])
+            elif cut.size:
+                full = self._fast_full.encode_batch([texts[i] for i in cut], add_special_tokens=True)
+                original[cut] = [len(e.ids) for e in full]
         else:
             full = self.hf(texts, add_special_tokens=True, truncation=False)["input_ids"]
             original = np.fromiter((len(x) for x in full), dtype=np.int64, count=n)
