@@ -523,12 +523,18 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     ray = (result.get("ray") or {}).get("result")
     if ray:
         ok = ray.get("done_when_ok", ray["ray1_vs_local"] >= 1 / 1.15)
+
+        def x(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}x"
+
+        startup = ray["ray1"].get("startup_s")
         lines.append(
             f"ray engine vs local job ({ray['texts']} texts, {ray['units']} units): 1 worker "
             f"{ray['ray1_vs_local']:.2f}x end to end, wall {ray.get('ray1_wall_ratio', 0):.2f}x local's "
-            f"(median of {ray.get('pairs', 1)} pair(s); {ray['ray1']['startup_s']:.0f}s start-up: ray.init "
-            f"{ray['ray_init_s']:.0f}s, actor start, model load), {ray['ray1_warm_vs_local']:.2f}x once started; "
-            f"2 workers {ray['ray2_vs_local']:.2f}x / {ray['ray2_warm_vs_local']:.2f}x; "
+            f"(median of {ray.get('pairs', 1)} pair(s); {startup or 0:.0f}s start-up: ray.init "
+            f"{ray['ray_init_s']:.0f}s, actor start, model load; the driver embedded "
+            f"{ray['ray1'].get('driver_units', 0)} unit(s) meanwhile), {x(ray['ray1_warm_vs_local'])} once "
+            f"started; 2 workers {ray['ray2_vs_local']:.2f}x / {x(ray['ray2_warm_vs_local'])}; "
             f"done-when 1 worker wall within 1.15x of local's, start-up included: {'PASS' if ok else 'FAIL'}"
         )
     img = (result.get("images") or {}).get("result")

@@ -266,3 +266,23 @@ def test_cli_refuses_a_pool_the_cluster_cannot_hold_instead_of_hanging(
     err = capsys.readouterr().err
     assert "3 worker(s) x 1.0 CPU cannot be placed" in err and "room for 2" in err
     assert count_markers(tmp_path / "out") == 0
+
+
+def test_the_driver_embeds_while_its_private_ray_starts_and_the_dataset_is_the_local_one(tmp_path, model_dir):
+    """Without --ray-address the job starts its own Ray; until the first actor has loaded the model
+    the driver runs units from the same queue. Every unit is recorded once, by one of them."""
+    inp, out, ref = str(tmp_path / "in"), str(tmp_path / "out"), str(tmp_path / "ref")
+    write_parquet_dataset(inp, files=3, rows=100, row_group_size=10)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.path.join(ROOT, "src"))
+    cmd = [sys.executable, "-m", "embedkit", "embed", inp, out, "--model", model_dir, "--progress", "none"]
+    cmd += ["--unit-rows", "10", "--engine", "ray", "--num-workers", "1"]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    embed_dataset(inp, ref, model=model_dir, device="cpu", unit_rows=10, progress="none")
+    _same_dataset(out, ref)
+    runner = read_metadata(out)["runner"]
+    assert runner["engine"] == "ray" and runner["address"] == "local"
+    assert runner["driver_units"] >= 1
+    assert runner["driver_units"] + sum(w["units"] for w in runner["workers"].values()) == 30
+    assert count_markers(out) == 30

@@ -205,6 +205,10 @@ class UnitWorker:
             job.settings, embedder, job.plan, job.state, job.folder, job.hosts, TextModality()
         )
 
+    def ready(self) -> bool:
+        """Answers once the actor is constructed (the model loaded, or its error kept for run_unit)."""
+        return True
+
     def run_unit(self, k: int, prefetch: int | None = None) -> str:
         """Unit ``todo[k]``: its result record, as JSON (a marker, or an error record)."""
         if self.error is not None:
