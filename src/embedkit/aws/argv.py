@@ -44,6 +44,8 @@ def rebuild_arguments(
     replace = dict(replace or {})
     positionals: list[Any] = []
     options: list[Any] = []
+    # argparse has no public list of a parser's arguments; _actions is what its own help and
+    # usage formatters read, stable since Python 3.2, and the user's parser is not ours to declare
     for action in parser._actions:
         dest = action.dest
         if isinstance(action, _SKIP_TYPES) or dest in skip or dest.startswith(("_", "sagemaker_")):
