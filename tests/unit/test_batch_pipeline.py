@@ -129,3 +129,50 @@ def test_drop_keeps_rejects_in_row_order_and_the_valid_rows_aligned(tmp_path):
     assert [r[1] for r in p.rejects] == [1, 3, 7] and p.rows_rejected == 3
     assert p.ids == ["0", "2", "4", "5", "6"] and p.records == [0, 2, 3, 4, 5]
     assert p.tok.lengths.tolist() == [1, 3, 4, 5, 6] and p.tokens == 19
+
+
+def test_the_ray_drivers_helper_stops_taking_units_when_the_pool_ends_or_fails_to_start():
+    """The driver embeds units while its Ray starts; if the pool then fails (or ends), finish() must
+    stop it after the unit in hand, not leave it to run the whole job first."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from embedkit.batch.ray_runner import driver
+
+    class SlowPipeline:
+        embed_seconds = 0.0
+        progress = SimpleNamespace(add=lambda **kw: None)
+
+        def prepare(self, unit):
+            return SimpleNamespace(unit=unit, rows_rejected=0)
+
+        def check(self, prepared):
+            pass
+
+        def embed(self, prepared):
+            time.sleep(0.05)
+            return ["vectors"]
+
+        def write(self, prepared, outputs):
+            return {"key": prepared.unit}
+
+    runner = SimpleNamespace(
+        stop=threading.Event(),
+        _lock=threading.Lock(),
+        _queue=list(reversed(range(100))),
+        todo=[f"u{i}" for i in range(100)],
+        pipeline=SlowPipeline(),
+        markers=[],
+        units_done=0,
+        driver_units=0,
+        embed_seconds=0.0,
+    )
+    helper = driver._DriverHelper(runner)
+    helper.start()
+    time.sleep(0.2)
+    helper.finish()  # the pool failed to start: e.g. more workers than the machine holds
+    assert 1 <= runner.driver_units == runner.units_done == len(runner.markers) < 20
+    taken = 100 - len(runner._queue)
+    assert taken == runner.driver_units  # every unit taken was recorded; the rest stay queued
+    assert [m["key"] for m in runner.markers] == [f"u{k}" for k in range(99, 99 - taken, -1)]
