@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -283,9 +284,11 @@ def test_fusions_that_move_outputs_are_not_kept(tmp_path, monkeypatch):
 
 
 def test_auto_keeps_its_measurement_and_the_next_start_reuses_it(tmp_path, monkeypatch):
+    import embedkit.engine.backend as backend_mod
     import embedkit.engine.embedder as embedder_mod
 
     monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "fresh-cache"))  # no earlier test's measurement
+    monkeypatch.setattr(backend_mod, "cpu_sample", lambda: None)  # whatever else runs, it is kept
     path = build_tiny_bert(tmp_path / "m")
     first = Embedder(str(path), device="cpu", backend="auto")
     assert first.crossover is not None and first.crossover.probes
@@ -354,3 +357,38 @@ def test_bge_m3_outputs_on_onnx_come_from_the_graphs_token_states(tiny_m3):
         assert x.shape == y.shape
         np.testing.assert_allclose(y, x, atol=1e-5)
     np.testing.assert_allclose(fast.encode(texts), a["dense_vecs"], atol=1e-5)  # dense alone: same graph
+
+
+def test_a_measurement_taken_while_other_processes_were_busy_is_used_but_not_kept(
+    tmp_path, monkeypatch, caplog
+):
+    """A start on a busy machine (other processes on the cores) measures skewed times; it routes
+    this process's batches, but the next start measures again instead of inheriting the skew."""
+    import embedkit.engine.backend as backend_mod
+
+    monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    ticks = iter([(0.0, 0.0, 0.0), (1.0, 1.6, 0.9)] * 4)  # 1 s; all CPUs 1.6 s busy, this process 0.9 s
+    monkeypatch.setattr(backend_mod, "cpu_sample", lambda: next(ticks))
+    monkeypatch.setattr(backend_mod.os, "cpu_count", lambda: 2)
+    path = build_tiny_bert(tmp_path / "m")
+    with caplog.at_level(logging.INFO, logger="embedkit"):
+        emb = Embedder(str(path), device="cpu", backend="auto")
+    assert emb.crossover is not None and emb.crossover.others_cpu_share == pytest.approx(0.35)
+    assert not emb.crossover.keep and emb.crossover.probes
+    assert not list((cache_dir() / "crossover").glob("*.json"))
+    assert "other processes used 35% of the CPUs, so not kept" in caplog.text
+
+
+def test_the_share_of_the_cpus_other_processes_used():
+    from embedkit.engine.backend import others_cpu_share
+
+    assert (
+        others_cpu_share(
+            (0.0, 10.0, 1.0),
+            (2.0, 12.0, 3.0),
+        )
+        == 0.0
+    )  # all of it was ours
+    assert others_cpu_share((0.0, 0.0, 0.0), (1.0, 2.0, 0.0)) == pytest.approx(2.0 / (os.cpu_count() or 1))
+    assert others_cpu_share(None, (1.0, 1.0, 1.0)) is None
+    assert others_cpu_share((1.0, 0.0, 0.0), (1.0, 1.0, 0.0)) is None  # no time passed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,9 @@ BACKENDS = ("auto", "torch", "onnx")
 PROBE_SHAPES = ((1, 16), (2, 32), (8, 32), (8, 64), (32, 64))
 PROBE_BUDGET_S = 5.0  # a shape is probed only while its predicted cost fits in this budget
 PROBE_MARGIN = 1.05  # ONNX Runtime must beat torch by this factor (noise on shared machines)
+# A measurement taken while other processes used more than this share of the CPUs is used for this
+# process only, not kept: a busy start must not decide every later start's routing.
+KEEP_MAX_OTHERS_SHARE = 0.25
 # What ``Embedder(backend=None)`` runs (the engine reads no environment); a test suite may pin this.
 DEFAULT_BACKEND = "auto"
 
@@ -95,6 +99,13 @@ class Crossover:
     max_onnx_tokens: int
     probes: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    # share of the CPUs other processes used while it measured (None where it cannot be read)
+    others_cpu_share: float | None = None
+
+    @property
+    def keep(self) -> bool:
+        """Whether the machine was quiet enough for this measurement to decide later starts too."""
+        return self.others_cpu_share is None or self.others_cpu_share <= KEEP_MAX_OTHERS_SHARE
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +116,7 @@ class Crossover:
             max_onnx_tokens=int(data["max_onnx_tokens"]),
             probes=list(data.get("probes", [])),
             seconds=float(data.get("seconds", 0.0)),
+            others_cpu_share=data.get("others_cpu_share"),
         )
 
     def forward_cost_tokens(self, runtime: str) -> float | None:
@@ -159,6 +171,7 @@ def measure_crossover(
     ``max_onnx_tokens`` is the largest shape ONNX Runtime won by ``margin``; :data:`EVERY_BATCH`
     when it won the last (bulk) shape."""
     t_start = clock()
+    sample = cpu_sample()
     result = Crossover(max_onnx_tokens=0)
     torch_wins = 0
     costs: list[tuple[float, float]] = []  # (padded tokens, seconds spent on the shape)
@@ -186,7 +199,32 @@ def measure_crossover(
     if result.probes and last is not None and result.max_onnx_tokens == last[0] * last[1]:
         result.max_onnx_tokens = EVERY_BATCH
     result.seconds = clock() - t_start
+    result.others_cpu_share = others_cpu_share(sample, cpu_sample())
     return result
+
+
+def cpu_sample() -> tuple[float, float, float] | None:
+    """``(monotonic seconds, busy seconds of all the machine's CPUs, this process's CPU seconds)``
+    from ``/proc/stat`` (busy: user, nice, system, irq, softirq and steal); ``None`` off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+    except (OSError, ValueError, IndexError):
+        return None
+    own = os.times()
+    return time.monotonic(), busy, own.user + own.system
+
+
+def others_cpu_share(
+    start: tuple[float, float, float] | None, end: tuple[float, float, float] | None
+) -> float | None:
+    """The share (0-1) of the machine's CPUs that other processes (or the hypervisor) used between
+    two :func:`cpu_sample` readings; ``None`` when either is missing or no time passed."""
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return min(1.0, max(0.0, others / ((end[0] - start[0]) * (os.cpu_count() or 1))))
 
 
 def _predict(costs: list[tuple[float, float]], tokens: float) -> float:

@@ -326,7 +326,13 @@ class Embedder:
                 )
                 log.warning("%s", self.backend_note)
                 return
-            save_crossover(kept, measured)
+            if measured.keep:
+                save_crossover(kept, measured)
+            else:
+                how = (
+                    f"measured while other processes used {measured.others_cpu_share:.0%} of the CPUs, "
+                    "so not kept: the next start measures again"
+                )
         self.crossover = measured
         self.onnx_max_tokens = measured.max_onnx_tokens
         self.backend_note = measured.describe()
