@@ -144,18 +144,9 @@ def test_the_ray_drivers_helper_stops_taking_units_when_the_pool_ends_or_fails_t
         embed_seconds = 0.0
         progress = SimpleNamespace(add=lambda **kw: None)
 
-        def prepare(self, unit):
-            return SimpleNamespace(unit=unit, rows_rejected=0)
-
-        def check(self, prepared):
-            pass
-
-        def embed(self, prepared):
+        def run_unit(self, unit):
             time.sleep(0.05)
-            return ["vectors"]
-
-        def write(self, prepared, outputs):
-            return {"key": prepared.unit}
+            return {"key": unit, "rejected": 0}
 
     runner = SimpleNamespace(
         stop=threading.Event(),

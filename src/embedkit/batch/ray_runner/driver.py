@@ -203,7 +203,7 @@ class RayRunner:
         the first actor is ready, so the seconds Ray and the actors take to start are not idle."""
         if not private or worker_device(self.s) != "cpu" or len(self.todo) < 2:
             return None
-        helper = _DriverHelper(self)
+        helper = self._helper = _DriverHelper(self)
         helper.start()
         return helper
 
@@ -326,7 +326,6 @@ class _DriverHelper:
         self.error: BaseException | None = None
         self._halt = threading.Event()  # take no new unit (the pool is over, or it failed to start)
         self._thread = threading.Thread(target=self._run, name="embedkit-driver", daemon=True)
-        runner._helper = self
 
     def start(self) -> None:
         self._thread.start()
@@ -367,14 +366,11 @@ class _DriverHelper:
                     if not r._queue:
                         return
                     k = r._queue.pop(0)
-                prepared = pipe.prepare(r.todo[k])
-                pipe.check(prepared)
-                pipe.progress.add(rejects=prepared.rows_rejected)
                 before = pipe.embed_seconds
-                outputs = pipe.embed(prepared)
-                if outputs is None:  # stopped inside the unit: abandoned, not recorded
+                marker = pipe.run_unit(r.todo[k])
+                if marker is None:  # stopped inside the unit: abandoned, not recorded
                     return
-                marker = pipe.write(prepared, outputs)
+                pipe.progress.add(rejects=int(marker["rejected"]))
                 with r._lock:
                     r.embed_seconds += pipe.embed_seconds - before
                     r.markers.append(marker)
