@@ -148,6 +148,24 @@ def test_batches_up_to_the_crossover_run_on_onnx_and_larger_ones_on_torch_to_onn
     assert emb.describe()["backend"] == "onnx"
 
 
+def test_one_text_on_onnx_takes_the_straight_path_with_the_runners_bits(tiny_model):
+    """A lone text skips the runner (a serving hot path): same vectors to the bit as the runner's
+    batch of one, Matryoshka cut and normalisation options honoured, and counted in the stats."""
+    emb = Embedder(str(tiny_model), device="cpu", backend="onnx")
+    tok = emb.tokenize(["the cat sat on the mat"])
+    for normalize, dims in ((None, None), (False, None), (True, 8)):
+        straight = emb.embed_tokenized(tok, normalize=normalize, dimensions=dims)
+        via_runner = emb._run(emb._workload(tok), emb._plan(tok), 1, normalize, dims)
+        assert straight.shape == via_runner.shape and straight.flags["C_CONTIGUOUS"]
+        assert np.array_equal(straight, via_runner)
+    before = emb.stats.onnx_batches
+    emb.encode(["hello"])
+    assert emb.stats.onnx_batches == before + 1
+    emb.onnx_max_tokens = 0  # auto measured torch faster: a lone text runs on torch
+    emb.encode(["hello"])
+    assert emb.stats.onnx_batches == before + 1
+
+
 # --------------------------------------------------------------- graph cache
 def test_graph_is_exported_once_then_reused_from_the_cache(tmp_path, monkeypatch):
     path = build_tiny_bert(tmp_path / "m")

@@ -271,3 +271,20 @@ def test_cut_texts_report_their_uncut_length_without_a_second_tokenisation(tmp_p
         assert got.original_lengths.tolist() == want
         assert got.truncated.tolist() == [n > tok.max_seq_length for n in want]
         assert got.lengths.max() == tok.max_seq_length
+
+
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta", "mpnet"])
+def test_one_text_is_tokenised_as_it_would_be_in_a_batch(tmp_path, arch):
+    """A query (one text) skips the Rust thread pool; its ids, lengths and cut must not change."""
+    from embedkit.testing import build_tiny_bert
+
+    emb = Embedder(str(build_tiny_bert(tmp_path / arch, arch=arch, max_seq_length=24)), device="cpu")
+    texts = ["hello world", "the cat sat on the mat " * 12, "x"]
+    together = emb.tokenize(texts)
+    for i, text in enumerate(texts):
+        alone = emb.tokenize([text])
+        assert alone.ids[0].tolist() == together.ids[i].tolist()
+        assert alone.lengths[0] == together.lengths[i]
+        assert alone.original_lengths[0] == together.original_lengths[i]
+        assert alone.truncated[0] == together.truncated[i]
+    assert together.truncated.tolist() == [False, True, False]

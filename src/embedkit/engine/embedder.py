@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -480,12 +481,18 @@ class Embedder:
         return hidden.float()
 
     # ------------------------------------------------------------- stage: post
-    def _post(self, vecs: torch.Tensor, normalize: bool, dimensions: int | None) -> torch.Tensor:
-        if dimensions is not None and dimensions < vecs.shape[1]:
-            vecs = vecs[:, :dimensions]
+    @staticmethod
+    def _post(vecs: torch.Tensor, normalize: bool, dimensions: int | None) -> np.ndarray:
+        """Float32 rows on the host, cut to ``dimensions`` and L2-normalised as
+        ``torch.nn.functional.normalize`` does (norm clamped at 1e-12), in NumPy: four torch calls
+        cost ~0.07 ms of a ~2.5 ms one-text query."""
+        rows = vecs.detach().cpu().numpy()
+        if dimensions is not None and dimensions < rows.shape[1]:
+            rows = rows[:, :dimensions]
         if normalize:
-            vecs = torch.nn.functional.normalize(vecs, p=2, dim=1)
-        return vecs
+            norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float32))[:, None]
+            rows = rows / np.maximum(norms, np.float32(1e-12))
+        return rows
 
     def _run_model(
         self, tensors: tuple[torch.Tensor, ...], replica: int, outputs: tuple = DENSE_ONLY
@@ -546,9 +553,28 @@ class Embedder:
         dimensions: int | None = None,
     ) -> np.ndarray:
         """Embed already tokenised inputs; rows come back in ``tok``'s order (float32)."""
-        result = self._run(self._workload(tok), self._plan(tok), len(tok), normalize, dimensions)
+        graph = self._onnx
+        if len(tok) == 1 and graph is not None and tok.num_tokens <= self.onnx_max_tokens:
+            result = self._one_on_graph(graph, tok.ids[0], normalize, dimensions)
+        else:
+            result = self._run(self._workload(tok), self._plan(tok), len(tok), normalize, dimensions)
         self.stats.add(texts=len(tok), tokens=tok.num_tokens, truncated=tok.num_truncated)
         return result
+
+    def _one_on_graph(
+        self, graph: GraphSession, ids: np.ndarray, normalize: bool | None, dimensions: int | None
+    ) -> np.ndarray:
+        """One text on ONNX Runtime, straight: the same feeds, graph and post stage as
+        :meth:`_run` (so the same bits) without the runner's batching and tensor round trips, which
+        cost ~0.2 ms of a ~2.4 ms one-text query (a serving hot path)."""
+        norm, dims = self._post_options(normalize, dimensions)
+        input_ids = ids.astype(np.int64)[None, :]
+        t0 = time.perf_counter()
+        vecs = graph.run(input_ids, np.ones_like(input_ids))
+        self.stats.add(
+            model_seconds=time.perf_counter() - t0, batches=1, onnx_batches=1, padded_tokens=len(ids)
+        )
+        return np.ascontiguousarray(self._post(torch.from_numpy(vecs), norm, dims))
 
     def _run(
         self, work: Workload, batches: list, n: int, normalize: bool | None, dims: int | None
@@ -558,7 +584,7 @@ class Embedder:
         out = np.empty((n, dims or self.model.dimension), dtype=np.float32)
 
         def emit(rows: Batch, vecs: torch.Tensor) -> None:
-            out[rows] = self._post(vecs, norm, dims).cpu().numpy()
+            out[rows] = self._post(vecs, norm, dims)
 
         self.runner.run_all(work, batches, emit)
         return out
@@ -598,7 +624,7 @@ class Embedder:
 
         def emit(rows: Batch, found: dict[str, torch.Tensor]) -> None:
             if dense is not None:
-                dense[rows] = self._post(found["dense"], norm, dims).cpu().numpy()
+                dense[rows] = self._post(found["dense"], norm, dims)
             weights = found["sparse"].cpu().numpy() if "sparse" in found else None
             vecs = found.get("colbert")
             if vecs is not None and norm:

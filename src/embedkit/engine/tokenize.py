@@ -128,7 +128,11 @@ class TextTokenizer:
         if n == 0:
             return Tokenized.concat([])
         if self._fast is not None:  # the untruncating tokenizer never overflows
-            encs = (self._fast if truncate else self._fast_full).encode_batch(texts, add_special_tokens=True)
+            fast = self._fast if truncate else self._fast_full
+            if n == 1:  # a query: encode_batch would hand it to the Rust thread pool and wait
+                encs = [fast.encode(texts[0], add_special_tokens=True)]
+            else:
+                encs = fast.encode_batch(texts, add_special_tokens=True)
             ids = [np.asarray(e.ids, dtype=np.int32) for e in encs]
             truncated = np.fromiter((bool(e.overflowing) for e in encs), dtype=bool, count=n)
             lengths = np.fromiter((len(a) for a in ids), dtype=np.int64, count=n)

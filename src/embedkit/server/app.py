@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -148,12 +147,41 @@ class DrainUnreadBody:
                 return
 
 
+class HotRoutes:
+    """ASGI: a POST to a query route (``/invocations``, ``/embed``, ``/v1/embeddings``) goes straight
+    to its endpoint; everything else (other routes, methods, lifespan) through Starlette's stack.
+
+    The endpoints answer every error themselves (``EmbedServer._wrap``), so Starlette's error and
+    exception middlewares and its router have nothing to add on these routes, and skipping them
+    saves CPU on every query: after each forward pass the caches are cold, and each layer of
+    coroutines costs several times its warm price (docs/server.md, "What a request costs").
+    """
+
+    def __init__(self, app: ASGIApp, routes: dict[str, Handler]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            endpoint = self.routes.get(path)
+            if endpoint is not None:
+                response = await endpoint(Request(scope, receive))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(codecs.dumps(obj), status_code=status, headers=headers, media_type=JSON)
 
 
 class EmbedServer:
-    """Routes over a :class:`Service`; ``app`` is the Starlette application."""
+    """Routes over a :class:`Service`; ``app`` is the ASGI application (Starlette behind the
+    hot-route dispatch and the body drain)."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -162,28 +190,29 @@ class EmbedServer:
         self.tei = self.settings.hf_mode == "tei"
         self._key = (self.settings.api_key or "").encode() or None
         self._names = self.settings.endpoint_names
+        hot = {  # the query routes: straight to the endpoint (HotRoutes)
+            "/invocations": self._wrap("/invocations", self._invocations, dlc=self.dlc),
+            "/embed": self._wrap("/embed", self._tei),
+            "/v1/embeddings": self._wrap("/v1/embeddings", self._openai),
+        }
         routes = [
             Route("/ping", self._health, methods=["GET"]),
             Route("/health", self._health, methods=["GET"]),
-            Route(
-                "/invocations", self._wrap("/invocations", self._invocations, dlc=self.dlc), methods=["POST"]
-            ),
+            *(Route(path, endpoint, methods=["POST"]) for path, endpoint in hot.items()),
             Route("/endpoints/{name}/invocations", self._runtime, methods=["POST"]),
             Route("/execution-parameters", self._execution_parameters, methods=["GET"]),
-            Route("/embed", self._wrap("/embed", self._tei), methods=["POST"]),
             Route("/embed_sparse", self._wrap("/embed_sparse", self._tei_sparse), methods=["POST"]),
-            Route("/v1/embeddings", self._wrap("/v1/embeddings", self._openai), methods=["POST"]),
             Route("/info", self._wrap("/info", self._info), methods=["GET"]),
             Route("/metrics", self._wrap("/metrics", self._metrics), methods=["GET"]),
             Route("/openapi.json", self._openapi, methods=["GET"]),
         ]
         drain_bytes = max(4 * self.settings.max_body_bytes, 32 * MIB)
-        self.app = Starlette(
+        self.starlette = Starlette(
             routes=routes,
-            middleware=[Middleware(DrainUnreadBody, max_bytes=drain_bytes)],
             exception_handlers={HTTPException: self._http_exception},
             lifespan=self._lifespan,
         )
+        self.app: ASGIApp = DrainUnreadBody(HotRoutes(self.starlette, hot), max_bytes=drain_bytes)
 
     # ------------------------------------------------------------- plumbing
     @contextlib.asynccontextmanager
@@ -559,7 +588,7 @@ def create_app(
     *,
     model_dir: Path | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
-) -> Starlette:
-    """The Starlette app for these settings; the model loads when the app's lifespan starts."""
+) -> ASGIApp:
+    """The ASGI app for these settings; the model loads when the app's lifespan starts."""
     service = Service(engine, server, model_dir=model_dir, on_fatal=on_fatal)
     return EmbedServer(service).app
