@@ -86,8 +86,8 @@ def test_crossover_keeps_onnx_up_to_the_largest_shape_where_it_won():
     res = measure_crossover(
         clock.runtime(0.010, 10e-6), clock.runtime(0.001, 20e-6), budget_s=100.0, clock=clock
     )
-    assert res.max_onnx_tokens == 512  # (8, 64); (32, 64) = 2048 tokens is torch's
-    assert [p["tokens"] * p["rows"] for p in res.probes] == [16, 64, 256, 512, 2048]
+    assert res.max_onnx_tokens == 512  # (8, 64); (32, 64) = 2048 tokens and the bulk 4096 are torch's
+    assert [p["tokens"] * p["rows"] for p in res.probes] == [16, 64, 256, 512, 2048, 4096]
     assert "up to 512 padded tokens" in res.describe()
 
 
@@ -97,7 +97,7 @@ def test_crossover_that_onnx_wins_up_to_the_bulk_shape_routes_every_batch_to_onn
         clock.runtime(0.010, 10e-6), clock.runtime(0.001, 7e-6), budget_s=100.0, clock=clock
     )
     assert res.max_onnx_tokens == EVERY_BATCH and len(res.probes) == len(PROBE_SHAPES)
-    assert res.describe() == "onnx for every batch (faster at every probed shape, up to 32x64 tokens)"
+    assert res.describe() == "onnx for every batch (faster at every probed shape, up to 128x32 tokens)"
     assert Crossover.from_dict(json.loads(json.dumps(res.to_dict()))) == res
 
 
