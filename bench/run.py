@@ -407,6 +407,10 @@ def done_when(result: dict[str, Any]) -> dict[str, Any]:
         checks["serve_latency_ok"] = serve["latency_ok"]
     if serve.get("vs_offline") is not None:
         checks["serve_c32_ok"] = serve["ok"]
+    default = serve.get("c32_default_precision")
+    if default:  # the section ran another precision: the bar at the server's default (fp32) too
+        checks["serve_vs_offline_default_precision"] = default["vs_offline"]
+        checks["serve_c32_default_precision_ok"] = default["ok"]
     if "infinity_ok" in serve:
         checks["serve_vs_infinity_ok"] = serve["infinity_ok"]
     elif serve:

@@ -238,6 +238,23 @@ def test_serve_summary_ratios_are_against_the_capped_engine_naive_st_and_infinit
     assert "vs_infinity" not in skipped and "infinity_ok" not in skipped
 
 
+def test_a_serve_section_in_another_precision_judges_c32_at_the_servers_default_too():
+    from bench.bench_serve import describe, summarize
+    from bench.run import done_when
+
+    default = {"precision": "fp32", "requests_per_s": 80.0, "p99_ms": 300.0, "offline_texts_per_s": 100.0}
+    default["vs_offline"] = 0.8
+    res = _serve_result(precision="bf16", c32_default_precision=default, requests_per_s=180.0, texts=1500)
+    res["memory"] = {}
+    res.update(p99_ms_c32=200.0, mean_batch_texts_c32=20.0, p99_ms_c1=9.0)
+    res.update(summarize(res))
+    assert res["ok"] and default["ok"] is False  # bf16 at 0.9x passes, fp32 at 0.8x does not
+    assert any("in fp32 (the server's default)" in line and "FAIL" in line for line in describe(res))
+    checks = done_when({"serve": {"result": res}})
+    assert checks["serve_c32_ok"] and checks["serve_c32_default_precision_ok"] is False
+    assert checks["serve_vs_offline_default_precision"] == pytest.approx(0.8)
+
+
 def test_percentile_is_the_nearest_rank_below_in_ms():
     from bench.bench_serve import percentile_ms
 
