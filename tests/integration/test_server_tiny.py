@@ -267,3 +267,20 @@ def test_auto_backend_answers_on_torch_first_then_attaches_the_graph_after_ready
     expected = tiny_embedder.encode(texts)
     assert float(np.abs(first - expected).max()) <= 1e-5
     assert float(np.abs(after - expected).max()) <= 1e-5
+
+
+def test_a_torch_only_server_prices_its_forward_pass_after_ready(tiny_model, tmp_path):
+    """Without auto's measurement, the server times torch on three small shapes as one job on the
+    worker after /ping turns 200, so merged requests are split into length groups at its real cost
+    (on a tiny random model the times may not grow with tokens, so the price may stay unset)."""
+    args = ["--model", str(tiny_model), "--backend", "torch"]
+    with ServerProcess(args, log_dir=tmp_path) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        for _ in range(300):  # bounded: one job on the worker, right after ready
+            if "one more torch forward pass costs" in srv.log():
+                break
+            c.post("/invocations", json={"inputs": "tick"})  # queues behind the measurement
+        assert "one more torch forward pass costs" in srv.log()
+        info = c.get("/info").json()
+        assert info["backend"] == "torch"
+        cost = info["forward_cost_tokens"]
+        assert cost is None or 4 <= cost <= 1024

@@ -13,10 +13,12 @@ import torch
 
 from embedkit import Embedder
 from embedkit.engine.backend import (
+    COST_SHAPES,
     EVERY_BATCH,
     PROBE_SHAPES,
     Crossover,
     measure_crossover,
+    measure_forward_cost,
     resolve_backend,
     second_copy_fits,
 )
@@ -353,6 +355,37 @@ def test_forward_cost_in_tokens_comes_from_the_small_probes_line():
     assert res.forward_cost_tokens("torch") == pytest.approx(100, rel=1e-6)
     assert res.forward_cost_tokens("onnx") == pytest.approx(20, rel=1e-6)
     assert Crossover(max_onnx_tokens=0).forward_cost_tokens("onnx") is None
+
+
+def test_a_torch_only_engine_measures_its_forward_cost_alone():
+    clock = FakeClock()
+    # bf16 eager torch on the AMX Xeon looks like this: a large fixed cost, cheap tokens
+    res = measure_forward_cost(clock.runtime(0.020, 40e-6), clock=clock)
+    assert [(p["rows"], p["tokens"]) for p in res.probes] == list(COST_SHAPES)
+    assert all("onnx_ms" not in p for p in res.probes) and res.max_onnx_tokens == 0
+    assert res.forward_cost_tokens("torch") == pytest.approx(500, rel=1e-6)
+    assert res.seconds == pytest.approx(clock.now)
+    # capped: merging past ~1000 padded tokens per pass stopped paying
+    assert measure_forward_cost(clock.runtime(1.0, 1e-6), clock=clock).forward_cost_tokens("torch") == 1024
+
+
+def test_an_engine_without_a_graph_keeps_its_measured_forward_cost(tiny_model, monkeypatch):
+    from embedkit.engine import embedder as embedder_module
+
+    emb = Embedder(str(tiny_model), device="cpu", backend="torch")
+    assert emb.forward_cost_tokens is None
+    clock, seen = FakeClock(), []
+
+    def fake_measure(run_torch, *, shapes):
+        seen.extend(shapes)
+        run_torch(*shapes[0])  # the engine's own forward pass on the probe inputs
+        return measure_forward_cost(clock.runtime(0.020, 40e-6), shapes=shapes, clock=clock)
+
+    monkeypatch.setattr(embedder_module, "measure_forward_cost", fake_measure)
+    assert emb.measure_forward_cost() == pytest.approx(500) and emb.forward_cost_tokens == pytest.approx(500)
+    assert max(t for _, t in seen) <= emb.max_seq_length  # probes fit the model
+    emb.forward_cost_tokens = 123.0  # auto's crossover (or an earlier call) already priced it
+    assert emb.measure_forward_cost() == 123.0
 
 
 def test_bge_m3_outputs_on_onnx_come_from_the_graphs_token_states(tiny_m3):

@@ -90,6 +90,9 @@ def second_copy_fits(weight_bytes: int, available: int | None = None) -> bool:
     return available >= 2 * weight_bytes + (512 << 20)
 
 
+# Upper bound of a measured forward cost: bf16 eager torch measured ~700 tokens on the AMX Xeon,
+# and merging past ~1000 tokens of padding per pass stopped paying there.
+MAX_FORWARD_COST_TOKENS = 1024.0
 # ``max_onnx_tokens`` when ONNX Runtime won up to the largest (bulk) probe shape.
 EVERY_BATCH = 1 << 62
 
@@ -137,7 +140,7 @@ class Crossover:
         slope, intercept = np.polyfit(x, y, 1)
         if slope <= 0:
             return None
-        return float(min(256.0, max(4.0, intercept / slope)))
+        return float(min(MAX_FORWARD_COST_TOKENS, max(4.0, intercept / slope)))
 
     def describe(self) -> str:
         if self.max_onnx_tokens >= EVERY_BATCH:
@@ -202,6 +205,31 @@ def measure_crossover(
         result.max_onnx_tokens = EVERY_BATCH
     result.seconds = clock() - t_start
     result.others_cpu_share = others_cpu_share(sample, cpu_sample())
+    return result
+
+
+# Shapes timed by :func:`measure_forward_cost` (texts, tokens each): a line through them gives one
+# more forward pass's cost in padded tokens.
+COST_SHAPES = ((1, 16), (4, 32), (8, 64))
+
+
+def measure_forward_cost(
+    run_torch: Callable[[int, int], object],
+    *,
+    shapes: tuple[tuple[int, int], ...] = COST_SHAPES,
+    reps: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Crossover:
+    """Time ``run_torch(rows, tokens)`` alone on ``shapes`` (warm-up, then the best of ``reps``),
+    for an engine that runs torch only: a :class:`Crossover` with torch's probes and no ONNX
+    Runtime (``forward_cost_tokens("torch")`` reads the cost)."""
+    t_start = clock()
+    result = Crossover(max_onnx_tokens=0)
+    for rows, tokens in shapes:
+        run_torch(rows, tokens)
+        seconds = _best_of(lambda r=rows, t=tokens: run_torch(r, t), reps, clock)
+        result.probes.append({"rows": rows, "tokens": tokens, "torch_ms": seconds * 1e3})
+    result.seconds = clock() - t_start
     return result
 
 

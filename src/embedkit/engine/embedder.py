@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +27,13 @@ import numpy as np
 import torch
 
 from embedkit.engine.backend import (
+    COST_SHAPES,
     Crossover,
     available_memory_bytes,
     crossover_path,
     load_crossover,
     measure_crossover,
+    measure_forward_cost,
     resolve_backend,
     save_crossover,
     second_copy_fits,
@@ -284,6 +286,49 @@ class Embedder:
             log.warning("%s: using torch for every batch", self.backend_note)
             return None
 
+    def _probe_runs(
+        self,
+    ) -> tuple[Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], Callable[[int, int], object]]:
+        """``shape(rows, tokens)``: random unpadded inputs of that shape, and ``run_torch(rows,
+        tokens)``: this engine's torch forward pass on them (first replica, on its device)."""
+        config = getattr(getattr(self.model, "transformer", None), "config", None)
+        vocab = int(getattr(config, "vocab_size", 1000))
+        rng = np.random.default_rng(0)
+
+        def shape(rows: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+            ids = rng.integers(min(vocab - 1, 100), vocab, size=(rows, tokens), dtype=np.int64)
+            return torch.from_numpy(ids), torch.ones((rows, tokens), dtype=torch.int64)
+
+        def run_torch(rows: int, tokens: int) -> object:
+            ids, mask = shape(rows, tokens)
+            device = self.runner.replicas[0].device
+            to_device = self.runner.to_device
+            return self._forward(to_device(ids, device), to_device(mask, device))
+
+        return shape, run_torch
+
+    def measure_forward_cost(self) -> float | None:
+        """Time the torch forward pass on three small shapes and keep the cost of one more pass in
+        padded tokens (:attr:`forward_cost_tokens`), unless ``auto``'s measurement already set it.
+        The server prices splitting merged requests into length groups with it; eager torch's
+        fixed cost differs by precision and CPU (~70 tokens in fp32, ~700 in bf16 on the AMX
+        Xeon). Call it on the thread that runs the batches (it runs the model)."""
+        if self.forward_cost_tokens is None:
+            _, run_torch = self._probe_runs()
+            shapes = tuple((rows, min(tokens, self.max_seq_length)) for rows, tokens in COST_SHAPES)
+            try:
+                measured = measure_forward_cost(run_torch, shapes=shapes)
+            except Exception as exc:  # the batcher then prices a pass at its default
+                log.warning("could not measure the forward pass's cost (%s: %s)", type(exc).__name__, exc)
+                return None
+            self.forward_cost_tokens = measured.forward_cost_tokens("torch")
+            log.info(
+                "one more torch forward pass costs ~%s padded tokens (measured in %.2fs)",
+                "?" if self.forward_cost_tokens is None else round(self.forward_cost_tokens),
+                measured.seconds,
+            )
+        return self.forward_cost_tokens
+
     def use_graph(self, session: GraphSession) -> None:
         """Start routing batches to ``session``; with ``auto``, first time both runtimes and keep
         ONNX Runtime for the batch sizes where it was faster (dropping it when it never was).
@@ -295,15 +340,7 @@ class Embedder:
             self.onnx_max_tokens = 1 << 62
             self.backend_note = "onnx for every batch"
             return
-        vocab = int(getattr(self.model.transformer.config, "vocab_size", 1000))
-        rng = np.random.default_rng(0)
-
-        def shape(rows: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-            ids = rng.integers(min(vocab - 1, 100), vocab, size=(rows, tokens), dtype=np.int64)
-            return torch.from_numpy(ids), torch.ones((rows, tokens), dtype=torch.int64)
-
-        def run_torch(rows: int, tokens: int) -> object:
-            return self._forward(*shape(rows, tokens))
+        shape, run_torch = self._probe_runs()
 
         def run_onnx(rows: int, tokens: int) -> object:
             ids, mask = shape(rows, tokens)

@@ -533,6 +533,9 @@ class EmbedServer:
                 precision=emb.precision,
                 backend=emb.backend,
                 backend_plan=emb.backend_note,
+                forward_cost_tokens=(
+                    None if emb.forward_cost_tokens is None else round(emb.forward_cost_tokens)
+                ),
                 device=str(emb.device),
                 content_hash=emb.content_hash,
                 outputs=list(emb.outputs),

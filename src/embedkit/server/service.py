@@ -101,6 +101,8 @@ class Service:
             log.info("model ready in %.1fs: %s", self.load_seconds, self.describe())
             if self.embedder is not None and self.embedder.pending_graph is not None:
                 self._attach_graph(loop)
+            elif self.embedder is not None and self.embedder.forward_cost_tokens is None:
+                self._on_worker(loop, self.embedder.measure_forward_cost)
         except BaseException as exc:
             self.load_error = exc
             self.state = "failed"
@@ -123,17 +125,24 @@ class Service:
         emb, batcher = self.embedder, self.batcher
         assert emb is not None and batcher is not None
         session = emb.open_graph()
-        if session is None:
+        if session is None:  # torch for every batch: price its forward pass for the batcher
+            self._on_worker(loop, emb.measure_forward_cost)
             return
+        self._on_worker(loop, emb.use_graph, session)
 
-        def queue_switch() -> None:
+    def _on_worker(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` as one job on the inference worker, between batches (from any thread)."""
+        batcher = self.batcher
+        assert batcher is not None
+
+        def queue() -> None:
             try:
-                batcher.call(emb.use_graph, session)
+                batcher.call(fn, *args)
             except NotReadyError:  # shutting down: nothing left to speed up
                 pass
 
         try:
-            loop.call_soon_threadsafe(queue_switch)
+            loop.call_soon_threadsafe(queue)
         except RuntimeError:  # the loop is closed
             pass
 
