@@ -103,6 +103,28 @@ def test_crossover_that_onnx_wins_up_to_the_bulk_shape_routes_every_batch_to_onn
     assert Crossover.from_dict(json.loads(json.dumps(res.to_dict()))) == res
 
 
+def test_a_tie_goes_to_onnx_runtime_and_torch_must_win_by_the_margin():
+    clock = FakeClock()
+    # torch 3% faster everywhere but the bulk shape, where it is 10% faster: ties up to 32 x 64
+    times = {16: (0.97, 1.0), 64: (0.97, 1.0), 256: (0.97, 1.0), 512: (0.97, 1.0), 2048: (0.97, 1.0)}
+    times[4096] = (0.90, 1.0)
+
+    def runtime(which: int):
+        def run(rows: int, tokens: int) -> None:
+            clock.now += times[rows * tokens][which] * 1e-3
+
+        return run
+
+    res = measure_crossover(runtime(0), runtime(1), budget_s=100.0, clock=clock)
+    assert res.max_onnx_tokens == 2048 and len(res.probes) == len(PROBE_SHAPES)
+    times[4096] = (0.97, 1.0)  # a tie at the bulk shape too: every batch
+    res = measure_crossover(runtime(0), runtime(1), budget_s=100.0, clock=clock)
+    assert res.max_onnx_tokens == EVERY_BATCH
+    times[512] = (0.90, 1.0)  # torch clearly faster at 8 x 64 only: one loss does not end the ladder
+    res = measure_crossover(runtime(0), runtime(1), budget_s=100.0, clock=clock)
+    assert res.max_onnx_tokens == EVERY_BATCH and len(res.probes) == len(PROBE_SHAPES)
+
+
 def test_crossover_stops_after_torch_wins_twice_and_within_its_budget():
     clock = FakeClock()
     res = measure_crossover(clock.runtime(0.001, 0), clock.runtime(0.002, 0), budget_s=100.0, clock=clock)
