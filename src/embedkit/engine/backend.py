@@ -32,7 +32,9 @@ BACKENDS = ("auto", "torch", "onnx")
 # 32 x 64 was a tie, so a ladder that stopped there handed bulk jobs the slower runtime).
 PROBE_SHAPES = ((1, 16), (2, 32), (8, 32), (8, 64), (32, 64), (128, 32))
 PROBE_BUDGET_S = 5.0  # a shape is probed only while its predicted cost fits in this budget
-PROBE_MARGIN = 1.05  # a runtime wins a shape by this factor; ties (noise on shared machines) go to ONNX Runtime
+PROBE_MARGIN = (
+    1.05  # a runtime wins a shape by this factor; ties (noise on shared machines) go to ONNX Runtime
+)
 # A measurement taken while other processes used more than this share of the CPUs is used for this
 # process only, not kept: a busy start must not decide every later start's routing.
 KEEP_MAX_OTHERS_SHARE = 0.25
