@@ -182,8 +182,8 @@ class ModelRunner:
         With one replica, the next batch's inputs are prepared in a helper thread while the model
         runs the current one (a single batch is prepared in the caller's thread: nothing to overlap,
         and the hand-off cost ~0.2 ms of a ~3 ms one-text query). With several, each replica runs
-        its share in its own thread (torch releases the GIL in kernels); shares are balanced by ``work.cost``, greedily in the order
-        given (longest first balances best)."""
+        its share in its own thread (torch releases the GIL in kernels); shares are balanced by
+        ``work.cost``, greedily in the order given (longest first balances best)."""
 
         def emit_all(parts: list[tuple[Batch, Any]]) -> None:
             for rows, found in parts:

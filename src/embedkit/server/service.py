@@ -122,8 +122,8 @@ class Service:
         """auto's ONNX graph, after /ping already answers 200 on torch: the session opens on this
         (loading) thread, then the start-up measurement and the switch run as one job on the
         inference worker, between batches, so the two runtimes never compute at once."""
-        emb, batcher = self.embedder, self.batcher
-        assert emb is not None and batcher is not None
+        emb = self.embedder
+        assert emb is not None
         session = emb.open_graph()
         if session is None:  # torch for every batch: price its forward pass for the batcher
             self._on_worker(loop, emb.measure_forward_cost)
