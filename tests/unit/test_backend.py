@@ -398,7 +398,8 @@ def test_an_engine_without_a_graph_keeps_its_measured_forward_cost(tiny_model, m
     assert emb.forward_cost_tokens is None
     clock, seen = FakeClock(), []
 
-    def fake_measure(run_torch, *, shapes):
+    def fake_measure(run_torch, *, runtime, shapes):
+        assert runtime == "torch"
         seen.extend(shapes)
         run_torch(*shapes[0])  # the engine's own forward pass on the probe inputs
         return measure_forward_cost(clock.runtime(0.020, 40e-6), shapes=shapes, clock=clock)
@@ -408,6 +409,26 @@ def test_an_engine_without_a_graph_keeps_its_measured_forward_cost(tiny_model, m
     assert max(t for _, t in seen) <= emb.max_seq_length  # probes fit the model
     emb.forward_cost_tokens = 123.0  # auto's crossover (or an earlier call) already priced it
     assert emb.measure_forward_cost() == 123.0
+
+
+def test_an_onnx_engine_prices_the_pass_it_runs_not_torchs(tiny_model, monkeypatch):
+    """backend="onnx" runs every batch on ONNX Runtime: its forward cost is ONNX Runtime's."""
+    from embedkit.engine import embedder as embedder_module
+
+    emb = Embedder(str(tiny_model), device="cpu", backend="onnx")
+    assert emb.forward_cost_tokens is None
+    seen = []
+
+    def fake_measure(run, *, runtime, shapes):
+        seen.append(runtime)
+        run(*shapes[0])  # ONNX Runtime's pass on the probe inputs
+        clock = FakeClock()
+        return measure_forward_cost(clock.runtime(0.002, 100e-6), runtime=runtime, shapes=shapes, clock=clock)
+
+    monkeypatch.setattr(embedder_module, "measure_forward_cost", fake_measure)
+    before = emb.stats.batches
+    assert emb.measure_forward_cost() == pytest.approx(20) and seen == ["onnx"]
+    assert emb.stats.batches == before  # probes are not counted as the engine's batches
 
 
 def test_bge_m3_outputs_on_onnx_come_from_the_graphs_token_states(tiny_m3):

@@ -32,9 +32,8 @@ BACKENDS = ("auto", "torch", "onnx")
 # 32 x 64 was a tie, so a ladder that stopped there handed bulk jobs the slower runtime).
 PROBE_SHAPES = ((1, 16), (2, 32), (8, 32), (8, 64), (32, 64), (128, 32))
 PROBE_BUDGET_S = 5.0  # a shape is probed only while its predicted cost fits in this budget
-PROBE_MARGIN = (
-    1.05  # a runtime wins a shape by this factor; ties (noise on shared machines) go to ONNX Runtime
-)
+# A runtime wins a shape by this factor; ties (noise on shared machines) go to ONNX Runtime.
+PROBE_MARGIN = 1.05
 # A measurement taken while other processes used more than this share of the CPUs is used for this
 # process only, not kept: a busy start must not decide every later start's routing.
 KEEP_MAX_OTHERS_SHARE = 0.25
@@ -92,8 +91,8 @@ def second_copy_fits(weight_bytes: int, available: int | None = None) -> bool:
     return available >= 2 * weight_bytes + (512 << 20)
 
 
-# Upper bound of a measured forward cost: bf16 eager torch measured ~700 tokens on the AMX Xeon,
-# and merging past ~1000 tokens of padding per pass stopped paying there.
+# Upper bound of a measured forward cost: replaying the server's bf16 batches on the AMX Xeon, a
+# price of 1000 padded tokens per pass still paid (a fixed 256 cut bf16's measured cost short).
 MAX_FORWARD_COST_TOKENS = 1024.0
 # ``max_onnx_tokens`` when ONNX Runtime won up to the largest (bulk) probe shape.
 EVERY_BATCH = 1 << 62
@@ -222,21 +221,22 @@ COST_SHAPES = ((1, 16), (4, 32), (8, 64))
 
 
 def measure_forward_cost(
-    run_torch: Callable[[int, int], object],
+    run: Callable[[int, int], object],
     *,
+    runtime: str = "torch",
     shapes: tuple[tuple[int, int], ...] = COST_SHAPES,
     reps: int = 2,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Crossover:
-    """Time ``run_torch(rows, tokens)`` alone on ``shapes`` (warm-up, then the best of ``reps``),
-    for an engine that runs torch only: a :class:`Crossover` with torch's probes and no ONNX
-    Runtime (``forward_cost_tokens("torch")`` reads the cost)."""
+    """Time ``run(rows, tokens)``, the one runtime ("torch" or "onnx") an engine runs every batch
+    on, alone on ``shapes`` (warm-up, then the best of ``reps``): a :class:`Crossover` with that
+    runtime's probes only (``forward_cost_tokens(runtime)`` reads the cost)."""
     t_start = clock()
-    result = Crossover(max_onnx_tokens=0)
+    result = Crossover(max_onnx_tokens=EVERY_BATCH if runtime == "onnx" else 0)
     for rows, tokens in shapes:
-        run_torch(rows, tokens)
-        seconds = _best_of(lambda r=rows, t=tokens: run_torch(r, t), reps, clock)
-        result.probes.append({"rows": rows, "tokens": tokens, "torch_ms": seconds * 1e3})
+        run(rows, tokens)
+        seconds = _best_of(lambda r=rows, t=tokens: run(r, t), reps, clock)
+        result.probes.append({"rows": rows, "tokens": tokens, f"{runtime}_ms": seconds * 1e3})
     result.seconds = clock() - t_start
     return result
 

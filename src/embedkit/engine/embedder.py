@@ -28,6 +28,7 @@ import torch
 
 from embedkit.engine.backend import (
     COST_SHAPES,
+    EVERY_BATCH,
     Crossover,
     available_memory_bytes,
     crossover_path,
@@ -308,22 +309,32 @@ class Embedder:
         return shape, run_torch
 
     def measure_forward_cost(self) -> float | None:
-        """Time the torch forward pass on three small shapes and keep the cost of one more pass in
+        """Time the forward pass of the runtime that runs every batch (ONNX Runtime with
+        ``backend="onnx"``, else torch) on three small shapes and keep the cost of one more pass in
         padded tokens (:attr:`forward_cost_tokens`), unless ``auto``'s measurement already set it.
         The server prices splitting merged requests into length groups with it; eager torch's
-        fixed cost differs by precision and CPU (~70 tokens in fp32, ~700 in bf16 on the AMX
+        fixed cost differs by precision and CPU (~60 tokens in fp32, ~200 in bf16 on the AMX
         Xeon). Call it on the thread that runs the batches (it runs the model)."""
         if self.forward_cost_tokens is None:
-            _, run_torch = self._probe_runs()
+            shape, run = self._probe_runs()
+            runtime, graph = "torch", self._onnx
+            if graph is not None and self.onnx_max_tokens >= EVERY_BATCH:
+                runtime = "onnx"
+
+                def run(rows: int, tokens: int) -> object:
+                    ids, mask = shape(rows, tokens)
+                    return graph.run(ids.numpy(), mask.numpy())
+
             shapes = tuple((rows, min(tokens, self.max_seq_length)) for rows, tokens in COST_SHAPES)
             try:
-                measured = measure_forward_cost(run_torch, shapes=shapes)
+                measured = measure_forward_cost(run, runtime=runtime, shapes=shapes)
             except Exception as exc:  # the batcher then prices a pass at its default
                 log.warning("could not measure the forward pass's cost (%s: %s)", type(exc).__name__, exc)
                 return None
-            self.forward_cost_tokens = measured.forward_cost_tokens("torch")
+            self.forward_cost_tokens = measured.forward_cost_tokens(runtime)
             log.info(
-                "one more torch forward pass costs ~%s padded tokens (measured in %.2fs)",
+                "one more %s forward pass costs ~%s padded tokens (measured in %.2fs)",
+                runtime,
                 "?" if self.forward_cost_tokens is None else round(self.forward_cost_tokens),
                 measured.seconds,
             )
@@ -337,7 +348,7 @@ class Embedder:
         self._onnx = session
         self.graph_path = session.path
         if self.backend == "onnx":
-            self.onnx_max_tokens = 1 << 62
+            self.onnx_max_tokens = EVERY_BATCH
             self.backend_note = "onnx for every batch"
             return
         shape, run_torch = self._probe_runs()
