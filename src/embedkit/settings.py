@@ -391,6 +391,7 @@ class EngineSettings(Settings):
     pooling: str | None = setting(None, "override pooling: mean, cls, max, lasttoken, ...")
     prompt_name: str | None = setting(None, "prompt from the model's config to prepend to every text")
     cpu_fusion: bool = setting(True, "fused oneDNN kernels for linear layers on CPU (fp32/bf16)")
+    unpad: bool = setting(True, "BERT-family models: dense layers on real tokens only, no padding")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -411,4 +412,5 @@ class EngineSettings(Settings):
             "pooling": self.pooling,
             "backend": self.backend,
             "cpu_fusion": self.cpu_fusion,
+            "unpad": self.unpad,
         }

@@ -282,5 +282,6 @@ def test_a_torch_only_server_prices_its_forward_pass_after_ready(tiny_model, tmp
         assert "one more torch forward pass costs" in srv.log()
         info = c.get("/info").json()
         assert info["backend"] == "torch"
+        assert info["unpadded"] is True  # a BERT model: dense layers on real tokens only
         cost = info["forward_cost_tokens"]
         assert cost is None or 4 <= cost <= 1024

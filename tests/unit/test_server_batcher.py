@@ -166,3 +166,47 @@ def test_merged_requests_are_split_by_the_engine_s_measured_forward_cost(tiny_em
     assert groups[0][0] == batcher_mod.FORWARD_COST_TOKENS
     assert groups[1:] == [(1000, 1), (4, 2)]
     np.testing.assert_allclose(cheap, dear, atol=1e-5)
+
+
+def test_a_lone_text_runs_inline_only_while_the_worker_is_idle(tiny_embedder, monkeypatch):
+    """A one-text request that would run alone on ONNX Runtime is answered on the event loop when
+    nothing is queued or running; behind other work it queues for the worker as before."""
+    threads: list[str] = []
+    real = tiny_embedder.embed_tokenized
+
+    def spy(tok, **kw):
+        threads.append(threading.current_thread().name)
+        return real(tok, **kw)
+
+    monkeypatch.setattr(tiny_embedder, "runs_alone_on_graph", lambda tok: len(tok) == 1)
+    monkeypatch.setattr(tiny_embedder, "embed_tokenized", spy)
+    seen: list[tuple[int, int]] = []
+
+    async def main():
+        b = Batcher(tiny_embedder, max_wait_s=0.0, on_batch=lambda n, t: seen.append((n, t)))
+        b.start(asyncio.get_running_loop())
+        idle = b.submit(tiny_embedder.tokenize(["hello there"]))
+        done_at_once = idle.done()
+        bad = b.submit(tiny_embedder.tokenize(["hello there"]), dimensions=999)  # fails, alone
+        gate = threading.Event()
+        job = b.call(gate.wait, 10)  # the worker is busy with this job
+        queued = b.submit(tiny_embedder.tokenize(["queued behind it"]))
+        queued_at_once = queued.done()
+        gate.set()
+        await job
+        out = await idle, await queued, await asyncio.gather(bad, return_exceptions=True)
+        off = Batcher(tiny_embedder, max_wait_s=0.0, inline_idle=False)
+        off.start(asyncio.get_running_loop())
+        await off.submit(tiny_embedder.tokenize(["not inline"]))
+        b.stop()
+        off.stop()
+        return done_at_once, queued_at_once, out, b
+
+    done_at_once, queued_at_once, (idle, queued, (bad,)), b = asyncio.run(main())
+    assert done_at_once and not queued_at_once
+    assert threads == ["MainThread", "MainThread", "embedkit-infer", "embedkit-infer"]
+    assert np.array_equal(idle, tiny_embedder.encode(["hello there"]))
+    assert np.array_equal(queued, tiny_embedder.encode(["queued behind it"]))
+    assert isinstance(bad, InputError) and b.error is None
+    assert seen[0] == (1, tiny_embedder.tokenize(["hello there"]).num_tokens)
+    assert b._in_flight == 0 and b.queued_tokens == 0

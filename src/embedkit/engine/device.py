@@ -11,6 +11,7 @@ import torch
 
 from embedkit.engine.cpu_fusion import fuse_for_cpu
 from embedkit.engine.int8 import INT8_CPU_BATCH_TOKENS, quantize_int8
+from embedkit.engine.unpad import unpad_encoder
 from embedkit.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -135,11 +136,17 @@ def torch_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def prepare_module(
-    module: torch.nn.Module, device: torch.device, precision: str, *, cpu_fusion: bool = True
+    module: torch.nn.Module,
+    device: torch.device,
+    precision: str,
+    *,
+    cpu_fusion: bool = True,
+    unpad: bool = False,
 ) -> tuple[torch.nn.Module, int]:
     """``module`` on ``device`` in ``precision``, ready for inference: cast (fp32/bf16/fp16) or
     quantised (int8, from fp32), and on CPU with its linear layers fused (fp32/bf16) unless
-    ``cpu_fusion`` is False.
+    ``cpu_fusion`` is False; with ``unpad``, a BERT-family text encoder runs its dense layers on real
+    tokens only (:mod:`embedkit.engine.unpad`; other modules are returned as they are).
 
     Returns the module (in eval mode) and the number of modules :func:`fuse_for_cpu` replaced."""
     if precision == "int8":
@@ -149,6 +156,8 @@ def prepare_module(
     else:
         module = module.to(device=device, dtype=torch_dtype(precision, device))
         fused = fuse_for_cpu(module) if device.type == "cpu" and cpu_fusion else 0
+    if unpad:
+        module = unpad_encoder(module)
     return module.eval(), fused
 
 

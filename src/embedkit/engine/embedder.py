@@ -53,6 +53,7 @@ from embedkit.engine.graph import (
 from embedkit.engine.multi import DENSE_ONLY, MultiVectors, check_outputs, sparse_from_token_weights
 from embedkit.engine.runner import Batch, ModelRunner, Workload
 from embedkit.engine.tokenize import TextTokenizer, Tokenized, validate_texts
+from embedkit.engine.unpad import UnpaddedEncoder
 from embedkit.errors import ConfigError, InputError, OutOfMemoryError
 from embedkit.models import ModelInfo, TextModel, cache_dir, content_hash, load_text_model, resolve_model
 from embedkit.models.pooling import pool
@@ -95,7 +96,8 @@ class Embedder:
 
     The arguments are tabled in docs/python-api.md ("Embedder"); beyond them, ``cpu_fusion`` fuses
     linear layers (and Linear+GELU) into oneDNN kernels on CPU (fp32/bf16, see
-    :mod:`embedkit.engine.cpu_fusion`). Backends agree within 1e-5, not bit for bit (see
+    :mod:`embedkit.engine.cpu_fusion`), and ``unpad`` runs a BERT-family model's dense layers on
+    real tokens only (see :mod:`embedkit.engine.unpad`). Backends agree within 1e-5, not bit for bit (see
     :mod:`embedkit.engine.backend`).
 
     The engine reads no environment variable: ``EMBEDKIT_*`` settings are resolved by
@@ -119,6 +121,7 @@ class Embedder:
         backend: str | None = None,
         defer_graph: bool = False,
         cpu_fusion: bool = True,
+        unpad: bool = True,
     ) -> None:
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -133,6 +136,7 @@ class Embedder:
         self.normalize = self.model.normalize if normalize is None else bool(normalize)
         self.truncate = truncate
         self.cpu_fusion = bool(cpu_fusion)
+        self.unpad = bool(unpad)
         self.max_batch_size = int(max_batch_size) if max_batch_size else None
         self.prompt_name = prompt_name
         if prompt_name is not None and prompt_name not in self.model.prompts:
@@ -192,7 +196,9 @@ class Embedder:
             self.model.transformer,
             [*self.model.dense, *self.model.heads.values()],
             cpu_fusion=self.cpu_fusion,
+            unpad=self.unpad,
         )
+        self.unpadded = isinstance(self._transformer, UnpaddedEncoder)
         n = len(self.model.dense)
         self._head_slot = {name: n + k for k, name in enumerate(self.model.heads)}
         skip = (getattr(self.model.tokenizer, f"{t}_token_id", None) for t in ("cls", "eos", "pad", "unk"))
@@ -447,6 +453,7 @@ class Embedder:
             "truncate": self.truncate,
             "threads": torch.get_num_threads(),
             "cpu_fusion": self.fused_modules,
+            "unpadded": self.unpadded,
             "backend": self.backend,
             "backend_plan": self.backend_note,
             "outputs": list(self.outputs),
@@ -602,12 +609,16 @@ class Embedder:
     ) -> np.ndarray:
         """Embed already tokenised inputs; rows come back in ``tok``'s order (float32)."""
         graph = self._onnx
-        if len(tok) == 1 and graph is not None and tok.num_tokens <= self.onnx_max_tokens:
+        if graph is not None and self.runs_alone_on_graph(tok):
             result = self._one_on_graph(graph, tok.ids[0], normalize, dimensions)
         else:
             result = self._run(self._workload(tok), self._plan(tok), len(tok), normalize, dimensions)
         self.stats.add(texts=len(tok), tokens=tok.num_tokens, truncated=tok.num_truncated)
         return result
+
+    def runs_alone_on_graph(self, tok: Tokenized) -> bool:
+        """Whether :meth:`embed_tokenized` runs ``tok`` as one text straight on ONNX Runtime."""
+        return len(tok) == 1 and self._onnx is not None and tok.num_tokens <= self.onnx_max_tokens
 
     def _one_on_graph(
         self, graph: GraphSession, ids: np.ndarray, normalize: bool | None, dimensions: int | None

@@ -120,13 +120,19 @@ class ModelRunner:
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-pre")
 
     def place(
-        self, module: torch.nn.Module, heads: Sequence[torch.nn.Module] = (), *, cpu_fusion: bool = True
+        self,
+        module: torch.nn.Module,
+        heads: Sequence[torch.nn.Module] = (),
+        *,
+        cpu_fusion: bool = True,
+        unpad: bool = False,
     ) -> torch.nn.Module:
         """Prepare ``module`` for the precision on the first device (fused oneDNN linear layers on
-        CPU unless ``cpu_fusion`` is False), with ``heads`` (kept fp32) beside it, and put a copy of
-        both on every other device. Returns the prepared module."""
+        CPU unless ``cpu_fusion`` is False; unpadded dense layers with ``unpad`` where the model
+        allows), with ``heads`` (kept fp32) beside it, and put a copy of both on every other device.
+        Returns the prepared module."""
         prepared, self.fused_modules = prepare_module(
-            module, self.device, self.precision, cpu_fusion=cpu_fusion
+            module, self.device, self.precision, cpu_fusion=cpu_fusion, unpad=unpad
         )
         fp32_heads = [head.to(self.device).float().eval() for head in heads]
         self.replicas = [Replica(self.device, prepared, fp32_heads)]

@@ -533,6 +533,7 @@ class EmbedServer:
                 precision=emb.precision,
                 backend=emb.backend,
                 backend_plan=emb.backend_note,
+                unpadded=emb.unpadded,
                 forward_cost_tokens=(
                     None if emb.forward_cost_tokens is None else round(emb.forward_cost_tokens)
                 ),

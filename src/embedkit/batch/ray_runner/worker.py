@@ -112,6 +112,7 @@ def worker_engine_settings(embedder: Any, device: str) -> dict[str, Any]:
         "pooling": embedder.model.pooling,
         "prompt_name": embedder.prompt_name,
         "cpu_fusion": embedder.cpu_fusion,
+        "unpad": embedder.unpad,
     }
 
 
