@@ -43,6 +43,22 @@ def test_unpadded_vectors_match_the_padded_forward(arch_model):
         assert np.abs(unpadded.encode(texts) - padded.encode(texts)).max() <= 1e-5
 
 
+def test_a_batch_with_little_padding_runs_the_model_s_own_forward(tiny_model):
+    """Packing costs more than it saves below PACK_MIN_PADDING: such a batch (length-sorted bulk)
+    gets exactly the padded forward's bits; a mixed batch is packed."""
+    from embedkit.engine import unpad
+
+    unpadded = Embedder(str(tiny_model), device="cpu", backend="torch")
+    padded = Embedder(str(tiny_model), device="cpu", backend="torch", unpad=False)
+    calls: list[int] = []
+    real = unpadded._transformer._layers
+    unpadded._transformer._layers = lambda h, chunks: calls.append(len(chunks)) or real(h, chunks)
+    equal = ["the cat sat on the mat", "on the mat the cat sat"]  # the same words: equal lengths
+    assert np.array_equal(unpadded.encode(equal), padded.encode(equal)) and not calls
+    assert unpadded.encode(TEXTS).shape == (len(TEXTS), 32) and calls
+    assert unpad.PACK_MIN_PADDING < 0.5
+
+
 def test_hidden_states_match_at_real_tokens_and_are_zero_at_padding(arch_model):
     emb = Embedder(str(arch_model), device="cpu", backend="torch", unpad=False)
     encoder = UnpaddedEncoder(emb._transformer)  # wraps the prepared (padded) model
