@@ -129,6 +129,36 @@ def st_reference():
     return SentenceTransformer(str(default_model_path()), device="cpu").encode(TEXTS, batch_size=32)
 
 
+def test_a_burst_of_one_text_queries_is_batched_not_run_one_by_one_on_the_loop(onnx_server, onnx_embedder):
+    """An idle server answers a lone query on its event loop; queries that arrive meanwhile must
+    still merge into batches on the worker (not each run inline in turn), with the same vectors."""
+    import asyncio
+    import re
+
+    def batches(text: str) -> tuple[float, float]:
+        count = float(re.search(r"^embedkit_batch_size_count (\S+)$", text, re.M).group(1))
+        total = float(re.search(r"^embedkit_batch_size_sum (\S+)$", text, re.M).group(1))
+        return count, total
+
+    texts = [f"query number {i} about {TEXTS[i % len(TEXTS)][:40]}" for i in range(96)]
+
+    async def burst() -> list[list[float]]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=onnx_server.url, timeout=60, limits=limits) as c:
+            answers = await asyncio.gather(*(c.post("/invocations", json={"inputs": t}) for t in texts))
+        return [r.json()["embeddings"] for r in answers]
+
+    with httpx.Client(base_url=onnx_server.url, timeout=30) as c:
+        before = batches(c.get("/metrics").text)
+        got = asyncio.run(burst())
+        after = batches(c.get("/metrics").text)
+    n_batches, n_texts = after[0] - before[0], after[1] - before[1]
+    assert n_texts == len(texts)
+    # each one inline would be one batch per query; merged bursts measured ~55 batches for 96
+    assert n_batches < 0.85 * len(texts), f"{n_batches:.0f} batches for {len(texts)} concurrent queries"
+    np.testing.assert_allclose(f32(got), onnx_embedder.encode(texts), atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_golden_parity_every_contract_equals_the_engine(backend, request, st_reference):
     """Every answer shape carries the engine's vectors bit for bit (same backend), and the engine on

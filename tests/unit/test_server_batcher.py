@@ -194,17 +194,27 @@ def test_a_lone_text_runs_inline_only_while_the_worker_is_idle(tiny_embedder, mo
         queued_at_once = queued.done()
         gate.set()
         await job
+        await queued  # the worker is idle again
+        assert b._in_flight == 0
+        # Other requests' tasks on the loop (they arrived while the loop was busy): not inline, so a
+        # burst is batched instead of answered one at a time on the loop
+        release = asyncio.Event()
+        others = [asyncio.create_task(release.wait()) for _ in range(3)]
+        crowded = b.submit(tiny_embedder.tokenize(["others are waiting"]))
+        crowded_at_once = crowded.done()
+        release.set()
+        await asyncio.gather(crowded, *others)
         out = await idle, await queued, await asyncio.gather(bad, return_exceptions=True)
         off = Batcher(tiny_embedder, max_wait_s=0.0, inline_idle=False)
         off.start(asyncio.get_running_loop())
         await off.submit(tiny_embedder.tokenize(["not inline"]))
         b.stop()
         off.stop()
-        return done_at_once, queued_at_once, out, b
+        return done_at_once, queued_at_once or crowded_at_once, out, b
 
     done_at_once, queued_at_once, (idle, queued, (bad,)), b = asyncio.run(main())
     assert done_at_once and not queued_at_once
-    assert threads == ["MainThread", "MainThread", "embedkit-infer", "embedkit-infer"]
+    assert threads == ["MainThread", "MainThread", "embedkit-infer", "embedkit-infer", "embedkit-infer"]
     assert np.array_equal(idle, tiny_embedder.encode(["hello there"]))
     assert np.array_equal(queued, tiny_embedder.encode(["queued behind it"]))
     assert isinstance(bad, InputError) and b.error is None

@@ -116,6 +116,7 @@ class Batcher:
         # _deliver takes away): 0 means the worker is idle, so a lone text may run inline.
         self._in_flight = 0
         self.inline_idle = inline_idle
+        self._fewest_tasks = 1 << 30  # see _only_request
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------ loop side
@@ -163,6 +164,16 @@ class Batcher:
         self._q.put(item)
         return item.future
 
+    def _only_request(self) -> bool:
+        """Whether no other request is on the event loop: as few tasks as it ever had (the server's
+        standing tasks plus this request's). Requests that arrived during an inline forward pass
+        already have their tasks when the next one runs (the server creates a task per request as it
+        reads the socket), so they queue for the worker and batching resumes: without this check
+        every request at concurrency 32 ran inline, one at a time (199 against 250 requests/s)."""
+        tasks = len(asyncio.all_tasks(self._loop))
+        self._fewest_tasks = min(self._fewest_tasks, tasks)
+        return tasks <= self._fewest_tasks
+
     def _run_inline(self, item: _Item) -> bool:
         """With nothing queued or running, a lone text that ONNX Runtime takes runs here on the
         event loop, not on the worker: the hand-off and the wake-up back cost ~0.2 ms of a ~3.5 ms
@@ -174,6 +185,7 @@ class Batcher:
             or alone_on_graph is None
             or len(item.tok) != 1
             or item.outputs != DENSE_ONLY
+            or not self._only_request()
             or not alone_on_graph(item.tok)
         ):
             return False
