@@ -391,7 +391,7 @@ class EngineSettings(Settings):
     pooling: str | None = setting(None, "override pooling: mean, cls, max, lasttoken, ...")
     prompt_name: str | None = setting(None, "prompt from the model's config to prepend to every text")
     cpu_fusion: bool = setting(True, "fused oneDNN kernels for linear layers on CPU (fp32/bf16)")
-    unpad: bool = setting(True, "BERT-family models: dense layers on real tokens only, no padding")
+    unpad: bool = setting(True, "BERT-family models on CPU: dense layers on real tokens only, no padding")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -178,6 +178,8 @@ def test_a_lone_text_runs_inline_only_while_the_worker_is_idle(tiny_embedder, mo
         threads.append(threading.current_thread().name)
         return real(tok, **kw)
 
+    import embedkit.server.batcher as batcher_mod
+
     monkeypatch.setattr(tiny_embedder, "runs_alone_on_graph", lambda tok: len(tok) == 1)
     monkeypatch.setattr(tiny_embedder, "embed_tokenized", spy)
     seen: list[tuple[int, int]] = []
@@ -185,6 +187,7 @@ def test_a_lone_text_runs_inline_only_while_the_worker_is_idle(tiny_embedder, mo
     async def main():
         b = Batcher(tiny_embedder, max_wait_s=0.0, on_batch=lambda n, t: seen.append((n, t)))
         b.start(asyncio.get_running_loop())
+        await asyncio.sleep(0)  # the loop counts its standing tasks once the worker starts
         idle = b.submit(tiny_embedder.tokenize(["hello there"]))
         done_at_once = idle.done()
         bad = b.submit(tiny_embedder.tokenize(["hello there"]), dimensions=999)  # fails, alone
@@ -204,6 +207,11 @@ def test_a_lone_text_runs_inline_only_while_the_worker_is_idle(tiny_embedder, mo
         crowded_at_once = crowded.done()
         release.set()
         await asyncio.gather(crowded, *others)
+        # a text over INLINE_MAX_TOKENS goes to the worker: the loop runs short queries only
+        long_text = tiny_embedder.tokenize(["a text longer than the cap"])
+        monkeypatch.setattr(batcher_mod, "INLINE_MAX_TOKENS", long_text.num_tokens - 1)
+        long_at_once = b.submit(long_text).done()
+        crowded_at_once = crowded_at_once or long_at_once
         out = await idle, await queued, await asyncio.gather(bad, return_exceptions=True)
         off = Batcher(tiny_embedder, max_wait_s=0.0, inline_idle=False)
         off.start(asyncio.get_running_loop())
@@ -214,9 +222,32 @@ def test_a_lone_text_runs_inline_only_while_the_worker_is_idle(tiny_embedder, mo
 
     done_at_once, queued_at_once, (idle, queued, (bad,)), b = asyncio.run(main())
     assert done_at_once and not queued_at_once
-    assert threads == ["MainThread", "MainThread", "embedkit-infer", "embedkit-infer", "embedkit-infer"]
+    assert threads == ["MainThread", "MainThread"] + ["embedkit-infer"] * 4
     assert np.array_equal(idle, tiny_embedder.encode(["hello there"]))
     assert np.array_equal(queued, tiny_embedder.encode(["queued behind it"]))
     assert isinstance(bad, InputError) and b.error is None
     assert seen[0] == (1, tiny_embedder.tokenize(["hello there"]).num_tokens)
     assert b._in_flight == 0 and b.queued_tokens == 0
+
+
+def test_a_worker_that_dies_mid_batch_fails_that_batch_instead_of_leaving_it_waiting(
+    tiny_embedder, monkeypatch
+):
+    """An error outside the engine call (here merging the requests' tokens) kills the worker before
+    it answers the batch: every request of that batch, and what is queued, gets 503 at once."""
+    import embedkit.server.batcher as batcher_mod
+
+    def broken(parts):
+        raise MemoryError("no memory to merge the requests")
+
+    monkeypatch.setattr(batcher_mod.Tokenized, "concat", staticmethod(broken))
+
+    async def main():
+        b = Batcher(tiny_embedder, max_wait_s=0.0)
+        futs = [b.submit(tiny_embedder.tokenize([f"text {i}"])) for i in range(3)]  # merged: concat
+        b.start(asyncio.get_running_loop())
+        return await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30), b
+
+    results, b = asyncio.run(main())
+    assert all(isinstance(r, NotReadyError) for r in results), results
+    assert isinstance(b.error, MemoryError) and not b.alive

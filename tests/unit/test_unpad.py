@@ -38,7 +38,7 @@ def test_unpadded_vectors_match_the_padded_forward(arch_model):
     assert unpadded.describe()["unpadded"] is True
     a, b = unpadded.encode(TEXTS), padded.encode(TEXTS)
     assert np.abs(a - b).max() <= 1e-5
-    # one text, and a batch of equal lengths (the no-copy path), agree too
+    # one text and a batch of equal lengths (no padding: the model's own forward) agree too
     for texts in (TEXTS[:1], TEXTS[1:3], TEXTS[::-1]):
         assert np.abs(unpadded.encode(texts) - padded.encode(texts)).max() <= 1e-5
 

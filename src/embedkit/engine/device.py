@@ -145,8 +145,8 @@ def prepare_module(
 ) -> tuple[torch.nn.Module, int]:
     """``module`` on ``device`` in ``precision``, ready for inference: cast (fp32/bf16/fp16) or
     quantised (int8, from fp32), and on CPU with its linear layers fused (fp32/bf16) unless
-    ``cpu_fusion`` is False; with ``unpad``, a BERT-family text encoder runs its dense layers on real
-    tokens only (:mod:`embedkit.engine.unpad`; other modules are returned as they are).
+    ``cpu_fusion`` is False; with ``unpad`` on CPU, a BERT-family text encoder runs its dense layers on
+    real tokens only (:mod:`embedkit.engine.unpad`; other modules are returned as they are).
 
     Returns the module (in eval mode) and the number of modules :func:`fuse_for_cpu` replaced."""
     if precision == "int8":
@@ -156,7 +156,7 @@ def prepare_module(
     else:
         module = module.to(device=device, dtype=torch_dtype(precision, device))
         fused = fuse_for_cpu(module) if device.type == "cpu" and cpu_fusion else 0
-    if unpad:
+    if unpad and device.type == "cpu":  # measured on CPUs only (no GPU measurement yet)
         module = unpad_encoder(module)
     return module.eval(), fused
 

@@ -14,7 +14,9 @@ another order; tests hold it within 1e-5, as between backends). Positions padded
 hold zeros, where the padded forward holds values nothing reads.
 
 Covers ``BertModel``, ``RobertaModel`` and ``XLMRobertaModel`` (the default model and BGE-M3) with
-absolute positions; other models keep their own forward (:func:`can_unpad` says which).
+absolute positions; other models keep their own forward (:func:`can_unpad` says which). Inputs are
+right-padded (as :func:`embedkit.engine.batching.pad_batch` pads). The engine applies it on CPU only:
+the code is device-agnostic, but its host synchronisations (lengths, indices) are unmeasured on a GPU.
 """
 
 from __future__ import annotations

@@ -43,6 +43,10 @@ log = logging.getLogger("embedkit.server")
 _STOP = object()
 # One extra forward pass in padded tokens' worth of compute, when the engine measured nothing.
 FORWARD_COST_TOKENS = 96
+# The longest lone text the event loop runs itself when the worker is idle (Batcher._run_inline):
+# ~7 ms of ONNX Runtime on the 2-core Xeon for the default model. Longer texts go to the worker, so
+# the loop never stops answering /ping and other connections for longer than a short query takes.
+INLINE_MAX_TOKENS = 64
 
 
 class _Item:
@@ -116,7 +120,7 @@ class Batcher:
         # _deliver takes away): 0 means the worker is idle, so a lone text may run inline.
         self._in_flight = 0
         self.inline_idle = inline_idle
-        self._fewest_tasks = 1 << 30  # see _only_request
+        self._standing: int | None = None  # the loop's tasks that are not requests; see _only_request
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------ loop side
@@ -164,15 +168,23 @@ class Batcher:
         self._q.put(item)
         return item.future
 
+    def _count_standing(self) -> None:
+        """On the loop, once the worker starts: the tasks that are not requests (the server's own)."""
+        self._standing = len(asyncio.all_tasks(self._loop))
+
     def _only_request(self) -> bool:
-        """Whether no other request is on the event loop: as few tasks as it ever had (the server's
-        standing tasks plus this request's). Requests that arrived during an inline forward pass
-        already have their tasks when the next one runs (the server creates a task per request as it
-        reads the socket), so they queue for the worker and batching resumes: without this check
-        every request at concurrency 32 ran inline, one at a time (199 against 250 requests/s)."""
+        """Whether no other request is on the event loop: no more tasks than the server's standing
+        ones (counted at start, and lowered when fewer are seen) plus this request's. Requests that
+        arrived during an inline forward pass already have their tasks when the next one runs (the
+        server creates a task per request as it reads the socket), so they queue for the worker and
+        batching resumes: without this check every request at concurrency 32 ran inline, one at a
+        time (199 against 250 requests/s). The count is never raised by load, so a server started
+        under load does not learn a crowded loop as its idle state."""
+        if self._standing is None:
+            return False
         tasks = len(asyncio.all_tasks(self._loop))
-        self._fewest_tasks = min(self._fewest_tasks, tasks)
-        return tasks <= self._fewest_tasks
+        self._standing = min(self._standing, tasks - 1)
+        return tasks <= self._standing + 1
 
     def _run_inline(self, item: _Item) -> bool:
         """With nothing queued or running, a lone text that ONNX Runtime takes runs here on the
@@ -184,6 +196,7 @@ class Batcher:
             not self.inline_idle
             or alone_on_graph is None
             or len(item.tok) != 1
+            or item.tokens > INLINE_MAX_TOKENS
             or item.outputs != DENSE_ONLY
             or not self._only_request()
             or not alone_on_graph(item.tok)
@@ -197,9 +210,10 @@ class Batcher:
             vecs = emb.embed_tokenized(item.tok, normalize=normalize, dimensions=dimensions)
         except Exception as exc:
             item.future.set_exception(exc)
+            self._after_batch(0.0, 1, item.tokens)  # a refusal says nothing about the speed
         else:
             item.future.set_result(vecs)
-        self._after_batch(time.perf_counter() - t0, 1, item.tokens)
+            self._after_batch(time.perf_counter() - t0, 1, item.tokens)
         return True
 
     def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
@@ -227,6 +241,7 @@ class Batcher:
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="embedkit-infer", daemon=True)
         self._thread.start()
+        loop.call_soon_threadsafe(self._count_standing)  # start may run on the loading thread
 
     def stop(self, timeout: float | None = 25.0) -> None:
         """Refuse new work, finish everything queued, then end the worker."""
@@ -238,6 +253,7 @@ class Batcher:
     # --------------------------------------------------------- worker side
     def _run(self) -> None:
         carry: Any = None
+        batch: list[_Item] = []
         try:
             while True:
                 item = carry if carry is not None else self._q.get()
@@ -249,10 +265,11 @@ class Batcher:
                     continue
                 batch, carry = self._gather(item)
                 self._process(batch)
+                batch = []
         except BaseException as exc:  # the worker is gone: /ping turns 503
             self.error = exc
             log.critical("inference worker died; /ping now answers 503", exc_info=exc)
-            self._fail_pending(carry)
+            self._fail_pending(carry, batch)
 
     def _gather(self, first: _Item) -> tuple[list[_Item], Any]:
         batch, tokens = [first], first.tokens
@@ -366,9 +383,12 @@ class Batcher:
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
-    def _fail_pending(self, carry: Any) -> None:
+    def _fail_pending(self, carry: Any, batch: list[_Item] = ()) -> None:
+        """Fail what the dead worker leaves: the batch it ran (futures already answered are skipped
+        by _deliver), the item it carried, and everything queued."""
         err = NotReadyError("the inference worker has stopped; the server must be restarted")
-        pending = [carry] if isinstance(carry, (_Item, _Job)) else []
+        pending = [it for it in batch if not it.future.done()]
+        pending += [carry] if isinstance(carry, (_Item, _Job)) else []
         while True:
             try:
                 item = self._q.get_nowait()
