@@ -121,6 +121,8 @@ def calibrate(args: argparse.Namespace, ch: Channel) -> None:
         int8_native=cpu_supports_int8(),
         mkldnn=bool(torch.backends.mkldnn.is_available()),
         omp_wait_policy=OMP_POLICY["at_torch_load"],
+        backend_plan=emb.backend_note,  # which runtime auto gives which batches, fp32 (Embedder's default)
+        unpadded=emb.unpadded,
     )
 
 

@@ -395,3 +395,25 @@ def test_previous_ratios_read_latest_json_and_note_the_cpu(tmp_path):
     got = previous_ratios(tmp_path, "X")
     assert got["same_cpu"] and got["fp32_ratio"] == 1.4 and got["best_non_exact_ratio"] == 3.2
     assert not previous_ratios(tmp_path, "Y")["same_cpu"]
+
+
+def test_the_summary_says_which_backend_auto_picked_and_whether_the_forward_is_unpadded():
+    """The closing notes must say which runtime auto gave which batches: the report carries the
+    fp32 engine's plan from calibration (the issue's done-when asks for it)."""
+    from bench.run import summary_lines
+
+    machine = {"cpu": "Test CPU", "cores": 2, "flags": [], "mem_gib": 1.0, "torch": "2.13.0", "threads": 2}
+    result = {
+        "machine": machine,
+        "corpus": {"texts": 3, "short": 2, "long": 1, "tokens": 30},
+        "done_when": {},
+        "calibration": {
+            "backend_plan": "onnx for batches up to 512 padded tokens, torch above",
+            "unpadded": True,
+        },
+    }
+    lines = summary_lines(result)
+    assert "embedkit fp32 backend (auto): onnx for batches up to 512 padded tokens, torch above" in lines[-1]
+    assert lines[-1].endswith("unpadded forward: yes")
+    result["calibration"] = {}  # an older run's calibration: no line rather than a wrong one
+    assert not any("backend (auto)" in line for line in summary_lines(result))
