@@ -73,11 +73,13 @@ def test_hidden_states_match_at_real_tokens_and_are_zero_at_padding(arch_model):
     assert got[~real].abs().max().item() == 0.0
     # the stacked query/key/value weights are the only copy: the originals are views of them
     att = emb._transformer.encoder.layer[0].attention.self
-    stacked = encoder.qkv[0].weight
+    stacked = encoder.qkv[0].linear.weight
     assert att.query.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
     # and stay views when the module moves (a replica's .to(device) moves each parameter alone)
     moved = encoder.to(torch.float64)
-    assert att.key.weight.untyped_storage().data_ptr() == moved.qkv[0].weight.untyped_storage().data_ptr()
+    assert (
+        att.key.weight.untyped_storage().data_ptr() == moved.qkv[0].linear.weight.untyped_storage().data_ptr()
+    )
 
 
 def test_bf16_unpadded_stays_close_to_the_padded_forward(tiny_model):

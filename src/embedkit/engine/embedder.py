@@ -198,7 +198,6 @@ class Embedder:
             cpu_fusion=self.cpu_fusion,
             unpad=self.unpad,
         )
-        self.unpadded = isinstance(self._transformer, UnpaddedEncoder)
         n = len(self.model.dense)
         self._head_slot = {name: n + k for k, name in enumerate(self.model.heads)}
         skip = (getattr(self.model.tokenizer, f"{t}_token_id", None) for t in ("cls", "eos", "pad", "unk"))
@@ -615,6 +614,11 @@ class Embedder:
             result = self._run(self._workload(tok), self._plan(tok), len(tok), normalize, dimensions)
         self.stats.add(texts=len(tok), tokens=tok.num_tokens, truncated=tok.num_truncated)
         return result
+
+    @property
+    def unpadded(self) -> bool:
+        """Whether torch runs this model's dense layers on real tokens only (:mod:`embedkit.engine.unpad`)."""
+        return isinstance(self._transformer, UnpaddedEncoder)
 
     def runs_alone_on_graph(self, tok: Tokenized) -> bool:
         """Whether :meth:`embed_tokenized` runs ``tok`` as one text straight on ONNX Runtime."""

@@ -100,7 +100,6 @@ class ImageEmbedder(Embedder):
         """Place the whole CLIP model (both towers) on the runner's devices."""
         self._clip = self.runner.place(self.model.clip, cpu_fusion=self.cpu_fusion)
         self._transformer = self._clip.text_model
-        self.unpadded = False  # CLIP's text tower attends causally: it keeps its own forward
 
     # ------------------------------------------------------------ description
     def describe(self) -> dict[str, Any]:

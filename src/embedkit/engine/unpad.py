@@ -73,31 +73,31 @@ def can_unpad(model: torch.nn.Module) -> str | None:
 
 
 class _StackedQKV(torch.nn.Module):
-    """Query, key and value as one linear layer; the three originals become views of its weight."""
+    """Query, key and value as one linear layer (oneDNN-fused when they were); the three originals
+    become views of its weight."""
 
     def __init__(self, query: torch.nn.Module, key: torch.nn.Module, value: torch.nn.Module) -> None:
         super().__init__()
         with torch.no_grad():
             weight = torch.cat([query.weight, key.weight, value.weight]).contiguous()
             bias = torch.cat([query.bias, key.bias, value.bias]).contiguous()
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.bias = torch.nn.Parameter(bias, requires_grad=False)
-        self.fused = isinstance(query, FusedLinear)
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+        self.linear = FusedLinear(linear) if isinstance(query, FusedLinear) else linear
         self.bind(query, key, value)
 
     def bind(self, query: torch.nn.Module, key: torch.nn.Module, value: torch.nn.Module) -> None:
         """Make the three layers' weights views of the stacked ones: one copy of the weights, not two."""
-        rows = self.weight.shape[0] // 3
+        rows = self.linear.weight.shape[0] // 3
         for k, part in enumerate((query, key, value)):
-            part.weight = torch.nn.Parameter(self.weight[k * rows : (k + 1) * rows], requires_grad=False)
-            part.bias = torch.nn.Parameter(self.bias[k * rows : (k + 1) * rows], requires_grad=False)
+            part.weight = torch.nn.Parameter(
+                self.linear.weight[k * rows : (k + 1) * rows], requires_grad=False
+            )
+            part.bias = torch.nn.Parameter(self.linear.bias[k * rows : (k + 1) * rows], requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            if x.dtype != self.weight.dtype:
-                x = x.to(self.weight.dtype)
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x)
 
 
 class _Chunk(NamedTuple):

@@ -195,11 +195,10 @@ class Batcher:
         if (
             not self.inline_idle
             or alone_on_graph is None
-            or len(item.tok) != 1
             or item.tokens > INLINE_MAX_TOKENS
             or item.outputs != DENSE_ONLY
+            or not alone_on_graph(item.tok)  # one text, and ONNX Runtime takes it
             or not self._only_request()
-            or not alone_on_graph(item.tok)
         ):
             return False
         emb = self.embedder
