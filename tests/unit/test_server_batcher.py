@@ -251,3 +251,39 @@ def test_a_worker_that_dies_mid_batch_fails_that_batch_instead_of_leaving_it_wai
     results, b = asyncio.run(main())
     assert all(isinstance(r, NotReadyError) for r in results), results
     assert isinstance(b.error, MemoryError) and not b.alive
+
+
+def test_a_worker_stopped_mid_batch_answers_each_request_once_and_keeps_its_counts(
+    tiny_embedder, monkeypatch
+):
+    """A fatal error in the second forward pass of a batch: the first group keeps its vectors, the
+    rest fail, and every request is counted off once (nothing left in flight, no tokens below 0)."""
+    b = Batcher(tiny_embedder, max_wait_s=0.0)
+    real = b._embed
+    calls = []
+
+    def embed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SystemExit("a hook called sys.exit()")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(b, "_embed", embed)
+
+    async def main():
+        # Three Matryoshka widths: three groups, so three forward passes in one batch.
+        futs = [
+            b.submit(tiny_embedder.tokenize([f"text {i}"]), dimensions=d) for i, d in enumerate((8, 16, 24))
+        ]
+        b.start(asyncio.get_running_loop())
+        out = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
+        for _ in range(3):  # let every delivery scheduled by the dying worker run
+            await asyncio.sleep(0.01)
+        return out
+
+    first, second, third = asyncio.run(main())
+    assert first.shape == (1, 8)
+    assert isinstance(second, RuntimeError) and "worker stopped" in str(second)
+    assert isinstance(third, NotReadyError)
+    assert b._in_flight == 0 and b.queued_tokens == 0
+    assert isinstance(b.error, SystemExit) and not b.alive

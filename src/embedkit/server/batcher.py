@@ -252,7 +252,7 @@ class Batcher:
     # --------------------------------------------------------- worker side
     def _run(self) -> None:
         carry: Any = None
-        batch: list[_Item] = []
+        batch: list[_Item] = []  # requests taken from the queue and not yet answered
         try:
             while True:
                 item = carry if carry is not None else self._q.get()
@@ -297,17 +297,22 @@ class Batcher:
         return batch, None
 
     def _process(self, batch: list[_Item]) -> None:
+        """Run ``batch`` and answer every request in it. On a fatal error (``SystemExit`` and the
+        like) it answers what it ran, leaves in ``batch`` only the requests it did not answer (for
+        :meth:`_fail_pending`), and re-raises."""
         t0 = time.perf_counter()
         groups: dict[tuple, list[_Item]] = {}
         for it in batch:  # dense-only requests never share a forward pass with multi-output ones
             groups.setdefault((it.key, it.outputs == DENSE_ONLY), []).append(it)
         results: list[tuple[asyncio.Future, Any, bool]] = []
+        answered: list[_Item] = []
         tokens = texts = 0
         fatal: BaseException | None = None
         for ((normalize, dimensions), dense_only), items in groups.items():
             tok = items[0].tok if len(items) == 1 else Tokenized.concat([it.tok for it in items])
             texts += len(tok)
             tokens += sum(it.tokens for it in items)
+            answered += items  # below, each outcome answers the whole group
             try:
                 if dense_only:
                     vecs = self._embed(tok, alone=len(items) == 1, normalize=normalize, dimensions=dimensions)
@@ -330,9 +335,11 @@ class Batcher:
                 part = vecs[start : start + n] if dense_only else _rows(vecs, start, n, it.outputs)
                 results.append((it.future, part, False))
                 start += n
-        self._post(results, sum(it.tokens for it in batch))
+        self._post(results, tokens)  # the tokens of the answered requests
         self._after_batch(time.perf_counter() - t0, texts, tokens)
         if fatal is not None:
+            ran = {id(it) for it in answered}
+            batch[:] = [it for it in batch if id(it) not in ran]
             raise fatal
 
     def _after_batch(self, elapsed: float, texts: int, tokens: int) -> None:
@@ -383,10 +390,10 @@ class Batcher:
             pass
 
     def _fail_pending(self, carry: Any, batch: list[_Item] = ()) -> None:
-        """Fail what the dead worker leaves: the batch it ran (futures already answered are skipped
-        by _deliver), the item it carried, and everything queued."""
+        """Fail what the dead worker leaves: the requests of its batch it did not answer, the item it
+        carried, and everything queued."""
         err = NotReadyError("the inference worker has stopped; the server must be restarted")
-        pending = [it for it in batch if not it.future.done()]
+        pending: list[Any] = list(batch)
         pending += [carry] if isinstance(carry, (_Item, _Job)) else []
         while True:
             try:
