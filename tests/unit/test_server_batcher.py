@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 
 import numpy as np
@@ -51,6 +52,39 @@ def test_the_worker_waits_for_company_only_after_a_merged_batch(tiny_embedder):
         threading.Thread(target=b._q.put, args=(items[1],)).start()  # arrives while the worker waits
         batch, carry = b._gather(items[0])
         assert batch == items and carry is None and b._busy
+    finally:
+        loop.close()
+
+
+def test_requests_queued_while_the_worker_waited_past_its_deadline_join_the_batch(tiny_embedder):
+    """The worker's timed wait may return late (the event loop holds the GIL while it reads a burst
+    of requests): whatever was queued by then joins the batch, not the next one."""
+
+    class LateQueue(queue.SimpleQueue):
+        """A timed get that times out while the burst arrives (as a late wake-up does)."""
+
+        def __init__(self, burst):
+            self.burst = burst
+
+        def get(self, block=True, timeout=None):
+            if timeout is not None and self.burst:
+                for it in self.burst:
+                    self.put(it)
+                self.burst = []
+                raise queue.Empty
+            return super().get(block, timeout)
+
+    b = Batcher(tiny_embedder, max_wait_s=0.002, max_queue_tokens=100_000)
+    loop = asyncio.new_event_loop()
+    try:
+        items = [
+            _Item(tiny_embedder.tokenize([f"query {i}"]), (None, None), loop.create_future())
+            for i in range(5)
+        ]
+        b._q = LateQueue(items[1:])
+        b._busy = True  # after a merged batch the worker waits for company
+        batch, carry = b._gather(items[0])
+        assert batch == items and carry is None
     finally:
         loop.close()
 

@@ -287,7 +287,14 @@ class Batcher:
                 try:
                     nxt = self._q.get(timeout=deadline - now)
                 except queue.Empty:
-                    break
+                    # The timed wait can end well past the deadline: the worker needs the GIL to
+                    # return, and the event loop holds it while it reads a burst of requests. What
+                    # the loop queued meanwhile belongs to this batch (without this look, a batch
+                    # of 1 ran and the other 30 requests of the burst waited behind it).
+                    try:
+                        nxt = self._q.get_nowait()
+                    except queue.Empty:
+                        break
             if not isinstance(nxt, _Item) or tokens + nxt.tokens > self.max_batch_tokens:
                 self._busy = True
                 return batch, nxt
