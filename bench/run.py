@@ -472,6 +472,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     if cal.get("backend_plan"):
         unpadded = {True: "yes", False: "no"}.get(cal.get("unpadded"), "?")
         lines.append(f"embedkit fp32 backend (auto): {cal['backend_plan']}; unpadded forward: {unpadded}")
+    if cal.get("backend_plan_bf16"):
+        lines.append(f"embedkit bf16 backend (auto): {cal['backend_plan_bf16']}")
     same_env = f" ({BASELINE_SAME_ENV}: {{:.2f}}x)"
     if "fp32_ok" in c:
         extra = same_env.format(c["fp32_ratio_same_omp_env"]) if c.get("fp32_ratio_same_omp_env") else ""

@@ -122,6 +122,7 @@ def calibrate(args: argparse.Namespace, ch: Channel) -> None:
         mkldnn=bool(torch.backends.mkldnn.is_available()),
         omp_wait_policy=OMP_POLICY["at_torch_load"],
         backend_plan=emb.backend_note,  # which runtime auto gives which batches, fp32 (Embedder's default)
+        backend_plan_bf16=Embedder(args.model, device="cpu", precision="bf16").backend_note,
         unpadded=emb.unpadded,
     )
 

@@ -245,7 +245,7 @@ def test_a_stale_key_file_is_not_reused(tmp_path):
 def test_onnx_with_reduced_precision_says_why_and_runs_torch(tiny_model, caplog):
     with caplog.at_level(logging.WARNING, logger="embedkit.engine.embedder"):
         emb = Embedder(str(tiny_model), device="cpu", backend="onnx", precision="int8")
-    assert "runs fp32 only" in caplog.text and "using torch" in caplog.text
+    assert "runs fp32 (ONNX Runtime) and bf16 (OpenVINO) only" in caplog.text and "using torch" in caplog.text
     emb.encode(TEXTS)
     assert emb.stats.onnx_batches == 0 and emb.stats.batches >= 1
 
@@ -486,3 +486,86 @@ def test_the_share_of_the_cpus_other_processes_used():
     assert others_cpu_share((0.0, 0.0, 0.0), (1.0, 2.0, 0.0)) == pytest.approx(2.0 / (os.cpu_count() or 1))
     assert others_cpu_share(None, (1.0, 1.0, 1.0)) is None
     assert others_cpu_share((1.0, 0.0, 0.0), (1.0, 1.0, 0.0)) is None  # no time passed
+
+
+# ------------------------------------------------------------ bf16 on OpenVINO
+def _needs_openvino_bf16():
+    from embedkit.engine.device import cpu_supports_bf16
+    from embedkit.engine.graph import openvino_version
+
+    if openvino_version() is None:
+        pytest.skip("OpenVINO is not installed (the openvino extra; make install brings it)")
+    if not cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16 (avx512_bf16/amx), so bf16 runs torch")
+
+
+def _min_cos(a, b):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).min())
+
+
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta", "mpnet"])
+def test_bf16_runs_the_fp32_graph_on_openvino_within_cosine_0_99(tmp_path, arch):
+    """bf16 with the ONNX backend: the same fp32 graph, computed in bf16 by OpenVINO; its vectors
+    stay within min cosine 0.99 of sentence-transformers in fp32, as torch's bf16 does."""
+    _needs_openvino_bf16()
+    path = build_tiny_bert(tmp_path / "m", arch=arch)
+    ref = _st_vectors(path, TEXTS)
+    emb = Embedder(str(path), device="cpu", backend="onnx", precision="bf16", normalize=False)
+    got = emb.encode(TEXTS)
+    assert emb.stats.onnx_batches == emb.stats.batches >= 1
+    assert "OpenVINO" in emb.describe()["backend_plan"]
+    assert _min_cos(got, ref) >= 0.99
+    tok = emb.tokenize(["the cat sat on the mat"])  # a lone text: the straight path, same bits
+    assert np.array_equal(
+        emb.embed_tokenized(tok), emb._run(emb._workload(tok), emb._plan(tok), 1, None, None)
+    )
+
+
+def test_bf16_bge_m3_outputs_on_openvino_come_from_the_graphs_token_states(tiny_m3):
+    _needs_openvino_bf16()
+    from tests.reference_m3 import M3_TEXTS
+
+    texts = [t for t in M3_TEXTS if len(t) < 3000]
+    exact = Embedder(str(tiny_m3), device="cpu", backend="torch")
+    fast = Embedder(str(tiny_m3), device="cpu", backend="onnx", precision="bf16")
+    assert fast._onnx.token_states
+    a = exact.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    b = fast.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    assert fast.stats.onnx_batches > 0
+    assert _min_cos(b["dense_vecs"], a["dense_vecs"]) >= 0.99
+    for x, y in zip(a["colbert_vecs"], b["colbert_vecs"], strict=True):
+        assert x.shape == y.shape and _min_cos(y, x) >= 0.99
+
+
+def test_bf16_without_openvino_or_native_bf16_says_why_and_runs_torch(tiny_model, monkeypatch, caplog):
+    import embedkit.engine.embedder as embedder_mod
+
+    monkeypatch.setattr(embedder_mod, "openvino_version", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="embedkit.engine.embedder"):
+        emb = Embedder(str(tiny_model), device="cpu", backend="onnx", precision="bf16")
+    assert "OpenVINO, which is not installed" in caplog.text and "embedkit[openvino]" in caplog.text
+    emb.encode(TEXTS)
+    assert emb.stats.onnx_batches == 0 and emb.stats.batches >= 1
+
+    monkeypatch.setattr(embedder_mod, "openvino_version", lambda: "openvino-2026.4.1")
+    monkeypatch.setattr(embedder_mod, "cpu_supports_bf16", lambda: False)
+    emb = Embedder(str(tiny_model), device="cpu", backend="auto", precision="bf16")
+    assert emb._onnx is None and "no native bf16" in emb.backend_note
+
+
+def test_auto_keeps_separate_measurements_for_onnx_runtime_and_openvino(tmp_path, monkeypatch):
+    """The fp32 and bf16 engines share one graph file but not a measurement: each runtime's
+    crossover against torch is its own."""
+    _needs_openvino_bf16()
+    import embedkit.engine.backend as backend_mod
+
+    monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    monkeypatch.setattr(backend_mod, "cpu_sample", lambda: None)
+    path = build_tiny_bert(tmp_path / "m")
+    fp32 = Embedder(str(path), device="cpu", backend="auto")
+    bf16 = Embedder(str(path), device="cpu", backend="auto", precision="bf16")
+    assert fp32.graph_key == bf16.graph_key
+    kept = list((cache_dir() / "crossover").glob(f"{fp32.graph_key.digest}-*.json"))
+    assert len(kept) == 2

@@ -149,7 +149,7 @@ class Crossover:
             upto = f", up to {largest['rows']}x{largest['tokens']} tokens" if largest else ""
             return f"onnx for every batch (faster at every probed shape{upto})"
         if self.max_onnx_tokens <= 0:
-            return "torch for every batch (ONNX Runtime was not faster at any probed shape)"
+            return "torch for every batch (the graph runtime was not faster at any probed shape)"
         return f"onnx for batches up to {self.max_onnx_tokens} padded tokens, torch above"
 
 

@@ -40,14 +40,16 @@ from embedkit.engine.backend import (
     second_copy_fits,
 )
 from embedkit.engine.batching import pad_batch, plan_batches
-from embedkit.engine.device import attention_cells_budget, auto_batch_tokens
+from embedkit.engine.device import attention_cells_budget, auto_batch_tokens, cpu_supports_bf16
 from embedkit.engine.graph import (
     SUPPORTED_MODEL_TYPES,
     GraphKey,
     GraphSession,
+    OpenVINOSession,
     export_graph,
     find_graph,
     graph_outputs,
+    openvino_version,
     runtime_version,
 )
 from embedkit.engine.multi import DENSE_ONLY, MultiVectors, check_outputs, sparse_from_token_weights
@@ -170,7 +172,7 @@ class Embedder:
             self.device, int(getattr(cfg, "num_attention_heads", 12)), available_memory_bytes()
         )
         self.stats = self.runner.stats
-        self._onnx: GraphSession | None = None
+        self._onnx: GraphSession | OpenVINOSession | None = None
         self.graph_path: Path | None = None
         self.onnx_max_tokens = 0
         self.crossover: Crossover | None = None
@@ -225,10 +227,18 @@ class Embedder:
             return "backend torch asked for"
         if self.device.type != "cpu" or len(self.devices) > 1:
             return f"the ONNX backend runs on one CPU; {self.device} runs torch"
-        if self.precision != "fp32":
+        if self.precision == "bf16":  # the fp32 graph, computed in bf16 by OpenVINO
+            if openvino_version() is None:
+                return (
+                    "bf16 runs the ONNX graph on OpenVINO, which is not installed "
+                    "(pip install 'embedkit[openvino]'); bf16 runs torch"
+                )
+            if not cpu_supports_bf16():
+                return "this CPU has no native bf16 (avx512_bf16/amx) for OpenVINO; bf16 runs torch"
+        elif self.precision != "fp32":
             return (
-                f"the ONNX backend runs fp32 only (no {self.precision} graph keeps min cosine 0.99 "
-                f"and its speed); {self.precision} runs torch"
+                f"the ONNX backend runs fp32 (ONNX Runtime) and bf16 (OpenVINO) only (no {self.precision} "
+                f"graph keeps min cosine 0.99 and its speed); {self.precision} runs torch"
             )
         model_type = getattr(self.model, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -277,18 +287,19 @@ class Embedder:
         if session is not None:
             self.use_graph(session)
 
-    def open_graph(self, path: Path | None = None) -> GraphSession | None:
-        """Open the ONNX Runtime session for ``path`` (default: the graph this engine deferred with
-        ``defer_graph=True``). Runs no model, so it may run on any thread; ``None`` (with one log
-        line) when the session cannot be opened."""
+    def open_graph(self, path: Path | None = None) -> GraphSession | OpenVINOSession | None:
+        """Open the graph runtime's session for ``path`` (default: the graph this engine deferred
+        with ``defer_graph=True``): ONNX Runtime in fp32, OpenVINO in bf16. Runs no model, so it may
+        run on any thread; ``None`` (with one log line) when the session cannot be opened."""
         path = path or self.pending_graph
         if path is None:
             return None
+        runtime = OpenVINOSession if self.precision == "bf16" else GraphSession
         try:
-            return GraphSession(path, torch.get_num_threads())
+            return runtime(path, torch.get_num_threads())
         except Exception as exc:
             self.pending_graph = None
-            self.backend_note = f"ONNX Runtime could not open {path} ({type(exc).__name__}: {exc})"
+            self.backend_note = f"{runtime.label} could not open {path} ({type(exc).__name__}: {exc})"
             log.warning("%s: using torch for every batch", self.backend_note)
             return None
 
@@ -345,16 +356,17 @@ class Embedder:
             )
         return self.forward_cost_tokens
 
-    def use_graph(self, session: GraphSession) -> None:
+    def use_graph(self, session: GraphSession | OpenVINOSession) -> None:
         """Start routing batches to ``session``; with ``auto``, first time both runtimes and keep
         ONNX Runtime for the batch sizes where it was faster (dropping it when it never was).
         Call it on the thread that runs the batches (it runs the model)."""
         self.pending_graph = None
         self._onnx = session
         self.graph_path = session.path
+        on = "" if isinstance(session, GraphSession) else f" ({session.label}, bf16)"
         if self.backend == "onnx":
             self.onnx_max_tokens = EVERY_BATCH
-            self.backend_note = "onnx for every batch"
+            self.backend_note = f"onnx for every batch{on}"
             return
         shape, run_torch = self._probe_runs()
 
@@ -366,7 +378,7 @@ class Embedder:
             cache_dir() / "crossover",
             self.graph_key.digest,
             torch.get_num_threads(),
-            f"torch-{torch.__version__} {self.graph_key.runtime}",
+            f"torch-{torch.__version__} {self.graph_key.runtime}" + ("" if not on else f" {session.runtime}"),
         )
         measured = load_crossover(kept)
         how = "kept from an earlier start" if measured is not None else "measured"
@@ -389,7 +401,7 @@ class Embedder:
                 )
         self.crossover = measured
         self.onnx_max_tokens = measured.max_onnx_tokens
-        self.backend_note = measured.describe()
+        self.backend_note = measured.describe() + (on if self.onnx_max_tokens > 0 else "")
         if self.onnx_max_tokens <= 0:
             self._onnx = self.graph_path = None  # never faster here: free its copy of the weights
         self.forward_cost_tokens = measured.forward_cost_tokens("onnx" if self._onnx is not None else "torch")
@@ -625,7 +637,11 @@ class Embedder:
         return len(tok) == 1 and self._onnx is not None and tok.num_tokens <= self.onnx_max_tokens
 
     def _one_on_graph(
-        self, graph: GraphSession, ids: np.ndarray, normalize: bool | None, dimensions: int | None
+        self,
+        graph: GraphSession | OpenVINOSession,
+        ids: np.ndarray,
+        normalize: bool | None,
+        dimensions: int | None,
     ) -> np.ndarray:
         """One text on ONNX Runtime, straight: the same feeds, graph and post stage as
         :meth:`_run` (so the same bits) without the runner's batching and tensor round trips, which
