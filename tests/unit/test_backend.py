@@ -523,6 +523,22 @@ def test_bf16_runs_the_fp32_graph_on_openvino_within_cosine_0_99(tmp_path, arch)
     )
 
 
+def test_bf16_on_openvino_serves_callers_on_several_threads(tiny_model):
+    """One engine called from several threads at once (as with ONNX Runtime or torch): OpenVINO's
+    shared inference request is taken in turns, and each caller gets its own texts' vectors."""
+    _needs_openvino_bf16()
+    from concurrent.futures import ThreadPoolExecutor
+
+    emb = Embedder(str(tiny_model), device="cpu", backend="onnx", precision="bf16")
+    texts = [f"text number {i} " + "word " * (i % 7) for i in range(48)]
+    alone = [emb.encode(texts[k::4]) for k in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda k: emb.encode(texts[k::4]), range(4)))
+            for a, b in zip(alone, together, strict=True):
+                assert np.array_equal(a, b)
+
+
 def test_bf16_bge_m3_outputs_on_openvino_come_from_the_graphs_token_states(tiny_m3):
     _needs_openvino_bf16()
     from tests.reference_m3 import M3_TEXTS

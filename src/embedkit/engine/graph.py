@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -345,9 +346,10 @@ class OpenVINOSession:
     (``INFERENCE_PRECISION_HINT``, AMX or AVX512-BF16 kernels): the graph runtime of bf16 engines,
     with :class:`GraphSession`'s interface. OpenVINO reads ONNX Runtime's fused operators.
 
-    One inference request is reused, so one thread at a time may run it (the engine's worker, or
-    the server's event loop for an idle query, never both); outputs are copied out of its buffers.
-    Its threads are not pinned to cores: torch's OpenMP threads and the event loop share them."""
+    One inference request is reused behind a lock, so callers on several threads take turns (as
+    ONNX Runtime's and torch's calls may overlap, a shared request would refuse: "Infer Request is
+    busy"); outputs are copied out of its buffers before the lock is released. Its threads are not
+    pinned to cores: torch's OpenMP threads and the event loop share them."""
 
     label = "OpenVINO"
 
@@ -371,14 +373,17 @@ class OpenVINOSession:
         self._pooled = self._compiled.output("sentence_embedding")
         self._hidden = self._compiled.output("token_embeddings") if self.token_states else None
         self._request = self._compiled.create_infer_request()
+        self._lock = threading.Lock()
 
-    def _infer(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Any:
-        return self._request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
+    def _infer(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: tuple) -> list[np.ndarray]:
+        with self._lock:
+            out = self._request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
+            return [np.array(out[o], dtype=np.float32) for o in outputs]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return np.array(self._infer(input_ids, attention_mask)[self._pooled], dtype=np.float32)
+        return self._infer(input_ids, attention_mask, (self._pooled,))[0]
 
     def run_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The pooled vectors and the last hidden states (a graph exported with ``token_states``)."""
-        out = self._infer(input_ids, attention_mask)
-        return np.array(out[self._pooled], dtype=np.float32), np.array(out[self._hidden], dtype=np.float32)
+        pooled, hidden = self._infer(input_ids, attention_mask, (self._pooled, self._hidden))
+        return pooled, hidden
