@@ -222,7 +222,8 @@ class Embedder:
         )
 
     def _graph_unavailable(self) -> str | None:
-        """Why this engine cannot use ONNX Runtime, or ``None`` when it can."""
+        """Why this engine cannot run the ONNX graph (ONNX Runtime in fp32, OpenVINO in bf16), or
+        ``None`` when it can."""
         if self.backend == "torch":
             return "backend torch asked for"
         if self.device.type != "cpu" or len(self.devices) > 1:
@@ -358,15 +359,15 @@ class Embedder:
 
     def use_graph(self, session: GraphSession | OpenVINOSession) -> None:
         """Start routing batches to ``session``; with ``auto``, first time both runtimes and keep
-        ONNX Runtime for the batch sizes where it was faster (dropping it when it never was).
+        the graph for the batch sizes where it was faster (dropping it when it never was).
         Call it on the thread that runs the batches (it runs the model)."""
         self.pending_graph = None
         self._onnx = session
         self.graph_path = session.path
-        on = "" if isinstance(session, GraphSession) else f" ({session.label}, bf16)"
+        on_openvino = "" if isinstance(session, GraphSession) else f" ({session.label}, bf16)"
         if self.backend == "onnx":
             self.onnx_max_tokens = EVERY_BATCH
-            self.backend_note = f"onnx for every batch{on}"
+            self.backend_note = f"onnx for every batch{on_openvino}"
             return
         shape, run_torch = self._probe_runs()
 
@@ -374,11 +375,11 @@ class Embedder:
             ids, mask = shape(rows, tokens)
             return session.run(ids.numpy(), mask.numpy())
 
+        versions = f"torch-{torch.__version__} {self.graph_key.runtime}"
+        if on_openvino:  # OpenVINO against torch's bf16 is a measurement of its own
+            versions += f" {session.runtime}"
         kept = crossover_path(
-            cache_dir() / "crossover",
-            self.graph_key.digest,
-            torch.get_num_threads(),
-            f"torch-{torch.__version__} {self.graph_key.runtime}" + ("" if not on else f" {session.runtime}"),
+            cache_dir() / "crossover", self.graph_key.digest, torch.get_num_threads(), versions
         )
         measured = load_crossover(kept)
         how = "kept from an earlier start" if measured is not None else "measured"
@@ -401,7 +402,7 @@ class Embedder:
                 )
         self.crossover = measured
         self.onnx_max_tokens = measured.max_onnx_tokens
-        self.backend_note = measured.describe() + (on if self.onnx_max_tokens > 0 else "")
+        self.backend_note = measured.describe() + (on_openvino if self.onnx_max_tokens > 0 else "")
         if self.onnx_max_tokens <= 0:
             self._onnx = self.graph_path = None  # never faster here: free its copy of the weights
         self.forward_cost_tokens = measured.forward_cost_tokens("onnx" if self._onnx is not None else "torch")
@@ -563,9 +564,9 @@ class Embedder:
     def _run_model(
         self, tensors: tuple[torch.Tensor, ...], replica: int, outputs: tuple = DENSE_ONLY
     ) -> tuple[Any, dict]:
-        """One padded batch on ONNX Runtime (the first replica, when the backend plan gives it this
-        many padded tokens; for BGE-M3's other outputs, a graph that also gives the token states) or
-        on torch; what :meth:`_forward` returns and the counters the runner adds to stats."""
+        """One padded batch on the graph (ONNX Runtime, or OpenVINO in bf16; the first replica,
+        when the backend plan gives it this many padded tokens; for BGE-M3's other outputs, a graph
+        that also gives the token states) or on torch; what :meth:`_forward` returns and the counters the runner adds to stats."""
         padded = int(tensors[0].numel())
         graph = self._onnx
         on_graph = (
@@ -633,7 +634,7 @@ class Embedder:
         return isinstance(self._transformer, UnpaddedEncoder)
 
     def runs_alone_on_graph(self, tok: Tokenized) -> bool:
-        """Whether :meth:`embed_tokenized` runs ``tok`` as one text straight on ONNX Runtime."""
+        """Whether :meth:`embed_tokenized` runs ``tok`` as one text straight on the graph."""
         return len(tok) == 1 and self._onnx is not None and tok.num_tokens <= self.onnx_max_tokens
 
     def _one_on_graph(
@@ -643,7 +644,7 @@ class Embedder:
         normalize: bool | None,
         dimensions: int | None,
     ) -> np.ndarray:
-        """One text on ONNX Runtime, straight: the same feeds, graph and post stage as
+        """One text on the graph (ONNX Runtime or OpenVINO), straight: the same feeds, graph and post stage as
         :meth:`_run` (so the same bits) without the runner's batching and tensor round trips, which
         cost ~0.2 ms of a ~2.4 ms one-text query (a serving hot path)."""
         norm, dims = self._post_options(normalize, dimensions)

@@ -44,7 +44,7 @@ _STOP = object()
 # One extra forward pass in padded tokens' worth of compute, when the engine measured nothing.
 FORWARD_COST_TOKENS = 96
 # The longest lone text the event loop runs itself when the worker is idle (Batcher._run_inline):
-# ~7 ms of ONNX Runtime on the 2-core Xeon for the default model. Longer texts go to the worker, so
+# ~7 ms of ONNX Runtime (fp32) on the 2-core Xeon for the default model. Longer texts go to the worker, so
 # the loop never stops answering /ping and other connections for longer than a short query takes.
 INLINE_MAX_TOKENS = 64
 
@@ -89,7 +89,7 @@ class Batcher:
         max_queue_tokens: tokens waiting (queued or running) before new requests get 429.
         on_batch: called with ``(texts, tokens)`` after each batch (metrics), on the worker, or
             on the event loop for a text run inline.
-        inline_idle: run a lone text that ONNX Runtime takes on the event loop when the worker is
+        inline_idle: run a lone text that the graph takes on the event loop when the worker is
             idle (:meth:`_run_inline`).
     """
 
@@ -187,17 +187,18 @@ class Batcher:
         return tasks <= self._standing + 1
 
     def _run_inline(self, item: _Item) -> bool:
-        """With nothing queued or running, a lone text that ONNX Runtime takes runs here on the
+        """With nothing queued or running, a lone text that the graph takes runs here on the
         event loop, not on the worker: the hand-off and the wake-up back cost ~0.2 ms of a ~3.5 ms
-        one-text query. Only ONNX Runtime (its own thread pool) runs on this thread, never torch
-        (whose OpenMP team belongs to the worker). True when the item's future is resolved."""
+        one-text query. Only the graph runtime (ONNX Runtime or OpenVINO, each with its own thread
+        pool) runs on this thread, never torch (whose OpenMP team belongs to the worker). True when
+        the item's future is resolved."""
         alone_on_graph = getattr(self.embedder, "runs_alone_on_graph", None)  # None: a custom model_fn
         if (
             not self.inline_idle
             or alone_on_graph is None
             or item.tokens > INLINE_MAX_TOKENS
             or item.outputs != DENSE_ONLY
-            or not alone_on_graph(item.tok)  # one text, and ONNX Runtime takes it
+            or not alone_on_graph(item.tok)  # one text, and the graph takes it
             or not self._only_request()
         ):
             return False
