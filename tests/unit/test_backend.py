@@ -144,6 +144,57 @@ def test_a_second_copy_of_the_weights_must_leave_room():
     gib = 1 << 30
     assert second_copy_fits(1 * gib, available=4 * gib)
     assert not second_copy_fits(2 * gib, available=4 * gib)  # 2.2 GB BGE-M3 on a 4 GiB box
+    assert second_copy_fits(1 * gib, available=4 * gib, copies=2)  # OpenVINO's too in fp32
+    assert not second_copy_fits(1.2 * gib, available=4 * gib, copies=2)
+
+
+def _measure_three(times):
+    """``measure_crossover`` of fake torch, ONNX Runtime and OpenVINO runs, whose milliseconds on a
+    shape of ``n`` padded tokens are ``times[n]``."""
+    clock = FakeClock()
+
+    def runtime(which: int):
+        def run(rows: int, tokens: int) -> None:
+            clock.now += times[rows * tokens][which] * 1e-3
+
+        return run
+
+    return measure_crossover(runtime(0), runtime(1), run_openvino=runtime(2), budget_s=100.0, clock=clock)
+
+
+def test_openvino_takes_the_graphs_batches_from_its_first_win_and_onnx_runtime_keeps_those_before():
+    # ONNX Runtime fastest on 1-2 texts, OpenVINO from 8 x 32 (as on the AMX Xeon), torch in bulk
+    times = {16: (9.0, 2.0, 2.3), 64: (12.0, 4.0, 4.1), 256: (30, 22, 19), 512: (46, 43, 38)}
+    times |= {2048: (178, 183, 150), 4096: (250, 370, 290)}
+    res = _measure_three(times)
+    assert res.max_ort_tokens == 64 and res.max_onnx_tokens == 2048
+    assert all("openvino_ms" in p for p in res.probes)
+    assert res.describe() == (
+        "onnx for batches up to 2048 padded tokens: ONNX Runtime up to 64, OpenVINO (fp32) above; torch above that"
+    )
+    assert Crossover.from_dict(json.loads(json.dumps(res.to_dict()))) == res
+    # torch is weighed against the runtime that would run the shape: OpenVINO, not the faster ONNX
+    # Runtime, once OpenVINO has taken over (one route per size)
+    times[2048] = (178, 150, 190)
+    res = _measure_three(times)
+    assert res.max_ort_tokens == 64 and res.max_onnx_tokens == 512
+
+
+def test_openvino_that_never_wins_or_wins_everything_leaves_one_graph_runtime():
+    times = {16: (9.0, 2.0, 2.3), 64: (12.0, 4.0, 4.1), 256: (30, 22, 22), 512: (46, 43, 43)}
+    times |= {2048: (178, 183, 183), 4096: (250, 370, 300)}
+    res = _measure_three(times)
+    assert res.max_ort_tokens is None and res.max_onnx_tokens == 2048  # ties stay on ONNX Runtime
+    assert res.describe() == "onnx for batches up to 2048 padded tokens, torch above"
+    times = {k: (t, o, v * 0.8) for k, (t, o, v) in times.items()}
+    times[4096] = (250, 370, 240)
+    res = _measure_three(times)
+    assert res.max_ort_tokens == 0 and res.max_onnx_tokens == EVERY_BATCH
+    assert res.describe().startswith("onnx for every batch, on OpenVINO (fp32) (faster at every probed shape")
+    # OpenVINO beating ONNX Runtime only where torch beats both gives it nothing
+    times = {16: (9.0, 2.0, 2.3), 64: (12.0, 4.0, 4.1), 256: (15, 22, 19), 512: (20, 43, 38)}
+    res = _measure_three(times)
+    assert res.max_onnx_tokens == 64 and res.max_ort_tokens is None
 
 
 # ------------------------------------------------------------------- parity
@@ -584,3 +635,100 @@ def test_auto_keeps_separate_measurements_for_onnx_runtime_and_openvino(tmp_path
     assert fp32.graph_key == bf16.graph_key
     kept = list((cache_dir() / "crossover").glob(f"{fp32.graph_key.digest}-*.json"))
     assert len(kept) == 2
+
+
+# ---------------------------------------------------- fp32 batches on OpenVINO
+def _needs_openvino():
+    from embedkit.engine.graph import openvino_version
+
+    if openvino_version() is None:
+        pytest.skip("OpenVINO is not installed (the openvino extra; make install brings it)")
+
+
+def _auto_with_split(path, monkeypatch, max_ort_tokens, max_onnx_tokens=EVERY_BATCH):
+    """An fp32 ``auto`` engine whose measurement (faked) gave ONNX Runtime the graph's batches up
+    to ``max_ort_tokens`` padded tokens and OpenVINO the rest."""
+    import embedkit.engine.embedder as embedder_mod
+
+    seen = {}
+
+    def measured(run_torch, run_onnx, *, run_openvino=None, **kwargs):
+        seen["openvino"] = run_openvino
+        run_openvino(2, 8)  # OpenVINO's compiled graph runs
+        return Crossover(max_onnx_tokens=max_onnx_tokens, max_ort_tokens=max_ort_tokens)
+
+    monkeypatch.setattr(embedder_mod, "measure_crossover", measured)
+    emb = Embedder(str(path), device="cpu", backend="auto")
+    assert seen["openvino"] is not None  # auto weighed OpenVINO
+    return emb
+
+
+def _count_runs(session):
+    calls = []
+    real = session.run
+
+    def run(ids, mask):
+        calls.append(ids.shape)
+        return real(ids, mask)
+
+    session.run = run
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta", "mpnet"])
+def test_auto_gives_openvino_the_batches_above_onnx_runtimes_and_stays_within_1e5(
+    tmp_path, monkeypatch, arch
+):
+    _needs_openvino()
+    from embedkit.engine.graph import GraphSession, OpenVINOSession
+
+    monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    path = build_tiny_bert(tmp_path / "m", arch=arch)
+    ref = _st_vectors(path, TEXTS)
+    emb = _auto_with_split(path, monkeypatch, max_ort_tokens=20)
+    assert isinstance(emb._onnx, GraphSession) and isinstance(emb._openvino, OpenVINOSession)
+    assert emb._openvino.precision == "f32" and emb.max_ort_tokens == 20
+    assert emb.describe()["backend_plan"].startswith(
+        "onnx for every batch: ONNX Runtime up to 20 padded tokens"
+    )
+    on_ort, on_openvino = _count_runs(emb._onnx), _count_runs(emb._openvino)
+    got = emb.encode(TEXTS)
+    assert float(np.abs(got - ref).max()) <= 1e-5
+    assert on_openvino and all(r * t > 20 for r, t in on_openvino)
+    assert all(r * t <= 20 for r, t in on_ort)
+    assert emb.stats.onnx_batches == emb.stats.batches  # both are the graph's batches
+    # a lone text takes the straight path on whichever runtime its length routes it to
+    on_ort.clear(), on_openvino.clear()
+    emb.encode(["hi"])
+    emb.encode(["the cat sat on the mat with a dog in the park and read a book " * 2])
+    assert len(on_ort) == 1 and len(on_openvino) == 1
+
+
+def test_openvino_winning_every_graph_batch_frees_onnx_runtime(tmp_path, monkeypatch):
+    _needs_openvino()
+    from embedkit.engine.graph import OpenVINOSession
+
+    monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    path = build_tiny_bert(tmp_path / "m")
+    ref = _st_vectors(path, TEXTS)
+    emb = _auto_with_split(path, monkeypatch, max_ort_tokens=0, max_onnx_tokens=64)
+    assert isinstance(emb._onnx, OpenVINOSession) and emb._openvino is None
+    assert emb.describe()["backend_plan"].startswith(
+        "onnx for batches up to 64 padded tokens, on OpenVINO (fp32)"
+    )
+    assert float(np.abs(emb.encode(TEXTS) - ref).max()) <= 1e-5
+
+
+def test_openvino_is_weighed_only_by_auto_in_fp32_with_room_for_a_third_copy(tiny_model, monkeypatch):
+    _needs_openvino()
+    import embedkit.engine.embedder as embedder_mod
+
+    emb = Embedder(str(tiny_model), device="cpu", backend="onnx")
+    assert emb._openvino is None and "only auto in fp32" in emb._openvino_f32_unavailable()
+    monkeypatch.setattr(
+        embedder_mod, "second_copy_fits", lambda weights, available=None, copies=1: copies < 2
+    )
+    emb = Embedder(str(tiny_model), device="cpu", backend="auto")
+    assert "third copy" in emb._openvino_f32_unavailable() and emb._openvino is None
+    monkeypatch.setattr(embedder_mod, "openvino_version", lambda: None)
+    assert "not installed" in emb._openvino_f32_unavailable()

@@ -1,7 +1,9 @@
-"""Which runtime runs which batch: torch, ONNX Runtime, or ``auto`` (both, split by a measurement).
+"""Which runtime runs which batch: torch, ONNX Runtime, or ``auto`` (split by a measurement).
 
-``auto`` times both runtimes on this machine and sends a batch to ONNX Runtime while its padded
-tokens are at most the largest probed shape where ONNX Runtime was faster (docs/backends.md).
+``auto`` times the runtimes on this machine and sends a batch to the graph runtime while its padded
+tokens are at most the largest probed shape where the graph was faster (docs/backends.md). In fp32
+with OpenVINO installed the graph has two runtimes: ONNX Runtime for the smallest batches and
+OpenVINO from the first probed shape where it beat ONNX Runtime.
 
 >>> resolve_backend("ONNXRuntime")
 'onnx'
@@ -82,13 +84,14 @@ def available_memory_bytes() -> int | None:
     return min(found) if found else None
 
 
-def second_copy_fits(weight_bytes: int, available: int | None = None) -> bool:
-    """Whether a second copy of the weights (ONNX Runtime's) fits beside torch's: it must leave at
-    least the weights' size again, and 512 MiB, free for activations and everything else."""
+def second_copy_fits(weight_bytes: int, available: int | None = None, *, copies: int = 1) -> bool:
+    """Whether ``copies`` more copies of the weights (ONNX Runtime's; OpenVINO's) fit beside
+    torch's: they must leave at least the weights' size again, and 512 MiB, free for activations
+    and everything else."""
     available = available_memory_bytes() if available is None else available
     if available is None:
         return True
-    return available >= 2 * weight_bytes + (512 << 20)
+    return available >= (copies + 1) * weight_bytes + (512 << 20)
 
 
 # Upper bound of a measured forward cost: replaying the server's bf16 batches on the AMX Xeon, a
@@ -100,13 +103,18 @@ EVERY_BATCH = 1 << 62
 
 @dataclass
 class Crossover:
-    """What ``auto`` measured: per probed shape, seconds on torch and on ONNX Runtime."""
+    """What ``auto`` measured: per probed shape, milliseconds on torch, on ONNX Runtime and (fp32
+    with OpenVINO) on OpenVINO. The graph takes batches of at most ``max_onnx_tokens`` padded
+    tokens; with ``max_ort_tokens`` set, ONNX Runtime takes those up to it and OpenVINO the rest."""
 
     max_onnx_tokens: int
     probes: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     # share of the CPUs other processes used while it measured (None where it cannot be read)
     others_cpu_share: float | None = None
+    # Where OpenVINO took part: the largest graph batch ONNX Runtime keeps; None: OpenVINO never
+    # won a graph shape (or did not take part), so ONNX Runtime takes every graph batch.
+    max_ort_tokens: int | None = None
 
     @property
     def keep(self) -> bool:
@@ -123,10 +131,11 @@ class Crossover:
             probes=list(data.get("probes", [])),
             seconds=float(data.get("seconds", 0.0)),
             others_cpu_share=data.get("others_cpu_share"),
+            max_ort_tokens=None if data.get("max_ort_tokens") is None else int(data["max_ort_tokens"]),
         )
 
     def forward_cost_tokens(self, runtime: str) -> float | None:
-        """One more forward pass on ``runtime`` ("torch" or "onnx") in padded tokens' worth of
+        """One more forward pass on ``runtime`` ("torch", "onnx" or "openvino") in padded tokens' worth of
         compute: intercept over slope of a line through the probes of at most 512 tokens (larger
         ones' noise would swamp the intercept); ``None`` with fewer than two or a flat line."""
         points = [
@@ -144,13 +153,28 @@ class Crossover:
         return float(min(MAX_FORWARD_COST_TOKENS, max(4.0, intercept / slope)))
 
     def describe(self) -> str:
-        if self.max_onnx_tokens >= EVERY_BATCH:
-            largest = max(self.probes, key=lambda p: p["rows"] * p["tokens"]) if self.probes else None
-            upto = f", up to {largest['rows']}x{largest['tokens']} tokens" if largest else ""
-            return f"onnx for every batch (faster at every probed shape{upto})"
         if self.max_onnx_tokens <= 0:
             return "torch for every batch (the graph runtime was not faster at any probed shape)"
-        return f"onnx for batches up to {self.max_onnx_tokens} padded tokens, torch above"
+        every = self.max_onnx_tokens >= EVERY_BATCH
+        if every:
+            largest = max(self.probes, key=lambda p: p["rows"] * p["tokens"]) if self.probes else None
+            upto = f", up to {largest['rows']}x{largest['tokens']} tokens" if largest else ""
+            why = f"faster at every probed shape{upto}"
+        split = self.max_ort_tokens
+        if split is None:
+            if every:
+                return f"onnx for every batch ({why})"
+            return f"onnx for batches up to {self.max_onnx_tokens} padded tokens, torch above"
+        if split <= 0:
+            if every:
+                return f"onnx for every batch, on OpenVINO (fp32) ({why})"
+            return f"onnx for batches up to {self.max_onnx_tokens} padded tokens, on OpenVINO (fp32), torch above"
+        if every:
+            return f"onnx for every batch: ONNX Runtime up to {split} padded tokens, OpenVINO (fp32) above ({why})"
+        return (
+            f"onnx for batches up to {self.max_onnx_tokens} padded tokens: ONNX Runtime up to {split}, "
+            "OpenVINO (fp32) above; torch above that"
+        )
 
 
 def _best_of(fn: Callable[[], object], reps: int, clock: Callable[[], float]) -> float:
@@ -166,26 +190,39 @@ def measure_crossover(
     run_torch: Callable[[int, int], object],
     run_onnx: Callable[[int, int], object],
     *,
+    run_openvino: Callable[[int, int], object] | None = None,
     shapes: tuple[tuple[int, int], ...] = PROBE_SHAPES,
-    budget_s: float = PROBE_BUDGET_S,
+    budget_s: float | None = None,
     margin: float = PROBE_MARGIN,
     reps: int = 2,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Crossover:
     """Time ``run_torch(rows, tokens)`` against ``run_onnx(rows, tokens)`` on ``shapes`` (warm-up,
-    then the best of ``reps``) until torch wins twice in a row or ``budget_s`` would overrun.
-    A runtime wins a shape when it is faster by ``margin``; ONNX Runtime keeps the shapes it won
+    then the best of ``reps``) until torch wins twice in a row or ``budget_s`` (default
+    :data:`PROBE_BUDGET_S`, half as much again with OpenVINO) would overrun.
+    A runtime wins a shape when it is faster by ``margin``; the graph keeps the shapes it won
     and the ties. ``max_onnx_tokens`` is the largest shape it kept; :data:`EVERY_BATCH` when it
     kept the last (bulk) shape.
+
+    With ``run_openvino`` (fp32 OpenVINO on the same graph) the graph has two runtimes, split at
+    one size so that each batch size has one route: OpenVINO takes the graph's shapes from the
+    first one where it beat ONNX Runtime by ``margin`` (ONNX Runtime keeps those before it,
+    ``max_ort_tokens``), and torch is weighed against the runtime that would run the shape. On
+    the AMX Xeon ONNX Runtime was faster on one or two texts of ~16 tokens (1.8 against 2.1 ms)
+    and OpenVINO on batches of 8 and more (7-13%).
 
     Ties go to ONNX Runtime because the probes time each runtime alone: in a server, torch's eager
     passes also pay for waking OpenMP threads between ~40 small kernels while the event loop
     shares the cores, and ONNX Runtime's pass does not (on the AMX Xeon at concurrency 32, routing
     from 256 padded tokens to torch on a tie gave 205 requests/s, from 512 tokens 245-250)."""
+    if budget_s is None:
+        budget_s = PROBE_BUDGET_S * (1.5 if run_openvino is not None else 1.0)
     t_start = clock()
     sample = cpu_sample()
     result = Crossover(max_onnx_tokens=0)
     torch_wins = 0
+    openvino_from: int | None = None  # the first shape (padded tokens) OpenVINO won
+    ort_kept = 0  # the largest graph shape ONNX Runtime kept before that
     costs: list[tuple[float, float]] = []  # (padded tokens, seconds spent on the shape)
     for rows, tokens in shapes:
         if clock() - t_start + _predict(costs, rows * tokens) > budget_s:
@@ -195,13 +232,22 @@ def measure_crossover(
         run_onnx(rows, tokens)
         t_torch = _best_of(lambda r=rows, t=tokens: run_torch(r, t), reps, clock)
         t_onnx = _best_of(lambda r=rows, t=tokens: run_onnx(r, t), reps, clock)
+        probe = {"rows": rows, "tokens": tokens, "torch_ms": t_torch * 1e3, "onnx_ms": t_onnx * 1e3}
+        t_graph = t_onnx
+        if run_openvino is not None:
+            run_openvino(rows, tokens)
+            t_openvino = _best_of(lambda r=rows, t=tokens: run_openvino(r, t), reps, clock)
+            probe["openvino_ms"] = t_openvino * 1e3
+            if openvino_from is None and t_openvino * margin < t_onnx:
+                openvino_from = rows * tokens
+            if openvino_from is not None:
+                t_graph = t_openvino
         costs.append((float(rows * tokens), clock() - t_shape))
-        torch_wins_shape = t_torch * margin < t_onnx
-        result.probes.append(
-            {"rows": rows, "tokens": tokens, "torch_ms": t_torch * 1e3, "onnx_ms": t_onnx * 1e3}
-        )
-        if not torch_wins_shape:  # ONNX Runtime won, or a tie
+        result.probes.append(probe)
+        if not t_torch * margin < t_graph:  # the graph won, or a tie
             result.max_onnx_tokens = max(result.max_onnx_tokens, rows * tokens)
+            if openvino_from is None:
+                ort_kept = result.max_onnx_tokens
             torch_wins = 0
         else:
             torch_wins += 1
@@ -210,6 +256,8 @@ def measure_crossover(
     last = shapes[-1] if shapes else None
     if result.probes and last is not None and result.max_onnx_tokens == last[0] * last[1]:
         result.max_onnx_tokens = EVERY_BATCH
+    if openvino_from is not None and openvino_from <= result.max_onnx_tokens:
+        result.max_ort_tokens = ort_kept  # 0: OpenVINO takes every graph batch
     result.seconds = clock() - t_start
     result.others_cpu_share = others_cpu_share(sample, cpu_sample())
     return result
@@ -282,7 +330,12 @@ def crossover_path(root: Path, graph_digest: str, threads: int, versions: str) -
     """Where ``auto``'s measurement is kept, keyed by the graph, the CPU's name and flags, the thread
     count and both runtimes' versions."""
     name, flags = cpu_info()
-    rule = [PROBE_SHAPES, PROBE_MARGIN, "ties to onnx"]  # a new rule measures afresh
+    rule = [
+        PROBE_SHAPES,
+        PROBE_MARGIN,
+        "ties to onnx",
+        "openvino-f32 from its first win",
+    ]  # a new rule measures afresh
     blob = json.dumps([graph_digest, name, sorted(flags), int(threads), versions, rule]).encode()
     return Path(root) / f"{graph_digest}-{hashlib.sha256(blob).hexdigest()[:16]}.json"
 

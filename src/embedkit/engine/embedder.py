@@ -173,6 +173,11 @@ class Embedder:
         )
         self.stats = self.runner.stats
         self._onnx: GraphSession | OpenVINOSession | None = None
+        # fp32 with auto and OpenVINO installed: OpenVINO on the same graph for the graph's batches
+        # above max_ort_tokens padded tokens (where auto measured it faster than ONNX Runtime).
+        self._openvino: OpenVINOSession | None = None
+        self._pending_openvino: OpenVINOSession | None = None
+        self.max_ort_tokens = EVERY_BATCH
         self.graph_path: Path | None = None
         self.onnx_max_tokens = 0
         self.crossover: Crossover | None = None
@@ -290,19 +295,48 @@ class Embedder:
 
     def open_graph(self, path: Path | None = None) -> GraphSession | OpenVINOSession | None:
         """Open the graph runtime's session for ``path`` (default: the graph this engine deferred
-        with ``defer_graph=True``): ONNX Runtime in fp32, OpenVINO in bf16. Runs no model, so it may
-        run on any thread; ``None`` (with one log line) when the session cannot be opened."""
+        with ``defer_graph=True``): ONNX Runtime in fp32, OpenVINO in bf16. With ``auto`` in fp32
+        it also compiles the graph on OpenVINO in f32 where that is installed and a third copy of
+        the weights fits, for :meth:`use_graph` to measure. Runs no model, so it may run on any
+        thread; ``None`` (with one log line) when the session cannot be opened."""
         path = path or self.pending_graph
         if path is None:
             return None
         runtime = OpenVINOSession if self.precision == "bf16" else GraphSession
         try:
-            return runtime(path, torch.get_num_threads())
+            session = runtime(path, torch.get_num_threads())
         except Exception as exc:
             self.pending_graph = None
             self.backend_note = f"{runtime.label} could not open {path} ({type(exc).__name__}: {exc})"
             log.warning("%s: using torch for every batch", self.backend_note)
             return None
+        why = self._openvino_f32_unavailable()
+        if why is None:
+            try:
+                self._pending_openvino = OpenVINOSession(path, torch.get_num_threads(), precision="f32")
+            except Exception as exc:  # ONNX Runtime and torch still cover every batch
+                log.warning("OpenVINO could not compile %s in f32 (%s: %s)", path, type(exc).__name__, exc)
+        else:
+            log.debug("fp32 batches stay off OpenVINO: %s", why)
+        return session
+
+    def _openvino_f32_unavailable(self) -> str | None:
+        """Why ``auto`` does not weigh OpenVINO (f32) for this fp32 engine's graph batches, or
+        ``None`` when it does."""
+        if self.backend != "auto" or self.precision != "fp32":
+            return "only auto in fp32 weighs OpenVINO against ONNX Runtime"
+        if openvino_version() is None:
+            return "OpenVINO is not installed (pip install 'embedkit[openvino]')"
+        weights = 4 * self.model.num_parameters
+        if not second_copy_fits(weights, copies=2):
+            return f"a third copy of the weights ({weights >> 20} MiB) does not fit in the memory available"
+        return None
+
+    def _graph_for(self, padded: int) -> GraphSession | OpenVINOSession | None:
+        """The graph session that runs a batch of ``padded`` tokens, when the graph takes it."""
+        if self._openvino is not None and padded > self.max_ort_tokens:
+            return self._openvino
+        return self._onnx
 
     def _probe_runs(
         self,
@@ -364,6 +398,7 @@ class Embedder:
         self.pending_graph = None
         self._onnx = session
         self.graph_path = session.path
+        openvino, self._pending_openvino = self._pending_openvino, None
         on_openvino = "" if isinstance(session, GraphSession) else f" ({session.label}, bf16)"
         if self.backend == "onnx":
             self.onnx_max_tokens = EVERY_BATCH
@@ -371,13 +406,20 @@ class Embedder:
             return
         shape, run_torch = self._probe_runs()
 
-        def run_onnx(rows: int, tokens: int) -> object:
-            ids, mask = shape(rows, tokens)
-            return session.run(ids.numpy(), mask.numpy())
+        def runner(graph: GraphSession | OpenVINOSession) -> Callable[[int, int], object]:
+            def run(rows: int, tokens: int) -> object:
+                ids, mask = shape(rows, tokens)
+                return graph.run(ids.numpy(), mask.numpy())
 
+            return run
+
+        run_onnx = runner(session)
+        run_openvino = runner(openvino) if openvino is not None else None
         versions = f"torch-{torch.__version__} {self.graph_key.runtime}"
         if on_openvino:  # OpenVINO against torch's bf16 is a measurement of its own
             versions += f" {session.runtime}"
+        if openvino is not None:  # so is a three-way one
+            versions += f" {openvino.runtime}"
         kept = crossover_path(
             cache_dir() / "crossover", self.graph_key.digest, torch.get_num_threads(), versions
         )
@@ -385,7 +427,7 @@ class Embedder:
         how = "kept from an earlier start" if measured is not None else "measured"
         if measured is None:
             try:
-                measured = measure_crossover(run_torch, run_onnx)
+                measured = measure_crossover(run_torch, run_onnx, run_openvino=run_openvino)
             except Exception as exc:
                 self._onnx = self.graph_path = None
                 self.backend_note = (
@@ -403,9 +445,16 @@ class Embedder:
         self.crossover = measured
         self.onnx_max_tokens = measured.max_onnx_tokens
         self.backend_note = measured.describe() + (on_openvino if self.onnx_max_tokens > 0 else "")
+        small = "onnx"  # the runtime of the smallest batches, whose cost the server's batcher uses
+        split = measured.max_ort_tokens if openvino is not None else None
         if self.onnx_max_tokens <= 0:
             self._onnx = self.graph_path = None  # never faster here: free its copy of the weights
-        self.forward_cost_tokens = measured.forward_cost_tokens("onnx" if self._onnx is not None else "torch")
+            small = "torch"
+        elif split is not None and split <= 0:  # OpenVINO takes every graph batch: free ONNX Runtime
+            self._onnx, small = openvino, "openvino"
+        elif split is not None:
+            self._openvino, self.max_ort_tokens = openvino, split
+        self.forward_cost_tokens = measured.forward_cost_tokens(small)
         log.info("backend auto: %s (%s, %.2fs)", self.backend_note, how, measured.seconds)
 
     def _check_dimensions(self, dimensions: int | None) -> int | None:
@@ -568,7 +617,7 @@ class Embedder:
         when the backend plan gives it this many padded tokens; for BGE-M3's other outputs, a graph
         that also gives the token states) or on torch; what :meth:`_forward` returns and the counters the runner adds to stats."""
         padded = int(tensors[0].numel())
-        graph = self._onnx
+        graph = self._graph_for(padded)
         on_graph = (
             graph is not None
             and replica == 0
@@ -649,6 +698,7 @@ class Embedder:
         cost ~0.2 ms of a ~2.4 ms one-text query (a serving hot path)."""
         norm, dims = self._post_options(normalize, dimensions)
         input_ids = ids.astype(np.int64)[None, :]
+        graph = self._graph_for(len(ids)) or graph
         t0 = time.perf_counter()
         vecs = graph.run(input_ids, np.ones_like(input_ids))
         self.stats.add(

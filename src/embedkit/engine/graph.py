@@ -342,9 +342,11 @@ RUNTIME_CACHE_CAPACITY = 64
 
 
 class OpenVINOSession:
-    """The same fp32 graph compiled by OpenVINO's CPU plugin to compute in bf16
-    (``INFERENCE_PRECISION_HINT``, AMX or AVX512-BF16 kernels): the graph runtime of bf16 engines,
-    with :class:`GraphSession`'s interface. OpenVINO reads ONNX Runtime's fused operators.
+    """The same fp32 graph compiled by OpenVINO's CPU plugin, with :class:`GraphSession`'s
+    interface; OpenVINO reads ONNX Runtime's fused operators. ``precision`` is what it computes in
+    (``INFERENCE_PRECISION_HINT``): ``bf16`` (AMX or AVX512-BF16 kernels), the graph runtime of bf16
+    engines, or ``f32``, which ``auto`` may give an fp32 engine's mid-sized batches where it beats
+    ONNX Runtime (docs/backends.md).
 
     One inference request is reused behind a lock, so callers on several threads take turns (as
     ONNX Runtime's and torch's calls may overlap, a shared request would refuse: "Infer Request is
@@ -353,11 +355,14 @@ class OpenVINOSession:
 
     label = "OpenVINO"
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, precision: str = "bf16") -> None:
         import openvino as ov
 
+        if precision not in ("bf16", "f32"):
+            raise ConfigError(f"OpenVINO computes the graph in bf16 or f32 here, not {precision!r}")
         config = {
-            "INFERENCE_PRECISION_HINT": "bf16",
+            # Explicit in f32 too: on a CPU with AMX, OpenVINO's default is bf16.
+            "INFERENCE_PRECISION_HINT": precision,
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": max(1, int(threads)),
             "ENABLE_CPU_PINNING": False,
@@ -369,7 +374,8 @@ class OpenVINOSession:
         self._compiled = ov.Core().compile_model(str(path), "CPU", config)
         names = {name for out in self._compiled.outputs for name in out.get_names()}
         self.token_states = "token_embeddings" in names
-        self.runtime = f"{openvino_version() or 'openvino'}-bf16"
+        self.precision = precision
+        self.runtime = f"{openvino_version() or 'openvino'}-{precision}"
         self._pooled = self._compiled.output("sentence_embedding")
         self._hidden = self._compiled.output("token_embeddings") if self.token_states else None
         self._request = self._compiled.create_infer_request()
