@@ -732,3 +732,51 @@ def test_openvino_is_weighed_only_by_auto_in_fp32_with_room_for_a_third_copy(tin
     assert "third copy" in emb._openvino_f32_unavailable() and emb._openvino is None
     monkeypatch.setattr(embedder_mod, "openvino_version", lambda: None)
     assert "not installed" in emb._openvino_f32_unavailable()
+
+
+def test_bge_m3_outputs_on_openvino_fp32_come_from_the_graphs_token_states(tiny_m3, tmp_path, monkeypatch):
+    """BGE-M3's sparse and ColBERT outputs on batches that auto gives OpenVINO in fp32: the same
+    graph's token states, within 1e-5 of torch."""
+    _needs_openvino()
+    from tests.reference_m3 import M3_TEXTS
+
+    monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    texts = [t for t in M3_TEXTS if len(t) < 3000]
+    exact = Embedder(str(tiny_m3), device="cpu", backend="torch")
+    fast = _auto_with_split(tiny_m3, monkeypatch, max_ort_tokens=16)
+    assert fast._openvino is not None and fast._openvino.token_states
+    on_openvino = _count_runs(fast._openvino)
+    real_tokens = fast._openvino.run_tokens
+    fast._openvino.run_tokens = lambda ids, mask: on_openvino.append(ids.shape) or real_tokens(ids, mask)
+    a = exact.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    b = fast.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    assert on_openvino
+    np.testing.assert_allclose(b["dense_vecs"], a["dense_vecs"], atol=1e-5)
+    for x, y in zip(a["lexical_weights"], b["lexical_weights"], strict=True):
+        assert set(x) == set(y)
+        np.testing.assert_allclose([y[k] for k in x], list(x.values()), atol=1e-5)
+    for x, y in zip(a["colbert_vecs"], b["colbert_vecs"], strict=True):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(y, x, atol=1e-5)
+
+
+def test_a_ray_actor_keeps_auto_where_the_graphs_batches_are_split_between_two_runtimes():
+    from types import SimpleNamespace
+
+    from embedkit.batch.ray_runner.worker import worker_backend
+
+    def driver(max_onnx_tokens, max_ort_tokens=None):
+        return SimpleNamespace(
+            backend="auto",
+            pending_graph=None,
+            graph_path="g.onnx",
+            onnx_max_tokens=max_onnx_tokens,
+            crossover=Crossover(max_onnx_tokens=max_onnx_tokens, max_ort_tokens=max_ort_tokens),
+        )
+
+    assert worker_backend(driver(EVERY_BATCH), "cpu") == "onnx"  # ONNX Runtime alone: nothing to split
+    assert worker_backend(driver(512), "cpu") == "auto"
+    assert worker_backend(driver(0), "cpu") == "torch"
+    # "onnx" would be ONNX Runtime alone: an actor measures for itself to use OpenVINO as well
+    assert worker_backend(driver(EVERY_BATCH, max_ort_tokens=64), "cpu") == "auto"
+    assert worker_backend(driver(EVERY_BATCH, max_ort_tokens=0), "cpu") == "auto"

@@ -84,15 +84,17 @@ def driver_embedder(settings: JobSettings) -> Any:
 
 def worker_backend(embedder: Any, device: str) -> str:
     """The backend an actor runs: the driver's, with ``auto`` resolved where the driver's kept
-    measurement leaves nothing to split (ONNX Runtime for every batch, or for none), so an actor
-    with another thread count neither measures again nor routes batches differently."""
+    measurement leaves nothing to split (ONNX Runtime alone for every batch, or for none), so an
+    actor with another thread count neither measures again nor routes batches differently. A plan
+    that splits the graph's batches between ONNX Runtime and OpenVINO stays ``auto``."""
     backend = getattr(embedder, "backend", None) or "auto"
     if backend != "auto" or device != "cpu" or getattr(embedder, "pending_graph", None) is not None:
         return backend
     limit = int(getattr(embedder, "onnx_max_tokens", 0) or 0)
     if getattr(embedder, "graph_path", None) is None or limit <= 0:
         return "torch"  # no graph here, or torch won every probed shape
-    if limit >= EVERY_BATCH:
+    crossover = getattr(embedder, "crossover", None)
+    if limit >= EVERY_BATCH and getattr(crossover, "max_ort_tokens", None) is None:
         return "onnx"
     return "auto"
 
