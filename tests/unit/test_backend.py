@@ -712,26 +712,105 @@ def test_openvino_winning_every_graph_batch_frees_onnx_runtime(tmp_path, monkeyp
     path = build_tiny_bert(tmp_path / "m")
     ref = _st_vectors(path, TEXTS)
     emb = _auto_with_split(path, monkeypatch, max_ort_tokens=0, max_onnx_tokens=64)
-    assert isinstance(emb._onnx, OpenVINOSession) and emb._openvino is None
+    assert isinstance(emb._onnx, OpenVINOSession) and emb._openvino is None  # ONNX Runtime's is gone
     assert emb.describe()["backend_plan"].startswith(
         "onnx for batches up to 64 padded tokens, on OpenVINO (fp32)"
     )
-    assert float(np.abs(emb.encode(TEXTS) - ref).max()) <= 1e-5
+    on_openvino = _count_runs(emb._onnx)
+    assert float(np.abs(emb.encode(TEXTS) - ref).max()) <= 1e-5  # 5 x 32 padded tokens: torch
+    small = [TEXTS[0], TEXTS[2], TEXTS[4]]
+    assert float(np.abs(emb.encode(small) - ref[[0, 2, 4]]).max()) <= 1e-5
+    assert on_openvino and all(r * t <= 64 for r, t in on_openvino)
 
 
-def test_openvino_is_weighed_only_by_auto_in_fp32_with_room_for_a_third_copy(tiny_model, monkeypatch):
+def test_openvino_is_weighed_only_by_auto_in_fp32_with_room_for_a_third_copy(tmp_path, monkeypatch):
     _needs_openvino()
     import embedkit.engine.embedder as embedder_mod
 
-    emb = Embedder(str(tiny_model), device="cpu", backend="onnx")
-    assert emb._openvino is None and "only auto in fp32" in emb._openvino_f32_unavailable()
-    monkeypatch.setattr(
-        embedder_mod, "second_copy_fits", lambda weights, available=None, copies=1: copies < 2
-    )
-    emb = Embedder(str(tiny_model), device="cpu", backend="auto")
-    assert "third copy" in emb._openvino_f32_unavailable() and emb._openvino is None
+    monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    path = build_tiny_bert(tmp_path / "m")
+    compiled = []
+    real = embedder_mod.OpenVINOSession
+
+    def counting(*args, **kwargs):
+        compiled.append(kwargs.get("precision", "bf16"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedder_mod, "OpenVINOSession", counting)
+    emb = Embedder(str(path), device="cpu", backend="onnx")
+    assert not compiled and "only auto in fp32" in emb._openvino_f32_unavailable()
+    Embedder(str(path), device="cpu", backend="auto")
+    assert compiled == ["f32"]  # room, and OpenVINO installed: auto weighs it
+    monkeypatch.setattr(embedder_mod, "second_copy_fits", lambda weights, available=None, copies=1: False)
+    compiled.clear()
+    emb = Embedder(str(path), device="cpu", backend="auto", max_batch_tokens=512)
+    assert not compiled and emb._openvino is None
+    assert "third copy" in emb._openvino_f32_unavailable()
     monkeypatch.setattr(embedder_mod, "openvino_version", lambda: None)
     assert "not installed" in emb._openvino_f32_unavailable()
+
+
+def test_openvino_failing_in_the_measurement_leaves_onnx_runtime_and_torch(tmp_path, monkeypatch, caplog):
+    _needs_openvino()
+    import embedkit.engine.embedder as embedder_mod
+    from embedkit.engine.graph import GraphSession
+
+    monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    path = build_tiny_bert(tmp_path / "m")
+
+    def measured(run_torch, run_onnx, *, run_openvino=None, **kwargs):
+        if run_openvino is not None:
+            raise RuntimeError("OpenVINO broke")
+        return Crossover(max_onnx_tokens=512)
+
+    monkeypatch.setattr(embedder_mod, "measure_crossover", measured)
+    with caplog.at_level(logging.WARNING, logger="embedkit.engine.embedder"):
+        emb = Embedder(str(path), device="cpu", backend="auto")
+    assert "OpenVINO broke" in caplog.text and "measuring without it" in caplog.text
+    assert isinstance(emb._onnx, GraphSession) and emb._openvino is None and emb.onnx_max_tokens == 512
+    assert emb.backend_note == "onnx for batches up to 512 padded tokens, torch above"
+
+
+def test_three_and_two_runtime_measurements_are_kept_apart_and_a_kept_split_is_applied(tmp_path, monkeypatch):
+    _needs_openvino()
+    import embedkit.engine.backend as backend_mod
+    import embedkit.engine.embedder as embedder_mod
+
+    monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(backend_mod, "cpu_sample", lambda: None)  # kept, whatever else runs
+    path = build_tiny_bert(tmp_path / "m")
+    calls = []
+
+    def measured(run_torch, run_onnx, *, run_openvino=None, **kwargs):
+        calls.append(run_openvino is not None)
+        return Crossover(max_onnx_tokens=EVERY_BATCH, max_ort_tokens=16 if run_openvino else None)
+
+    monkeypatch.setattr(embedder_mod, "measure_crossover", measured)
+    three = Embedder(str(path), device="cpu", backend="auto")
+    again = Embedder(str(path), device="cpu", backend="auto")
+    assert calls == [True]  # the second start read the kept three-way plan
+    assert again._openvino is not None and again.max_ort_tokens == 16 == three.max_ort_tokens
+    monkeypatch.setattr(Embedder, "_openvino_f32_unavailable", lambda self: "not here")
+    two = Embedder(str(path), device="cpu", backend="auto")
+    assert calls == [True, False] and two._openvino is None and two.max_ort_tokens == EVERY_BATCH
+    assert len(list((cache_dir() / "crossover").glob(f"{two.graph_key.digest}-*.json"))) == 2
+
+
+def test_the_forward_cost_is_fitted_on_the_runtime_the_plan_gives_each_small_shape():
+    probes = [
+        {"rows": 1, "tokens": 16, "onnx_ms": 2.0, "openvino_ms": 9.0},
+        {"rows": 2, "tokens": 32, "onnx_ms": 3.0, "openvino_ms": 9.5},
+        {"rows": 8, "tokens": 32, "onnx_ms": 50.0, "openvino_ms": 11.0},
+        {"rows": 8, "tokens": 64, "onnx_ms": 90.0, "openvino_ms": 13.0},
+    ]
+    split = Crossover(max_onnx_tokens=EVERY_BATCH, probes=probes, max_ort_tokens=64)
+    onnx_only = Crossover(max_onnx_tokens=EVERY_BATCH, probes=probes)
+    # onnx 2, 3 ms at 16, 64 tokens; openvino 11, 13 ms at 256, 512 tokens
+    x, y = np.array([16, 64, 256, 512]), np.array([2.0, 3.0, 11.0, 13.0])
+    slope, intercept = np.polyfit(x, y, 1)
+    assert split.forward_cost_tokens("graph") == pytest.approx(intercept / slope)
+    assert onnx_only.forward_cost_tokens("graph") == onnx_only.forward_cost_tokens("onnx")
+    assert split.forward_cost_tokens("graph") != split.forward_cost_tokens("onnx")
 
 
 def test_bge_m3_outputs_on_openvino_fp32_come_from_the_graphs_token_states(tiny_m3, tmp_path, monkeypatch):

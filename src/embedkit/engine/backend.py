@@ -135,14 +135,19 @@ class Crossover:
         )
 
     def forward_cost_tokens(self, runtime: str) -> float | None:
-        """One more forward pass on ``runtime`` ("torch", "onnx" or "openvino") in padded tokens' worth of
-        compute: intercept over slope of a line through the probes of at most 512 tokens (larger
-        ones' noise would swamp the intercept); ``None`` with fewer than two or a flat line."""
-        points = [
-            (p["rows"] * p["tokens"], p[f"{runtime}_ms"])
-            for p in self.probes
-            if f"{runtime}_ms" in p and p["rows"] * p["tokens"] <= 512
-        ]
+        """One more forward pass on ``runtime`` ("torch", "onnx", "openvino", or "graph": per probe,
+        the graph runtime the plan gives that size) in padded tokens' worth of compute: intercept
+        over slope of a line through the probes of at most 512 tokens (larger ones' noise would
+        swamp the intercept); ``None`` with fewer than two or a flat line."""
+        points = []
+        for p in self.probes:
+            tokens = p["rows"] * p["tokens"]
+            name = runtime
+            if runtime == "graph":
+                split = self.max_ort_tokens
+                name = "onnx" if split is None or tokens <= split else "openvino"
+            if f"{name}_ms" in p and tokens <= 512:
+                points.append((tokens, p[f"{name}_ms"]))
         if len(points) < 2:
             return None
         x = np.array([t for t, _ in points], dtype=np.float64)
@@ -208,8 +213,8 @@ def measure_crossover(
     one size so that each batch size has one route: OpenVINO takes the graph's shapes from the
     first one where it beat ONNX Runtime by ``margin`` (ONNX Runtime keeps those before it,
     ``max_ort_tokens``), and torch is weighed against the runtime that would run the shape. On
-    the AMX Xeon ONNX Runtime was faster on one or two texts of ~16 tokens (1.8 against 2.1 ms)
-    and OpenVINO on batches of 8 and more (7-13%).
+    the AMX Xeon ONNX Runtime was faster on one or two texts of ~16 tokens (1.8 against 2.1 ms
+    back to back) and OpenVINO on batches of 8 texts and more (6-21% less time).
 
     Ties go to ONNX Runtime because the probes time each runtime alone: in a server, torch's eager
     passes also pay for waking OpenMP threads between ~40 small kernels while the event loop

@@ -328,7 +328,8 @@ class Embedder:
         if openvino_version() is None:
             return "OpenVINO is not installed (pip install 'embedkit[openvino]')"
         weights = 4 * self.model.num_parameters
-        if not second_copy_fits(weights, copies=2):
+        # called once ONNX Runtime's copy is loaded, so the memory available already excludes it
+        if not second_copy_fits(weights):
             return f"a third copy of the weights ({weights >> 20} MiB) does not fit in the memory available"
         return None
 
@@ -392,18 +393,59 @@ class Embedder:
         return self.forward_cost_tokens
 
     def use_graph(self, session: GraphSession | OpenVINOSession) -> None:
-        """Start routing batches to ``session``; with ``auto``, first time both runtimes and keep
-        the graph for the batch sizes where it was faster (dropping it when it never was).
+        """Start routing batches to ``session``; with ``auto``, first time the runtimes (torch,
+        ``session``, and OpenVINO in f32 when :meth:`open_graph` compiled it) and keep each graph
+        runtime for the batch sizes where it was faster (dropping the ones that never were).
         Call it on the thread that runs the batches (it runs the model)."""
         self.pending_graph = None
         self._onnx = session
         self.graph_path = session.path
+        self._openvino, self.max_ort_tokens = None, EVERY_BATCH
         openvino, self._pending_openvino = self._pending_openvino, None
         on_openvino = "" if isinstance(session, GraphSession) else f" ({session.label}, bf16)"
         if self.backend == "onnx":
             self.onnx_max_tokens = EVERY_BATCH
             self.backend_note = f"onnx for every batch{on_openvino}"
             return
+        try:
+            measured, how = self._measure_backends(session, openvino)
+        except Exception as exc:
+            if openvino is None:
+                self._onnx = self.graph_path = None
+                self.backend_note = (
+                    f"the backend measurement failed ({type(exc).__name__}: {exc}); torch only"
+                )
+                log.warning("%s", self.backend_note)
+                return
+            # the optional third runtime failed: measure the other two as if it were not installed
+            log.warning(
+                "OpenVINO failed while auto measured it (%s: %s); measuring without it",
+                type(exc).__name__,
+                exc,
+            )
+            self.use_graph(session)  # its session is dropped with this frame
+            return
+        self.crossover = measured
+        self.onnx_max_tokens = measured.max_onnx_tokens
+        self.backend_note = measured.describe() + (on_openvino if self.onnx_max_tokens > 0 else "")
+        split = measured.max_ort_tokens if openvino is not None else None
+        if self.onnx_max_tokens <= 0:
+            self._onnx = self.graph_path = None  # never faster here: free its copy of the weights
+        elif split is not None and split <= 0:  # OpenVINO takes every graph batch: free ONNX Runtime
+            self._onnx = openvino
+        elif split is not None:
+            self._openvino, self.max_ort_tokens = openvino, split
+        # what one more pass costs on the runtimes the plan gives the small batches
+        self.forward_cost_tokens = measured.forward_cost_tokens(
+            "graph" if self._onnx is not None else "torch"
+        )
+        log.info("backend auto: %s (%s, %.2fs)", self.backend_note, how, measured.seconds)
+
+    def _measure_backends(
+        self, session: GraphSession | OpenVINOSession, openvino: OpenVINOSession | None
+    ) -> tuple[Crossover, str]:
+        """auto's measurement for these runtimes: kept from an earlier start under their key, else
+        measured now (and kept when the machine was quiet); with a word on which it was."""
         shape, run_torch = self._probe_runs()
 
         def runner(graph: GraphSession | OpenVINOSession) -> Callable[[int, int], object]:
@@ -413,10 +455,8 @@ class Embedder:
 
             return run
 
-        run_onnx = runner(session)
-        run_openvino = runner(openvino) if openvino is not None else None
         versions = f"torch-{torch.__version__} {self.graph_key.runtime}"
-        if on_openvino:  # OpenVINO against torch's bf16 is a measurement of its own
+        if not isinstance(session, GraphSession):  # OpenVINO against torch's bf16 is a measurement of its own
             versions += f" {session.runtime}"
         if openvino is not None:  # so is a three-way one
             versions += f" {openvino.runtime}"
@@ -424,38 +464,17 @@ class Embedder:
             cache_dir() / "crossover", self.graph_key.digest, torch.get_num_threads(), versions
         )
         measured = load_crossover(kept)
-        how = "kept from an earlier start" if measured is not None else "measured"
-        if measured is None:
-            try:
-                measured = measure_crossover(run_torch, run_onnx, run_openvino=run_openvino)
-            except Exception as exc:
-                self._onnx = self.graph_path = None
-                self.backend_note = (
-                    f"the backend measurement failed ({type(exc).__name__}: {exc}); torch only"
-                )
-                log.warning("%s", self.backend_note)
-                return
-            if measured.keep:
-                save_crossover(kept, measured)
-            else:
-                how = (
-                    f"measured while other processes used {measured.others_cpu_share:.0%} of the CPUs, "
-                    "so not kept: the next start measures again"
-                )
-        self.crossover = measured
-        self.onnx_max_tokens = measured.max_onnx_tokens
-        self.backend_note = measured.describe() + (on_openvino if self.onnx_max_tokens > 0 else "")
-        small = "onnx"  # the runtime of the smallest batches, whose cost the server's batcher uses
-        split = measured.max_ort_tokens if openvino is not None else None
-        if self.onnx_max_tokens <= 0:
-            self._onnx = self.graph_path = None  # never faster here: free its copy of the weights
-            small = "torch"
-        elif split is not None and split <= 0:  # OpenVINO takes every graph batch: free ONNX Runtime
-            self._onnx, small = openvino, "openvino"
-        elif split is not None:
-            self._openvino, self.max_ort_tokens = openvino, split
-        self.forward_cost_tokens = measured.forward_cost_tokens(small)
-        log.info("backend auto: %s (%s, %.2fs)", self.backend_note, how, measured.seconds)
+        if measured is not None:
+            return measured, "kept from an earlier start"
+        run_openvino = runner(openvino) if openvino is not None else None
+        measured = measure_crossover(run_torch, runner(session), run_openvino=run_openvino)
+        if measured.keep:
+            save_crossover(kept, measured)
+            return measured, "measured"
+        return measured, (
+            f"measured while other processes used {measured.others_cpu_share:.0%} of the CPUs, "
+            "so not kept: the next start measures again"
+        )
 
     def _check_dimensions(self, dimensions: int | None) -> int | None:
         if dimensions is None:

@@ -84,9 +84,9 @@ def driver_embedder(settings: JobSettings) -> Any:
 
 def worker_backend(embedder: Any, device: str) -> str:
     """The backend an actor runs: the driver's, with ``auto`` resolved where the driver's kept
-    measurement leaves nothing to split (ONNX Runtime alone for every batch, or for none), so an
-    actor with another thread count neither measures again nor routes batches differently. A plan
-    that splits the graph's batches between ONNX Runtime and OpenVINO stays ``auto``."""
+    measurement leaves one runtime (ONNX Runtime alone for every batch, or torch), so such an
+    actor neither measures again nor routes batches differently. A plan that splits batches
+    between runtimes stays ``auto``, and an actor with another thread count measures its own."""
     backend = getattr(embedder, "backend", None) or "auto"
     if backend != "auto" or device != "cpu" or getattr(embedder, "pending_graph", None) is not None:
         return backend
