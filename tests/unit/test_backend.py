@@ -483,6 +483,18 @@ def test_an_onnx_engine_prices_the_pass_it_runs_not_torchs(tiny_model, monkeypat
     assert emb.stats.batches == before  # probes are not counted as the engine's batches
 
 
+def _assert_m3_outputs_close(a, b, atol=1e-5):
+    """BGE-M3's three outputs (``encode(..., return_sparse=True, return_colbert_vecs=True)``)
+    agree within ``atol``: dense vectors, each text's lexical weights (same tokens) and ColBERT vectors."""
+    np.testing.assert_allclose(b["dense_vecs"], a["dense_vecs"], atol=atol)
+    for x, y in zip(a["lexical_weights"], b["lexical_weights"], strict=True):
+        assert set(x) == set(y)
+        np.testing.assert_allclose([y[k] for k in x], list(x.values()), atol=atol)
+    for x, y in zip(a["colbert_vecs"], b["colbert_vecs"], strict=True):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(y, x, atol=atol)
+
+
 def test_bge_m3_outputs_on_onnx_come_from_the_graphs_token_states(tiny_m3):
     """A model with BGE-M3's heads gets a graph that also gives the last hidden states, so its
     sparse and ColBERT outputs run on ONNX Runtime too, within 1e-5 of torch."""
@@ -495,13 +507,7 @@ def test_bge_m3_outputs_on_onnx_come_from_the_graphs_token_states(tiny_m3):
     a = exact.encode(texts, return_sparse=True, return_colbert_vecs=True)
     b = fast.encode(texts, return_sparse=True, return_colbert_vecs=True)
     assert fast.stats.onnx_batches > 0
-    np.testing.assert_allclose(b["dense_vecs"], a["dense_vecs"], atol=1e-5)
-    for x, y in zip(a["lexical_weights"], b["lexical_weights"], strict=True):
-        assert set(x) == set(y)
-        np.testing.assert_allclose([y[k] for k in x], list(x.values()), atol=1e-5)
-    for x, y in zip(a["colbert_vecs"], b["colbert_vecs"], strict=True):
-        assert x.shape == y.shape
-        np.testing.assert_allclose(y, x, atol=1e-5)
+    _assert_m3_outputs_close(a, b)
     np.testing.assert_allclose(fast.encode(texts), a["dense_vecs"], atol=1e-5)  # dense alone: same graph
 
 
@@ -830,13 +836,7 @@ def test_bge_m3_outputs_on_openvino_fp32_come_from_the_graphs_token_states(tiny_
     a = exact.encode(texts, return_sparse=True, return_colbert_vecs=True)
     b = fast.encode(texts, return_sparse=True, return_colbert_vecs=True)
     assert on_openvino
-    np.testing.assert_allclose(b["dense_vecs"], a["dense_vecs"], atol=1e-5)
-    for x, y in zip(a["lexical_weights"], b["lexical_weights"], strict=True):
-        assert set(x) == set(y)
-        np.testing.assert_allclose([y[k] for k in x], list(x.values()), atol=1e-5)
-    for x, y in zip(a["colbert_vecs"], b["colbert_vecs"], strict=True):
-        assert x.shape == y.shape
-        np.testing.assert_allclose(y, x, atol=1e-5)
+    _assert_m3_outputs_close(a, b)
 
 
 def test_a_ray_actor_keeps_auto_where_the_graphs_batches_are_split_between_two_runtimes():
