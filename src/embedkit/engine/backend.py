@@ -84,14 +84,14 @@ def available_memory_bytes() -> int | None:
     return min(found) if found else None
 
 
-def second_copy_fits(weight_bytes: int, available: int | None = None, *, copies: int = 1) -> bool:
-    """Whether ``copies`` more copies of the weights (ONNX Runtime's; OpenVINO's) fit beside
-    torch's: they must leave at least the weights' size again, and 512 MiB, free for activations
-    and everything else."""
+def second_copy_fits(weight_bytes: int, available: int | None = None) -> bool:
+    """Whether one more copy of the weights (ONNX Runtime's; then OpenVINO's, checked once ONNX
+    Runtime's is loaded) fits beside those already loaded: it must leave at least the weights' size
+    again, and 512 MiB, free for activations and everything else."""
     available = available_memory_bytes() if available is None else available
     if available is None:
         return True
-    return available >= (copies + 1) * weight_bytes + (512 << 20)
+    return available >= 2 * weight_bytes + (512 << 20)
 
 
 # Upper bound of a measured forward cost: replaying the server's bf16 batches on the AMX Xeon, a

@@ -341,9 +341,13 @@ class Embedder:
 
     def _probe_runs(
         self,
-    ) -> tuple[Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], Callable[[int, int], object]]:
-        """``shape(rows, tokens)``: random unpadded inputs of that shape, and ``run_torch(rows,
-        tokens)``: this engine's torch forward pass on them (first replica, on its device)."""
+    ) -> tuple[
+        Callable[[int, int], object],
+        Callable[[GraphSession | OpenVINOSession], Callable[[int, int], object]],
+    ]:
+        """``run_torch(rows, tokens)``: this engine's torch forward pass on random unpadded inputs
+        of that shape (first replica, on its device), and ``on_graph(session)``: the same probe
+        run on a graph session."""
         config = getattr(getattr(self.model, "transformer", None), "config", None)
         vocab = int(getattr(config, "vocab_size", 1000))
         rng = np.random.default_rng(0)
@@ -358,7 +362,14 @@ class Embedder:
             to_device = self.runner.to_device
             return self._forward(to_device(ids, device), to_device(mask, device))
 
-        return shape, run_torch
+        def on_graph(graph: GraphSession | OpenVINOSession) -> Callable[[int, int], object]:
+            def run(rows: int, tokens: int) -> object:
+                ids, mask = shape(rows, tokens)
+                return graph.run(ids.numpy(), mask.numpy())
+
+            return run
+
+        return run_torch, on_graph
 
     def measure_forward_cost(self) -> float | None:
         """Time the forward pass of the runtime that runs every batch (ONNX Runtime with
@@ -368,15 +379,10 @@ class Embedder:
         fixed cost differs by precision and CPU (~60 tokens in fp32, ~200 in bf16 on the AMX
         Xeon). Call it on the thread that runs the batches (it runs the model)."""
         if self.forward_cost_tokens is None:
-            shape, run = self._probe_runs()
+            run, on_graph = self._probe_runs()
             runtime, graph = "torch", self._onnx
             if graph is not None and self.onnx_max_tokens >= EVERY_BATCH:
-                runtime = "onnx"
-
-                def run(rows: int, tokens: int) -> object:
-                    ids, mask = shape(rows, tokens)
-                    return graph.run(ids.numpy(), mask.numpy())
-
+                runtime, run = "onnx", on_graph(graph)
             shapes = tuple((rows, min(tokens, self.max_seq_length)) for rows, tokens in COST_SHAPES)
             try:
                 measured = measure_forward_cost(run, runtime=runtime, shapes=shapes)
@@ -446,15 +452,7 @@ class Embedder:
     ) -> tuple[Crossover, str]:
         """auto's measurement for these runtimes: kept from an earlier start under their key, else
         measured now (and kept when the machine was quiet); with a word on which it was."""
-        shape, run_torch = self._probe_runs()
-
-        def runner(graph: GraphSession | OpenVINOSession) -> Callable[[int, int], object]:
-            def run(rows: int, tokens: int) -> object:
-                ids, mask = shape(rows, tokens)
-                return graph.run(ids.numpy(), mask.numpy())
-
-            return run
-
+        run_torch, on_graph = self._probe_runs()
         versions = f"torch-{torch.__version__} {self.graph_key.runtime}"
         if not isinstance(session, GraphSession):  # OpenVINO against torch's bf16 is a measurement of its own
             versions += f" {session.runtime}"
@@ -466,8 +464,8 @@ class Embedder:
         measured = load_crossover(kept)
         if measured is not None:
             return measured, "kept from an earlier start"
-        run_openvino = runner(openvino) if openvino is not None else None
-        measured = measure_crossover(run_torch, runner(session), run_openvino=run_openvino)
+        run_openvino = on_graph(openvino) if openvino is not None else None
+        measured = measure_crossover(run_torch, on_graph(session), run_openvino=run_openvino)
         if measured.keep:
             save_crossover(kept, measured)
             return measured, "measured"
@@ -688,7 +686,7 @@ class Embedder:
         dimensions: int | None = None,
     ) -> np.ndarray:
         """Embed already tokenised inputs; rows come back in ``tok``'s order (float32)."""
-        graph = self._onnx
+        graph = self._graph_for(tok.num_tokens)
         if graph is not None and self.runs_alone_on_graph(tok):
             result = self._one_on_graph(graph, tok.ids[0], normalize, dimensions)
         else:
@@ -717,7 +715,6 @@ class Embedder:
         cost ~0.2 ms of a ~2.4 ms one-text query (a serving hot path)."""
         norm, dims = self._post_options(normalize, dimensions)
         input_ids = ids.astype(np.int64)[None, :]
-        graph = self._graph_for(len(ids)) or graph
         t0 = time.perf_counter()
         vecs = graph.run(input_ids, np.ones_like(input_ids))
         self.stats.add(
