@@ -238,6 +238,20 @@ def test_serve_summary_ratios_are_against_the_capped_engine_naive_st_and_infinit
     assert "vs_infinity" not in skipped and "infinity_ok" not in skipped
 
 
+def test_serve_reports_the_server_against_its_own_batches_replayed_without_deciding_the_bar():
+    from bench.bench_serve import describe, summarize
+
+    res = _serve_result(replay_texts_per_s=190.0, requests_per_s=180.0, texts=1500, precision="fp32")
+    res.update(memory={}, p99_ms_c32=200.0, mean_batch_texts_c32=20.0, p99_ms_c1=9.0)
+    res.update(summarize(res))
+    assert res["vs_replay"] == pytest.approx(180 / 190) and res["ok"] is True  # the bar: 180 / 200
+    line = next(line for line in describe(res) if "replayed in process" in line)
+    assert "0.95x (reported" in line and "replay / offline 0.95x" in line
+    res = _serve_result()  # a result without the replay (an older run): no ratio, no line
+    res.update(summarize(res))
+    assert res["vs_replay"] is None
+
+
 def test_a_serve_section_in_another_precision_judges_c32_at_the_servers_default_too():
     from bench.bench_serve import describe, summarize
     from bench.run import done_when

@@ -8,6 +8,7 @@ import numpy as np
 import orjson
 import pytest
 
+from embedkit.engine import Tokenized
 from embedkit.errors import (
     InputError,
     NotReadyError,
@@ -15,7 +16,7 @@ from embedkit.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from embedkit.server.batcher import length_groups
+from embedkit.server.batcher import embed_merged, length_groups
 from embedkit.server.contracts import Limits, hf, openai, search, tei
 from embedkit.server.errors import UnauthorizedError, http_error, runtime_error
 
@@ -169,3 +170,32 @@ def test_length_groups_keep_short_texts_away_from_long_ones_and_respect_the_budg
     tight = length_groups(np.full(10, 100), 300, 0)
     assert all(len(g) * 100 <= 300 for g in tight)
     assert [g.tolist() for g in length_groups(np.array([5, 6]), 16384, 10_000)] == [[1, 0]]
+
+
+def test_merged_requests_run_one_pass_per_length_group_and_come_back_in_request_order():
+    class Engine:  # a vector per text that names it: [its length, its first token id]
+        forward_cost_tokens = 96.0
+
+        def __init__(self):
+            self.passes = []
+
+        def embed_tokenized(self, tok, normalize=None, dimensions=None):
+            self.passes.append(sorted(int(n) for n in tok.lengths))
+            return np.array(
+                [[n, ids[0]] for n, ids in zip(tok.lengths, tok.ids, strict=True)], dtype=np.float32
+            )
+
+    lengths = np.array([12, 250, 10, 11, 240, 256, 9])
+    tok = Tokenized(
+        ids=[np.full(n, 100 + i, dtype=np.int32) for i, n in enumerate(lengths)],
+        lengths=lengths,
+        original_lengths=lengths,
+        truncated=np.zeros(len(lengths), dtype=bool),
+    )
+    engine = Engine()
+    out = embed_merged(engine, tok, 16384)
+    assert out.tolist() == [[n, 100 + i] for i, n in enumerate(lengths)]
+    assert sorted(engine.passes) == [[9, 10, 11, 12], [240, 250, 256]]  # length_groups' split at cost 96
+    engine.forward_cost_tokens = 100_000.0  # a pass dearer than any padding: one pass for all
+    engine.passes.clear()
+    assert embed_merged(engine, tok, 16384).tolist() == out.tolist() and len(engine.passes) == 1

@@ -366,19 +366,7 @@ class Batcher:
         assert emb is not None
         if alone or len(tok) == 1:
             return emb.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
-        measured = getattr(emb, "forward_cost_tokens", None)
-        cost = round(measured) if measured else FORWARD_COST_TOKENS
-        groups = length_groups(tok.lengths, self.max_batch_tokens, cost)
-        if len(groups) == 1:
-            return emb.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
-        out: np.ndarray | None = None
-        for idx in groups:
-            part = emb.embed_tokenized(tok.select(idx), normalize=normalize, dimensions=dimensions)
-            if out is None:
-                out = np.empty((len(tok), part.shape[1]), dtype=np.float32)
-            out[idx] = part
-        assert out is not None
-        return out
+        return embed_merged(emb, tok, self.max_batch_tokens, normalize=normalize, dimensions=dimensions)
 
     def _run_job(self, job: _Job) -> None:
         try:
@@ -424,6 +412,32 @@ def _rows(found: MultiVectors, start: int, n: int, outputs: tuple[str, ...]) -> 
         token_counts=found.token_counts[start:end],
         truncated=found.truncated[start:end],
     )
+
+
+def embed_merged(
+    embedder: Embedder,
+    tok: Tokenized,
+    max_tokens: int,
+    *,
+    normalize: bool | None = None,
+    dimensions: int | None = None,
+) -> np.ndarray:
+    """Vectors for merged requests' texts ``tok`` (rows in ``tok``'s order), as the worker computes
+    them: cut into :func:`length_groups` priced at the engine's measured forward cost, one
+    ``embed_tokenized`` call per group. The bench replays the server's batches through it."""
+    measured = getattr(embedder, "forward_cost_tokens", None)
+    cost = round(measured) if measured else FORWARD_COST_TOKENS
+    groups = length_groups(tok.lengths, max_tokens, cost)
+    if len(groups) == 1:
+        return embedder.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
+    out: np.ndarray | None = None
+    for idx in groups:
+        part = embedder.embed_tokenized(tok.select(idx), normalize=normalize, dimensions=dimensions)
+        if out is None:
+            out = np.empty((len(tok), part.shape[1]), dtype=np.float32)
+        out[idx] = part
+    assert out is not None
+    return out
 
 
 def length_groups(
