@@ -857,3 +857,45 @@ def test_a_ray_actor_keeps_auto_where_the_graphs_batches_are_split_between_two_r
     # "onnx" would be ONNX Runtime alone: an actor measures for itself to use OpenVINO as well
     assert worker_backend(driver(EVERY_BATCH, max_ort_tokens=64), "cpu") == "auto"
     assert worker_backend(driver(EVERY_BATCH, max_ort_tokens=0), "cpu") == "auto"
+
+
+def test_a_kept_plan_that_gives_openvino_no_batch_is_applied_without_compiling_openvino(
+    tmp_path, monkeypatch
+):
+    _needs_openvino()
+    import embedkit.engine.backend as backend_mod
+    import embedkit.engine.embedder as embedder_mod
+    from embedkit.engine.graph import GraphSession
+
+    monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(backend_mod, "cpu_sample", lambda: None)  # kept, whatever else runs
+    path = build_tiny_bert(tmp_path / "m")
+    compiled, calls = [], []
+    real = embedder_mod.OpenVINOSession
+
+    def counting(*args, **kwargs):
+        compiled.append(kwargs.get("precision", "bf16"))
+        return real(*args, **kwargs)
+
+    def measured(run_torch, run_onnx, *, run_openvino=None, **kwargs):
+        calls.append(run_openvino is not None)
+        return Crossover(max_onnx_tokens=EVERY_BATCH)  # OpenVINO never beat ONNX Runtime
+
+    monkeypatch.setattr(embedder_mod, "OpenVINOSession", counting)
+    monkeypatch.setattr(embedder_mod, "measure_crossover", measured)
+    first = Embedder(str(path), device="cpu", backend="auto")
+    assert compiled == ["f32"] and calls == [True] and first._openvino is None  # weighed, then dropped
+    compiled.clear()
+    again = Embedder(str(path), device="cpu", backend="auto")
+    assert compiled == [] and calls == [True]  # neither compiled nor measured again
+    assert isinstance(again._onnx, GraphSession) and again._openvino is None
+    assert again.max_ort_tokens == EVERY_BATCH and again.onnx_max_tokens == EVERY_BATCH
+    assert again.backend_note == first.backend_note
+    ref = _st_vectors(path, TEXTS)
+    assert float(np.abs(again.encode(TEXTS) - ref).max()) <= 1e-5
+    # a kept plan in which OpenVINO takes batches still compiles it
+    monkeypatch.setattr(
+        Crossover, "from_dict", classmethod(lambda cls, data: Crossover(EVERY_BATCH, max_ort_tokens=16))
+    )
+    third = Embedder(str(path), device="cpu", backend="auto")
+    assert compiled == ["f32"] and calls == [True] and third.max_ort_tokens == 16

@@ -49,6 +49,7 @@ from embedkit.engine.graph import (
     export_graph,
     find_graph,
     graph_outputs,
+    openvino_runtime,
     openvino_version,
     runtime_version,
 )
@@ -177,6 +178,9 @@ class Embedder:
         # above max_ort_tokens padded tokens (where auto measured it faster than ONNX Runtime).
         self._openvino: OpenVINOSession | None = None
         self._pending_openvino: OpenVINOSession | None = None
+        # a three-way plan kept from an earlier start that gave OpenVINO no batch: applied as is,
+        # without compiling OpenVINO (open_graph)
+        self._kept_without_openvino: Crossover | None = None
         self.max_ort_tokens = EVERY_BATCH
         self.graph_path: Path | None = None
         self.onnx_max_tokens = 0
@@ -312,6 +316,11 @@ class Embedder:
             return None
         why = self._openvino_f32_unavailable()
         if why is None:
+            kept = load_crossover(self._kept_plan_path(session, openvino_runtime("f32")))
+            if kept is not None and kept.max_ort_tokens is None:
+                why = "the plan kept from an earlier start gives OpenVINO no batch"
+                self._kept_without_openvino = kept
+        if why is None:
             try:
                 self._pending_openvino = OpenVINOSession(path, torch.get_num_threads(), precision="f32")
             except Exception as exc:  # ONNX Runtime and torch still cover every batch
@@ -408,13 +417,20 @@ class Embedder:
         self.graph_path = session.path
         self._openvino, self.max_ort_tokens = None, EVERY_BATCH
         openvino, self._pending_openvino = self._pending_openvino, None
+        kept_alone, self._kept_without_openvino = self._kept_without_openvino, None
         on_openvino = "" if isinstance(session, GraphSession) else f" ({session.label}, bf16)"
         if self.backend == "onnx":
             self.onnx_max_tokens = EVERY_BATCH
             self.backend_note = f"onnx for every batch{on_openvino}"
             return
         try:
-            measured, how = self._measure_backends(session, openvino)
+            if kept_alone is not None:
+                measured, how = (
+                    kept_alone,
+                    "kept from an earlier start; OpenVINO, which it gives no batch, not compiled",
+                )
+            else:
+                measured, how = self._measure_backends(session, openvino)
         except Exception as exc:
             if openvino is None:
                 self._onnx = self.graph_path = None
@@ -447,20 +463,25 @@ class Embedder:
         )
         log.info("backend auto: %s (%s, %.2fs)", self.backend_note, how, measured.seconds)
 
+    def _kept_plan_path(self, session: GraphSession | OpenVINOSession, openvino: str | None) -> Path:
+        """Where auto's measurement of torch against ``session`` (and, three-way, OpenVINO in f32 of
+        version ``openvino``) is kept: each set of runtimes and versions is a measurement of its own."""
+        versions = f"torch-{torch.__version__} {self.graph_key.runtime}"
+        if not isinstance(session, GraphSession):  # OpenVINO against torch's bf16
+            versions += f" {session.runtime}"
+        if openvino is not None:
+            versions += f" {openvino}"
+        return crossover_path(
+            cache_dir() / "crossover", self.graph_key.digest, torch.get_num_threads(), versions
+        )
+
     def _measure_backends(
         self, session: GraphSession | OpenVINOSession, openvino: OpenVINOSession | None
     ) -> tuple[Crossover, str]:
         """auto's measurement for these runtimes: kept from an earlier start under their key, else
         measured now (and kept when the machine was quiet); with a word on which it was."""
         run_torch, on_graph = self._probe_runs()
-        versions = f"torch-{torch.__version__} {self.graph_key.runtime}"
-        if not isinstance(session, GraphSession):  # OpenVINO against torch's bf16 is a measurement of its own
-            versions += f" {session.runtime}"
-        if openvino is not None:  # so is a three-way one
-            versions += f" {openvino.runtime}"
-        kept = crossover_path(
-            cache_dir() / "crossover", self.graph_key.digest, torch.get_num_threads(), versions
-        )
+        kept = self._kept_plan_path(session, openvino.runtime if openvino is not None else None)
         measured = load_crossover(kept)
         if measured is not None:
             return measured, "kept from an earlier start"

@@ -67,6 +67,12 @@ def openvino_version() -> str | None:
         return None
 
 
+def openvino_runtime(precision: str) -> str:
+    """What an :class:`OpenVINOSession` computing in ``precision`` names itself (``runtime``): the
+    version and the precision, as kept measurements are keyed."""
+    return f"{openvino_version() or 'openvino'}-{precision}"
+
+
 @dataclass(frozen=True)
 class GraphKey:
     """What a graph was made from and computes; its digest names the graph's folder."""
@@ -375,7 +381,7 @@ class OpenVINOSession:
         names = {name for out in self._compiled.outputs for name in out.get_names()}
         self.token_states = "token_embeddings" in names
         self.precision = precision
-        self.runtime = f"{openvino_version() or 'openvino'}-{precision}"
+        self.runtime = openvino_runtime(precision)
         self._pooled = self._compiled.output("sentence_embedding")
         self._hidden = self._compiled.output("token_embeddings") if self.token_states else None
         self._request = self._compiled.create_infer_request()
