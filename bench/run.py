@@ -400,7 +400,13 @@ def done_when(result: dict[str, Any]) -> dict[str, Any]:
         checks["job_rss_ratio"] = job["rss"]["ratio"]
         checks["job_rss_ok"] = job["rss"]["ratio"] <= RSS_RATIO_BAR
     serve = (result.get("serve") or {}).get("result") or {}
-    for key in ("latency_ratio_inputs", "latency_ratio_search_term", "vs_offline", "vs_replay", "vs_infinity"):
+    for key in (
+        "latency_ratio_inputs",
+        "latency_ratio_search_term",
+        "vs_offline",
+        "vs_replay",
+        "vs_infinity",
+    ):
         if serve.get(key) is not None:
             checks[f"serve_{key}"] = serve[key]
     if "latency_ok" in serve:
