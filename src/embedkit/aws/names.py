@@ -28,7 +28,7 @@ def sanitize(base: str) -> str:
 def job_name(base: str, *, now: float | None = None, token: str | None = None, suffix: str = "") -> str:
     """A unique, valid name: ``<base>-<UTC yyyymmdd-HHMMSS>-<random>[<suffix>]``, base cut to fit."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
-    token = token or secrets.token_hex(2)
+    token = token or secrets.token_hex(4)  # 8 hex digits: names made in the same second stay apart
     tail = f"-{stamp}-{token}{suffix}"
     head = sanitize(base)[: MAX_NAME - RETRY_ROOM - len(tail)].rstrip("-") or "job"
     return validate_job_name(head + tail)
