@@ -417,6 +417,8 @@ def done_when(result: dict[str, Any]) -> dict[str, Any]:
     if default:  # the section ran another precision: the bar at the server's default (fp32) too
         checks["serve_vs_offline_default_precision"] = default["vs_offline"]
         checks["serve_c32_default_precision_ok"] = default["ok"]
+        if default.get("vs_replay") is not None:  # reported, as the section's own vs_replay
+            checks["serve_vs_replay_default_precision"] = default["vs_replay"]
     if "infinity_ok" in serve:
         checks["serve_vs_infinity_ok"] = serve["infinity_ok"]
     elif serve:

@@ -257,7 +257,7 @@ def test_a_serve_section_in_another_precision_judges_c32_at_the_servers_default_
     from bench.run import done_when
 
     default = {"precision": "fp32", "requests_per_s": 80.0, "p99_ms": 300.0, "offline_texts_per_s": 100.0}
-    default["vs_offline"] = 0.8
+    default.update(vs_offline=0.8, replay_texts_per_s=85.0, vs_replay=80.0 / 85.0)
     res = _serve_result(precision="bf16", c32_default_precision=default, requests_per_s=180.0, texts=1500)
     res["memory"] = {}
     res.update(p99_ms_c32=200.0, mean_batch_texts_c32=20.0, p99_ms_c1=9.0)
@@ -267,6 +267,8 @@ def test_a_serve_section_in_another_precision_judges_c32_at_the_servers_default_
     checks = done_when({"serve": {"result": res}})
     assert checks["serve_c32_ok"] and checks["serve_c32_default_precision_ok"] is False
     assert checks["serve_vs_offline_default_precision"] == pytest.approx(0.8)
+    assert checks["serve_vs_replay_default_precision"] == pytest.approx(80.0 / 85.0)
+    assert any("replayed in process 85.0 texts/s: 0.94x (reported)" in line for line in describe(res))
 
 
 def test_percentile_is_the_nearest_rank_below_in_ms():
