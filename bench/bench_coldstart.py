@@ -10,7 +10,9 @@ others. Cases run in interleaved rounds; each number is the median of ``reps`` s
 * ``torch``: ``--backend torch`` (no graph looked for: the start as it was before ONNX Runtime);
 * ``auto, baked`` / ``onnx, baked``: the graph is found next to the weights;
 * ``auto, no graph`` / ``onnx, no graph``: the graph is exported at start-up (its export time,
-  from the server's log, is reported too).
+  from the server's log, is reported too);
+* ``openvino, baked``: the baked graph compiled by OpenVINO at start-up (only where OpenVINO is
+  installed).
 
 Any start-up measurement ``auto`` makes counts in these times. Target: ``auto, baked`` at most
 1 s over ``torch``.
@@ -43,6 +45,7 @@ CASES = (
     ("auto, no graph", "auto", False),
     ("onnx, baked", "onnx", True),
     ("onnx, no graph", "onnx", False),
+    ("openvino, baked", "openvino", True),
 )
 TARGET_BAKED_OVER_TORCH_S = 1.0
 EXPORT_LINE = re.compile(r"exported the ONNX graph in ([0-9.]+)s")
@@ -126,6 +129,7 @@ def summarize(starts: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def run(model: str = "default", reps: int = 3, workdir: Path | None = None) -> dict[str, Any]:
+    from embedkit.engine.graph import openvino_version
     from embedkit.models import resolve_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-coldstart-", dir=workdir))
@@ -134,9 +138,10 @@ def run(model: str = "default", reps: int = 3, workdir: Path | None = None) -> d
         plain = Path(shutil.copytree(source, tmp / "model", ignore=shutil.ignore_patterns(".embedkit")))
         baked_dir = Path(shutil.copytree(plain, tmp / "model-baked"))
         baked = bake(baked_dir, tmp / "bake-cache")
-        starts: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in CASES}
+        cases = [c for c in CASES if c[1] != "openvino" or openvino_version() is not None]
+        starts: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in cases}
         for rep in range(reps):
-            for k, (name, backend, with_graph) in enumerate(CASES):
+            for k, (name, backend, with_graph) in enumerate(cases):
                 cache = tmp / f"cache-{rep}-{k}"  # a fresh container: nothing cached
                 run_ = start_once(
                     baked_dir if with_graph else plain, backend, cache, tmp / f"serve-{rep}-{k}.log"

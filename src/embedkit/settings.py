@@ -381,7 +381,9 @@ class EngineSettings(Settings):
     device: str = setting("auto", "device: auto, cpu, cuda, cuda:N")
     precision: str = setting("fp32", "fp32 (exact), bf16, fp16 (GPU), int8 (CPU)")
     backend: str | None = setting(
-        None, "auto (default: ONNX Runtime for the small batches where it measures faster), torch, onnx"
+        None,
+        "auto (default: the ONNX graph for the batches where it measures faster), torch, onnx "
+        "(every batch on ONNX Runtime), openvino (every batch on OpenVINO; the openvino extra)",
     )
     max_batch_tokens: int = setting(0, "padded tokens per batch; 0 = automatic from device memory")
     batch_size: int = setting(0, "cap on texts per batch; 0 = no cap (the token budget decides)")

@@ -120,6 +120,29 @@ def onnx_embedder():
     return Embedder("default", device="cpu", backend="onnx")
 
 
+def _needs_openvino() -> None:
+    from embedkit.engine.graph import openvino_version
+
+    if openvino_version() is None:
+        pytest.skip("OpenVINO is not installed (the openvino extra; make install brings it)")
+
+
+@pytest.fixture(scope="module")
+def openvino_server(tmp_path_factory):
+    _needs_openvino()
+    args = ["--model", "default", "--backend", "openvino"]
+    with ServerProcess(args, log_dir=tmp_path_factory.mktemp("serve-openvino")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def openvino_embedder():
+    _needs_openvino()
+    from embedkit import Embedder
+
+    return Embedder("default", device="cpu", backend="openvino")
+
+
 @pytest.fixture(scope="module")
 def st_reference():
     from sentence_transformers import SentenceTransformer
@@ -159,12 +182,12 @@ def test_a_burst_of_one_text_queries_is_batched_not_run_one_by_one_on_the_loop(o
     np.testing.assert_allclose(f32(got), onnx_embedder.encode(texts), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("backend", ["torch", "onnx", "openvino"])
 def test_golden_parity_every_contract_equals_the_engine(backend, request, st_reference):
     """Every answer shape carries the engine's vectors bit for bit (same backend), and the engine on
-    either backend is within 1e-5 of sentence-transformers."""
-    server = request.getfixturevalue("server" if backend == "torch" else "onnx_server")
-    engine = request.getfixturevalue("default_embedder" if backend == "torch" else "onnx_embedder")
+    every backend is within 1e-5 of sentence-transformers."""
+    server = request.getfixturevalue("server" if backend == "torch" else f"{backend}_server")
+    engine = request.getfixturevalue("default_embedder" if backend == "torch" else f"{backend}_embedder")
     assert engine.describe()["backend"] == backend
     expected = engine.encode(TEXTS)
     assert float(np.abs(expected - st_reference).max()) <= 1e-5

@@ -54,7 +54,8 @@ def test_backend_names_are_normalised_and_unknown_ones_refused(monkeypatch):
     assert resolve_backend(" ONNXRuntime ") == "onnx"
     assert resolve_backend("ort") == "onnx"
     assert resolve_backend("torch") == "torch"
-    with pytest.raises(ConfigError, match="backend must be one of auto, torch, onnx"):
+    assert resolve_backend("OpenVINO") == resolve_backend("ov") == "openvino"
+    with pytest.raises(ConfigError, match="backend must be one of auto, torch, onnx, openvino"):
         resolve_backend("tensorrt")
 
 
@@ -64,6 +65,10 @@ def test_the_backend_variable_is_read_by_the_settings_and_a_flag_beats_it():
     env = {"EMBEDKIT_BACKEND": "onnxruntime"}
     assert resolve_backend(EngineSettings.resolve(environ=env).backend) == "onnx"
     assert EngineSettings.resolve({"backend": "torch"}, environ=env).backend == "torch"
+    assert (
+        resolve_backend(EngineSettings.resolve(environ={"EMBEDKIT_BACKEND": "OpenVINO"}).backend)
+        == "openvino"
+    )
     assert EngineSettings.resolve(environ={}).backend is None  # Embedder(backend=None): auto
 
 
@@ -899,3 +904,87 @@ def test_a_kept_plan_that_gives_openvino_no_batch_is_applied_without_compiling_o
     )
     third = Embedder(str(path), device="cpu", backend="auto")
     assert compiled == ["f32"] and calls == [True] and third.max_ort_tokens == 16
+
+
+# ------------------------------------------------------------ backend openvino
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta", "mpnet"])
+def test_openvino_backend_matches_sentence_transformers_to_1e5(tmp_path, arch, monkeypatch):
+    """backend="openvino" in fp32: every batch on the graph, compiled by OpenVINO in f32, within
+    1e-5 of sentence-transformers; a lone text takes the straight path with the runner's bits."""
+    _needs_openvino()
+    monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    path = build_tiny_bert(tmp_path / "m", arch=arch)
+    ref = _st_vectors(path, TEXTS)
+    emb = Embedder(str(path), device="cpu", backend="openvino")
+    on_openvino = _count_runs(emb._onnx)
+    got = emb.encode(TEXTS)
+    assert (
+        emb.backend == "openvino"
+        and emb.describe()["backend_plan"] == "openvino for every batch (OpenVINO, f32)"
+    )
+    assert emb._openvino is None and emb._onnx.precision == "f32"
+    assert emb.stats.onnx_batches == emb.stats.batches >= 1 and on_openvino
+    assert float(np.abs(got - ref).max()) <= 1e-5
+    tok = emb.tokenize(["the cat sat on the mat"])
+    assert np.array_equal(
+        emb.embed_tokenized(tok), emb._run(emb._workload(tok), emb._plan(tok), 1, None, None)
+    )
+
+
+def test_openvino_backend_in_bf16_computes_the_graph_in_bf16(tiny_model):
+    _needs_openvino_bf16()
+    ref = _st_vectors(tiny_model, TEXTS)
+    emb = Embedder(str(tiny_model), device="cpu", backend="openvino", precision="bf16", normalize=False)
+    got = emb.encode(TEXTS)
+    assert emb.describe()["backend_plan"] == "openvino for every batch (OpenVINO, bf16)"
+    assert emb.stats.onnx_batches == emb.stats.batches >= 1
+    assert _min_cos(ref, got) >= 0.99
+
+
+def test_openvino_backend_prices_its_own_forward_pass(tiny_model, caplog):
+    """Without auto's measurement, the forward cost the server splits merged requests by is
+    OpenVINO's, timed on the graph, and the log names it."""
+    _needs_openvino()
+    emb = Embedder(str(tiny_model), device="cpu", backend="openvino")
+    runs = _count_runs(emb._onnx)
+    with caplog.at_level(logging.INFO, logger="embedkit.engine.embedder"):
+        emb.measure_forward_cost()
+    assert runs and "one more OpenVINO forward pass costs" in caplog.text
+
+
+def test_openvino_backend_without_openvino_or_in_int8_says_why_and_runs_torch(
+    tiny_model, monkeypatch, caplog
+):
+    import embedkit.engine.embedder as embedder_mod
+
+    monkeypatch.setattr(embedder_mod, "openvino_version", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="embedkit.engine.embedder"):
+        emb = Embedder(str(tiny_model), device="cpu", backend="openvino")
+    lines = [r.getMessage() for r in caplog.records if "OpenVINO is not installed" in r.getMessage()]
+    assert len(lines) == 1 and "embedkit[openvino]" in lines[0] and "using torch" in lines[0]
+    emb.encode(TEXTS)
+    assert emb.graph_path is None and emb.stats.onnx_batches == 0 and emb.stats.batches >= 1
+
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="embedkit.engine.embedder"):
+        emb = Embedder(str(tiny_model), device="cpu", backend="openvino", precision="int8")
+    assert "runs fp32 and bf16 (OpenVINO) only" in caplog.text and "int8 runs torch" in caplog.text
+    assert emb.graph_path is None and emb.encode(TEXTS).shape == (len(TEXTS), 32)
+
+
+def test_bge_m3_outputs_on_the_openvino_backend_come_from_the_graphs_token_states(
+    tiny_m3, tmp_path, monkeypatch
+):
+    _needs_openvino()
+    from tests.reference_m3 import M3_TEXTS
+
+    monkeypatch.setenv("EMBEDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    texts = [t for t in M3_TEXTS if len(t) < 3000]
+    exact = Embedder(str(tiny_m3), device="cpu", backend="torch")
+    fast = Embedder(str(tiny_m3), device="cpu", backend="openvino")
+    assert fast._onnx.token_states and fast._onnx.label == "OpenVINO"
+    a = exact.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    b = fast.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    assert fast.stats.onnx_batches == fast.stats.batches >= 1
+    _assert_m3_outputs_close(a, b)

@@ -1,9 +1,11 @@
-"""Which runtime runs which batch: torch, ONNX Runtime, or ``auto`` (split by a measurement).
+"""Which runtime runs which batch: torch, ONNX Runtime, OpenVINO, or ``auto`` (split by a measurement).
 
 ``auto`` times the runtimes on this machine and sends a batch to the graph runtime while its padded
 tokens are at most the largest probed shape where the graph was faster (docs/backends.md). In fp32
 with OpenVINO installed the graph has two runtimes: ONNX Runtime for the smallest batches and
-OpenVINO from the first probed shape where it beat ONNX Runtime.
+OpenVINO from the first probed shape where it beat ONNX Runtime. ``onnx`` and ``openvino`` run every
+batch on the graph: ``onnx`` on ONNX Runtime in fp32 (OpenVINO in bf16), ``openvino`` on OpenVINO in
+the engine's precision.
 
 >>> resolve_backend("ONNXRuntime")
 'onnx'
@@ -28,7 +30,7 @@ from embedkit.io.fs import replace_text
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "openvino")
 # Shapes (texts, tokens each) timed by ``auto``, smallest first, up to a bulk batch of short texts
 # at the default token budget (4096 tokens: where fused torch won by 10-15% on the AMX Xeon while
 # 32 x 64 was a tie, so a ladder that stopped there handed bulk jobs the slower runtime).
@@ -44,12 +46,12 @@ DEFAULT_BACKEND = "auto"
 
 
 def resolve_backend(name: str | None) -> str:
-    """Normalise a backend name (``auto``, ``torch``, ``onnx``/``onnxruntime``/``ort``); ``None``
-    is :data:`DEFAULT_BACKEND` (``auto``)."""
+    """Normalise a backend name (``auto``, ``torch``, ``onnx``/``onnxruntime``/``ort``,
+    ``openvino``/``ov``); ``None`` is :data:`DEFAULT_BACKEND` (``auto``)."""
     if name is None:
         name = DEFAULT_BACKEND
     value = name.strip().lower()
-    value = {"onnxruntime": "onnx", "ort": "onnx", "pytorch": "torch"}.get(value, value)
+    value = {"onnxruntime": "onnx", "ort": "onnx", "pytorch": "torch", "ov": "openvino"}.get(value, value)
     if value not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     return value

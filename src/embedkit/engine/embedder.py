@@ -231,12 +231,16 @@ class Embedder:
         )
 
     def _graph_unavailable(self) -> str | None:
-        """Why this engine cannot run the ONNX graph (ONNX Runtime in fp32, OpenVINO in bf16), or
-        ``None`` when it can."""
+        """Why this engine cannot run the ONNX graph (ONNX Runtime in fp32, OpenVINO in bf16, or
+        OpenVINO in both with ``backend="openvino"``), or ``None`` when it can."""
         if self.backend == "torch":
             return "backend torch asked for"
         if self.device.type != "cpu" or len(self.devices) > 1:
-            return f"the ONNX backend runs on one CPU; {self.device} runs torch"
+            return f"the {self.backend} backend runs the graph on one CPU; {self.device} runs torch"
+        if self.backend == "openvino" and openvino_version() is None:
+            return (
+                "backend openvino asked for, but OpenVINO is not installed (pip install 'embedkit[openvino]')"
+            )
         if self.precision == "bf16":  # the fp32 graph, computed in bf16 by OpenVINO
             if openvino_version() is None:
                 return (
@@ -246,9 +250,14 @@ class Embedder:
             if not cpu_supports_bf16():
                 return "this CPU has no native bf16 (avx512_bf16/amx) for OpenVINO; bf16 runs torch"
         elif self.precision != "fp32":
+            runs = (
+                "fp32 and bf16 (OpenVINO)"
+                if self.backend == "openvino"
+                else "fp32 (ONNX Runtime) and bf16 (OpenVINO)"
+            )
             return (
-                f"the ONNX backend runs fp32 (ONNX Runtime) and bf16 (OpenVINO) only (no {self.precision} "
-                f"graph keeps min cosine 0.99 and its speed); {self.precision} runs torch"
+                f"the graph runs {runs} only (no {self.precision} graph keeps min cosine 0.99 and "
+                f"its speed); {self.precision} runs torch"
             )
         model_type = getattr(self.model, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -288,7 +297,7 @@ class Embedder:
             except Exception as exc:
                 why = f"the ONNX export failed ({type(exc).__name__}: {str(exc)[:200]})"
         self.backend_note = why
-        if self.backend == "onnx" or why.startswith(("the ONNX export", "a second copy")):
+        if self.backend in ("onnx", "openvino") or why.startswith(("the ONNX export", "a second copy")):
             log.warning("%s: using torch for every batch", why)
         return None
 
@@ -299,16 +308,23 @@ class Embedder:
 
     def open_graph(self, path: Path | None = None) -> GraphSession | OpenVINOSession | None:
         """Open the graph runtime's session for ``path`` (default: the graph this engine deferred
-        with ``defer_graph=True``): ONNX Runtime in fp32, OpenVINO in bf16. With ``auto`` in fp32
+        with ``defer_graph=True``): ONNX Runtime in fp32, OpenVINO in bf16 (and in f32 with
+        ``backend="openvino"``). With ``auto`` in fp32
         it also compiles the graph on OpenVINO in f32 where that is installed and a third copy of
         the weights fits, for :meth:`use_graph` to measure. Runs no model, so it may run on any
         thread; ``None`` (with one log line) when the session cannot be opened."""
         path = path or self.pending_graph
         if path is None:
             return None
-        runtime = OpenVINOSession if self.precision == "bf16" else GraphSession
+        runtime = GraphSession
+        if self.precision == "bf16" or self.backend == "openvino":
+            runtime = OpenVINOSession
         try:
-            session = runtime(path, torch.get_num_threads())
+            if runtime is OpenVINOSession:
+                computes = "bf16" if self.precision == "bf16" else "f32"
+                session = OpenVINOSession(path, torch.get_num_threads(), precision=computes)
+            else:
+                session = GraphSession(path, torch.get_num_threads())
         except Exception as exc:
             self.pending_graph = None
             self.backend_note = f"{runtime.label} could not open {path} ({type(exc).__name__}: {exc})"
@@ -381,17 +397,17 @@ class Embedder:
         return run_torch, on_graph
 
     def measure_forward_cost(self) -> float | None:
-        """Time the forward pass of the runtime that runs every batch (ONNX Runtime with
-        ``backend="onnx"``, else torch) on three small shapes and keep the cost of one more pass in
+        """Time the forward pass of the runtime that runs every batch (the graph's with
+        ``backend="onnx"`` or ``"openvino"``, else torch) on three small shapes and keep the cost of one more pass in
         padded tokens (:attr:`forward_cost_tokens`), unless ``auto``'s measurement already set it.
         The server prices splitting merged requests into length groups with it; eager torch's
         fixed cost differs by precision and CPU (~60 tokens in fp32, ~200 in bf16 on the AMX
         Xeon). Call it on the thread that runs the batches (it runs the model)."""
         if self.forward_cost_tokens is None:
             run, on_graph = self._probe_runs()
-            runtime, graph = "torch", self._onnx
+            runtime, graph, label = "torch", self._onnx, "torch"
             if graph is not None and self.onnx_max_tokens >= EVERY_BATCH:
-                runtime, run = "onnx", on_graph(graph)
+                runtime, run, label = "onnx", on_graph(graph), graph.label
             shapes = tuple((rows, min(tokens, self.max_seq_length)) for rows, tokens in COST_SHAPES)
             try:
                 measured = measure_forward_cost(run, runtime=runtime, shapes=shapes)
@@ -401,7 +417,7 @@ class Embedder:
             self.forward_cost_tokens = measured.forward_cost_tokens(runtime)
             log.info(
                 "one more %s forward pass costs ~%s padded tokens (measured in %.2fs)",
-                runtime,
+                label,
                 "?" if self.forward_cost_tokens is None else round(self.forward_cost_tokens),
                 measured.seconds,
             )
@@ -418,10 +434,10 @@ class Embedder:
         self._openvino, self.max_ort_tokens = None, EVERY_BATCH
         openvino, self._pending_openvino = self._pending_openvino, None
         kept_alone, self._kept_without_openvino = self._kept_without_openvino, None
-        on_openvino = "" if isinstance(session, GraphSession) else f" ({session.label}, bf16)"
-        if self.backend == "onnx":
+        on_openvino = "" if isinstance(session, GraphSession) else f" ({session.label}, {session.precision})"
+        if self.backend in ("onnx", "openvino"):
             self.onnx_max_tokens = EVERY_BATCH
-            self.backend_note = f"onnx for every batch{on_openvino}"
+            self.backend_note = f"{self.backend} for every batch{on_openvino}"
             return
         try:
             if kept_alone is not None:
