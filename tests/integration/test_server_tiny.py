@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import random
 import re
 import shutil
@@ -285,3 +286,7 @@ def test_a_torch_only_server_prices_its_forward_pass_after_ready(tiny_model, tmp
         assert info["unpadded"] is True  # a BERT model: dense layers on real tokens only
         cost = info["forward_cost_tokens"]
         assert cost is None or 4 <= cost <= 1024
+        # which small torch batches run on one thread: measured with the cost, on the probe shapes
+        one = info["torch_one_thread_tokens"]
+        assert one in {0, 16, 4 * 32, 8 * 32}, one  # COST_SHAPES within the tiny model's 32 tokens
+        assert "torch runs " in srv.log() or os.cpu_count() == 1

@@ -446,6 +446,110 @@ def test_a_torch_only_engine_measures_its_forward_cost_alone():
     assert measure_forward_cost(clock.runtime(1.0, 1e-6), clock=clock).forward_cost_tokens("torch") == 1024
 
 
+def _one_thread_runtime(clock, all_threads, one):
+    """A fake torch whose pass costs ``all_threads`` or, inside the returned context, ``one``
+    (each ``(fixed_s, per_token_s)``): ``(run, one_thread)`` for measure_forward_cost."""
+    import contextlib
+
+    state = {"one": False}
+
+    def run(rows, tokens):
+        fixed, per_token = one if state["one"] else all_threads
+        clock.now += fixed + per_token * rows * tokens
+
+    @contextlib.contextmanager
+    def one_thread():
+        state["one"] = True
+        try:
+            yield
+        finally:
+            state["one"] = False
+
+    return run, one_thread
+
+
+def test_one_thread_takes_the_small_shapes_it_wins_by_the_margin_and_stops_at_its_first_loss():
+    clock = FakeClock()
+    # PASSIVE OpenMP: every parallel region wakes the second thread, a fixed cost per pass
+    run, one_thread = _one_thread_runtime(clock, all_threads=(0.010, 10e-6), one=(0.002, 30e-6))
+    shapes = ((1, 16), (4, 32), (8, 64), (2, 16))
+    res = measure_forward_cost(run, shapes=shapes, clock=clock, one_thread=one_thread)
+    assert res.one_thread_tokens == 4 * 32  # 16 and 128 won; 512 lost (17.4 against 15.1 ms)
+    small, mid, large, after = res.probes
+    assert small["torch_ms"] == pytest.approx(2 + 0.48) and small["all_threads_ms"] == pytest.approx(10.16)
+    assert mid["torch_ms"] == pytest.approx(2 + 3.84)  # a won shape costs what its route costs
+    assert large["torch_ms"] == pytest.approx(15.12) and large["one_thread_ms"] == pytest.approx(17.36)
+    assert "one_thread_ms" not in after  # not timed on one thread once it lost
+    # within the 5% margin is no win; without the context nothing is timed on one thread
+    run, one_thread = _one_thread_runtime(clock, all_threads=(0.010, 0), one=(0.0097, 0))
+    assert measure_forward_cost(run, clock=clock, one_thread=one_thread).one_thread_tokens == 0
+    res = measure_forward_cost(run, clock=clock)
+    assert res.one_thread_tokens == 0 and all("one_thread_ms" not in p for p in res.probes)
+    assert Crossover.from_dict({"max_onnx_tokens": 0}).one_thread_tokens == 0  # older kept plans
+
+
+def test_small_torch_batches_run_on_one_thread_where_that_measured_faster(tiny_model, monkeypatch):
+    """After measure_forward_cost found one thread faster up to 64 padded tokens, torch runs such
+    batches on one thread and larger ones on all, with the same vectors."""
+    from embedkit.engine import embedder as embedder_module
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        emb = Embedder(str(tiny_model), device="cpu", backend="torch")
+        short, long = ["hello world", "a cat"], ["the cat sat on the mat with a dog in the park"] * 8
+        before = emb.encode(short), emb.encode(long)
+
+        def fake_measure(run_torch, *, runtime, shapes, one_thread=None):
+            assert one_thread is not None
+            with one_thread():
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 2
+            return Crossover(max_onnx_tokens=0, one_thread_tokens=64)
+
+        monkeypatch.setattr(embedder_module, "measure_forward_cost", fake_measure)
+        emb.measure_forward_cost()
+        assert (
+            emb.torch_one_thread_tokens == 64
+            and "up to 64 padded tokens on one thread" in emb.torch_threads_note
+        )
+        seen = []
+        real = emb._forward
+
+        def spy(input_ids, mask, **kw):
+            seen.append((int(input_ids.numel()), torch.get_num_threads()))
+            return real(input_ids, mask, **kw)
+
+        monkeypatch.setattr(emb, "_forward", spy)
+        after = emb.encode(short), emb.encode(long)
+        assert seen == [(seen[0][0], 1), (seen[1][0], 2)] and seen[0][0] <= 64 < seen[1][0]
+        assert torch.get_num_threads() == 2
+        for a, b in zip(before, after, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_an_engine_on_one_thread_or_the_graph_times_no_one_thread_route(tiny_model, monkeypatch):
+    from embedkit.engine import embedder as embedder_module
+
+    seen = []
+
+    def fake_measure(run, *, runtime, shapes, one_thread=None):
+        seen.append((runtime, one_thread))
+        return Crossover(max_onnx_tokens=0)
+
+    monkeypatch.setattr(embedder_module, "measure_forward_cost", fake_measure)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Embedder(str(tiny_model), device="cpu", backend="torch").measure_forward_cost()
+    finally:
+        torch.set_num_threads(threads)
+    Embedder(str(tiny_model), device="cpu", backend="onnx").measure_forward_cost()
+    assert seen == [("torch", None), ("onnx", None)]
+
+
 def test_an_engine_without_a_graph_keeps_its_measured_forward_cost(tiny_model, monkeypatch):
     from embedkit.engine import embedder as embedder_module
 
@@ -453,7 +557,7 @@ def test_an_engine_without_a_graph_keeps_its_measured_forward_cost(tiny_model, m
     assert emb.forward_cost_tokens is None
     clock, seen = FakeClock(), []
 
-    def fake_measure(run_torch, *, runtime, shapes):
+    def fake_measure(run_torch, *, runtime, shapes, one_thread=None):
         assert runtime == "torch"
         seen.extend(shapes)
         run_torch(*shapes[0])  # the engine's own forward pass on the probe inputs
@@ -474,7 +578,8 @@ def test_an_onnx_engine_prices_the_pass_it_runs_not_torchs(tiny_model, monkeypat
     assert emb.forward_cost_tokens is None
     seen = []
 
-    def fake_measure(run, *, runtime, shapes):
+    def fake_measure(run, *, runtime, shapes, one_thread=None):
+        assert one_thread is None  # ONNX Runtime has its own threads
         seen.append(runtime)
         run(*shapes[0])  # ONNX Runtime's pass on the probe inputs
         clock = FakeClock()

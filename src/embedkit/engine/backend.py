@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,9 @@ class Crossover:
     # Where OpenVINO took part: the largest graph batch ONNX Runtime keeps; None: OpenVINO never
     # won a graph shape (or did not take part), so ONNX Runtime takes every graph batch.
     max_ort_tokens: int | None = None
+    # From measure_forward_cost with one_thread: torch runs batches of at most this many padded
+    # tokens on one thread, where that was faster than all of them (0: none).
+    one_thread_tokens: int = 0
 
     @property
     def keep(self) -> bool:
@@ -134,6 +138,7 @@ class Crossover:
             seconds=float(data.get("seconds", 0.0)),
             others_cpu_share=data.get("others_cpu_share"),
             max_ort_tokens=None if data.get("max_ort_tokens") is None else int(data["max_ort_tokens"]),
+            one_thread_tokens=int(data.get("one_thread_tokens", 0)),
         )
 
     def forward_cost_tokens(self, runtime: str) -> float | None:
@@ -282,16 +287,37 @@ def measure_forward_cost(
     shapes: tuple[tuple[int, int], ...] = COST_SHAPES,
     reps: int = 2,
     clock: Callable[[], float] = time.perf_counter,
+    one_thread: Callable[[], AbstractContextManager] | None = None,
 ) -> Crossover:
     """Time ``run(rows, tokens)``, the one runtime ("torch" or "onnx") an engine runs every batch
     on, alone on ``shapes`` (warm-up, then the best of ``reps``): a :class:`Crossover` with that
-    runtime's probes only (``forward_cost_tokens(runtime)`` reads the cost)."""
+    runtime's probes only (``forward_cost_tokens(runtime)`` reads the cost).
+
+    With ``one_thread`` (a context in which torch runs on one thread), each shape, smallest first,
+    is timed inside it too while one thread keeps winning by :data:`PROBE_MARGIN`:
+    ``one_thread_tokens`` is the largest such shape's padded tokens, and a shape one thread won
+    records that time as the runtime's (what a pass of its size then costs) beside
+    ``all_threads_ms``. Under ``OMP_WAIT_POLICY=PASSIVE`` every parallel region of an eager pass
+    wakes the sleeping OpenMP threads, and for a small batch those wake-ups can cost more than the
+    second thread saves (docs/backends.md)."""
     t_start = clock()
     result = Crossover(max_onnx_tokens=EVERY_BATCH if runtime == "onnx" else 0)
+    alone_wins = one_thread is not None
     for rows, tokens in shapes:
         run(rows, tokens)
         seconds = _best_of(lambda r=rows, t=tokens: run(r, t), reps, clock)
-        result.probes.append({"rows": rows, "tokens": tokens, f"{runtime}_ms": seconds * 1e3})
+        probe = {"rows": rows, "tokens": tokens, f"{runtime}_ms": seconds * 1e3}
+        if alone_wins:
+            assert one_thread is not None
+            with one_thread():
+                run(rows, tokens)
+                alone = _best_of(lambda r=rows, t=tokens: run(r, t), reps, clock)
+            probe["one_thread_ms"] = alone * 1e3
+            alone_wins = alone * PROBE_MARGIN <= seconds
+            if alone_wins:
+                result.one_thread_tokens = rows * tokens
+                probe["all_threads_ms"], probe[f"{runtime}_ms"] = seconds * 1e3, alone * 1e3
+        result.probes.append(probe)
     result.seconds = clock() - t_start
     return result
 

@@ -14,6 +14,7 @@ the current one; in :meth:`Embedder.encode_iter` the next chunk is tokenised mea
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -190,6 +191,9 @@ class Embedder:
         # uses it to decide when splitting merged requests by length saves more padding than the
         # extra pass costs. Set once with the measurement, not per batch.
         self.forward_cost_tokens: float | None = None
+        # torch (on CPU) runs batches of at most this many padded tokens on one thread, where
+        # measure_forward_cost found that faster than all of them (0: every batch on all threads).
+        self.torch_one_thread_tokens = 0
         # With auto, a server may defer opening the graph until it already answers on torch (the
         # session and the measurement then stay out of its cold start); see open_graph/use_graph.
         self.pending_graph: Path | None = None
@@ -402,26 +406,56 @@ class Embedder:
         padded tokens (:attr:`forward_cost_tokens`), unless ``auto``'s measurement already set it.
         The server prices splitting merged requests into length groups with it; eager torch's
         fixed cost differs by precision and CPU (~60 tokens in fp32, ~200 in bf16 on the AMX
-        Xeon). Call it on the thread that runs the batches (it runs the model)."""
+        Xeon). On torch on a CPU it also times each shape on one thread, and runs batches up to the
+        largest shape where one thread was faster on one thread from then on
+        (:attr:`torch_one_thread_tokens`). Call it on the thread that runs the batches (it runs the
+        model; a thread's torch thread count is its own)."""
         if self.forward_cost_tokens is None:
             run, on_graph = self._probe_runs()
             runtime, graph, label = "torch", self._onnx, "torch"
             if graph is not None and self.onnx_max_tokens >= EVERY_BATCH:
                 runtime, run, label = "onnx", on_graph(graph), graph.label
             shapes = tuple((rows, min(tokens, self.max_seq_length)) for rows, tokens in COST_SHAPES)
+            one_thread = None
+            if runtime == "torch" and self.device.type == "cpu" and torch.get_num_threads() > 1:
+                one_thread = self._one_torch_thread
             try:
-                measured = measure_forward_cost(run, runtime=runtime, shapes=shapes)
+                measured = measure_forward_cost(run, runtime=runtime, shapes=shapes, one_thread=one_thread)
             except Exception as exc:  # the batcher then prices a pass at its default
                 log.warning("could not measure the forward pass's cost (%s: %s)", type(exc).__name__, exc)
                 return None
             self.forward_cost_tokens = measured.forward_cost_tokens(runtime)
+            self.torch_one_thread_tokens = measured.one_thread_tokens
             log.info(
                 "one more %s forward pass costs ~%s padded tokens (measured in %.2fs)",
                 label,
                 "?" if self.forward_cost_tokens is None else round(self.forward_cost_tokens),
                 measured.seconds,
             )
+            if one_thread is not None:
+                log.info("torch runs %s", self.torch_threads_note)
         return self.forward_cost_tokens
+
+    @property
+    def torch_threads_note(self) -> str:
+        """Which torch batches run on one thread (:meth:`measure_forward_cost`), in words."""
+        if self.torch_one_thread_tokens <= 0:
+            return f"every batch on {torch.get_num_threads()} threads"
+        return (
+            f"batches of up to {self.torch_one_thread_tokens} padded tokens on one thread (measured "
+            f"faster there than {torch.get_num_threads()}), larger ones on {torch.get_num_threads()}"
+        )
+
+    @contextlib.contextmanager
+    def _one_torch_thread(self) -> Iterator[None]:
+        """torch on one thread inside, on all it had before after (set by the calling thread; with
+        OpenMP, the thread count is the calling thread's own)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def use_graph(self, session: GraphSession | OpenVINOSession) -> None:
         """Start routing batches to ``session``; with ``auto``, first time the runtimes (torch,
@@ -678,7 +712,10 @@ class Embedder:
             and padded <= self.onnx_max_tokens
             and (outputs == DENSE_ONLY or graph.token_states)
         )
-        if not on_graph:
+        if not on_graph and 0 < padded <= self.torch_one_thread_tokens and self.device.type == "cpu":
+            with self._one_torch_thread():  # measured faster there (measure_forward_cost)
+                found = self._forward(*tensors, replica=replica, outputs=outputs)
+        elif not on_graph:
             found = self._forward(*tensors, replica=replica, outputs=outputs)
         elif outputs == DENSE_ONLY:
             found = torch.from_numpy(graph.run(tensors[0].numpy(), tensors[1].numpy()))

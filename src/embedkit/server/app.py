@@ -537,6 +537,7 @@ class EmbedServer:
                 forward_cost_tokens=(
                     None if emb.forward_cost_tokens is None else round(emb.forward_cost_tokens)
                 ),
+                torch_one_thread_tokens=getattr(emb, "torch_one_thread_tokens", 0),
                 device=str(emb.device),
                 content_hash=emb.content_hash,
                 outputs=list(emb.outputs),
