@@ -427,13 +427,12 @@ class Embedder:
             self.forward_cost_tokens = measured.forward_cost_tokens(runtime)
             self.torch_one_thread_tokens = measured.one_thread_tokens
             log.info(
-                "one more %s forward pass costs ~%s padded tokens (measured in %.2fs)",
+                "one more %s forward pass costs ~%s padded tokens (measured in %.2fs)%s",
                 label,
                 "?" if self.forward_cost_tokens is None else round(self.forward_cost_tokens),
                 measured.seconds,
+                "" if one_thread is None else f"; torch runs {self.torch_threads_note}",
             )
-            if one_thread is not None:
-                log.info("torch runs %s", self.torch_threads_note)
         return self.forward_cost_tokens
 
     @property
