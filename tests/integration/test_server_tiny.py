@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -274,7 +273,8 @@ def test_a_torch_only_server_prices_its_forward_pass_after_ready(tiny_model, tmp
     """Without auto's measurement, the server times torch on three small shapes as one job on the
     worker after /ping turns 200, so merged requests are split into length groups at its real cost
     (on a tiny random model the times may not grow with tokens, so the price may stay unset)."""
-    args = ["--model", str(tiny_model), "--backend", "torch"]
+    # two threads, whatever OMP_NUM_THREADS earlier tests left (Ray sets it), so one is weighed
+    args = ["--model", str(tiny_model), "--backend", "torch", "--threads", "2"]
     with ServerProcess(args, log_dir=tmp_path) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         for _ in range(300):  # bounded: one job on the worker, right after ready
             if "one more torch forward pass costs" in srv.log():
@@ -289,4 +289,4 @@ def test_a_torch_only_server_prices_its_forward_pass_after_ready(tiny_model, tmp
         # which small torch batches run on one thread: measured with the cost, on the probe shapes
         one = info["torch_one_thread_tokens"]
         assert one in {0, 16, 4 * 32, 8 * 32}, one  # COST_SHAPES within the tiny model's 32 tokens
-        assert "torch runs " in srv.log() or os.cpu_count() == 1
+        assert "; torch runs " in srv.log()
