@@ -402,12 +402,12 @@ class Embedder:
 
     def measure_forward_cost(self) -> float | None:
         """Time the forward pass of the runtime that runs every batch (the graph's with
-        ``backend="onnx"`` or ``"openvino"``, else torch) on three small shapes and keep the cost of one more pass in
-        padded tokens (:attr:`forward_cost_tokens`), unless ``auto``'s measurement already set it.
+        ``backend="onnx"`` or ``"openvino"``, else torch) on three small shapes and keep the cost
+        of one more pass in padded tokens (:attr:`forward_cost_tokens`), unless ``auto``'s measurement already set it.
         The server prices splitting merged requests into length groups with it; eager torch's
         fixed cost differs by precision and CPU (~60 tokens in fp32, ~200 in bf16 on the AMX
-        Xeon). On torch on a CPU it also times each shape on one thread, and runs batches up to the
-        largest shape where one thread was faster on one thread from then on
+        Xeon). On torch on a CPU it also times each shape on one thread; from then on, batches up
+        to the largest shape where one thread was faster run on one thread
         (:attr:`torch_one_thread_tokens`). Call it on the thread that runs the batches (it runs the
         model; a thread's torch thread count is its own)."""
         if self.forward_cost_tokens is None:
