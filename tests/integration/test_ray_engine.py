@@ -46,6 +46,22 @@ def model_dir(tiny_model):
     return str(tiny_model)
 
 
+@pytest.fixture(autouse=True)
+def _actor_threads_stay_here():
+    """A UnitWorker built in this process (as some tests do, to test the actor's code without Ray)
+    sets OMP_NUM_THREADS and torch's thread count as an actor does; put both back, so later tests
+    (and the servers they start, which inherit the environment) keep the machine's threads."""
+    import torch
+
+    env, threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    yield
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray for the module (starting one costs seconds); yields its address."""
