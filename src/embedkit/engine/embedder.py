@@ -320,15 +320,12 @@ class Embedder:
         path = path or self.pending_graph
         if path is None:
             return None
-        runtime = GraphSession
+        runtime: type[GraphSession] | type[OpenVINOSession] = GraphSession
+        options: dict[str, str] = {}
         if self.precision == "bf16" or self.backend == "openvino":
-            runtime = OpenVINOSession
+            runtime, options = OpenVINOSession, {"precision": "bf16" if self.precision == "bf16" else "f32"}
         try:
-            if runtime is OpenVINOSession:
-                computes = "bf16" if self.precision == "bf16" else "f32"
-                session = OpenVINOSession(path, torch.get_num_threads(), precision=computes)
-            else:
-                session = GraphSession(path, torch.get_num_threads())
+            session = runtime(path, torch.get_num_threads(), **options)
         except Exception as exc:
             self.pending_graph = None
             self.backend_note = f"{runtime.label} could not open {path} ({type(exc).__name__}: {exc})"
@@ -711,11 +708,11 @@ class Embedder:
             and padded <= self.onnx_max_tokens
             and (outputs == DENSE_ONLY or graph.token_states)
         )
-        if not on_graph and 0 < padded <= self.torch_one_thread_tokens and self.device.type == "cpu":
-            with self._one_torch_thread():  # measured faster there (measure_forward_cost)
+        if not on_graph:
+            # one thread where measure_forward_cost found it faster (measured on CPUs only)
+            alone = 0 < padded <= self.torch_one_thread_tokens
+            with self._one_torch_thread() if alone else contextlib.nullcontext():
                 found = self._forward(*tensors, replica=replica, outputs=outputs)
-        elif not on_graph:
-            found = self._forward(*tensors, replica=replica, outputs=outputs)
         elif outputs == DENSE_ONLY:
             found = torch.from_numpy(graph.run(tensors[0].numpy(), tensors[1].numpy()))
         else:
