@@ -68,7 +68,7 @@ BODIES = {
 
 
 # ----------------------------------------------------------------------------- offline
-def offline_rate(texts: list[str], precision: str, model: str, tmp: Path) -> dict[str, float]:
+def offline_rate(texts: list[str], precision: str, model: str, tmp: Path) -> dict[str, Any]:
     """In a fresh process with the server's environment, texts/s of ``Embedder(max_batch_size=32)
     .encode`` on ``texts`` (``offline``: what the server could reach if serving cost nothing) and of
     the same texts in arrival order, 32 at a time, each merged batch computed as the server's
@@ -84,23 +84,26 @@ def offline_rate(texts: list[str], precision: str, model: str, tmp: Path) -> dic
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _offline_in_process(texts: list[str], precision: str, model: str = "default") -> dict[str, float]:
+def _offline_in_process(texts: list[str], precision: str, model: str = "default") -> dict[str, Any]:
     """:func:`offline_rate`'s two rates in this process (after one warm-up batch)."""
     from embedkit import Embedder
-    from embedkit.server.batcher import embed_merged
+    from embedkit.server.batcher import adopt_packed, embed_merged
 
-    emb = Embedder(model, device="cpu", precision=precision, max_batch_size=CONCURRENCY)
+    emb = Embedder(model, device="cpu", precision=precision, max_batch_size=CONCURRENCY, packed=True)
     emb.encode(texts[:32])
     t0 = time.perf_counter()
     emb.encode(texts)
     offline = len(texts) / (time.perf_counter() - t0)
+    session = emb.open_packed()  # as the server does once ready
+    if session is not None:
+        adopt_packed(emb, session)
     t0 = time.perf_counter()
     for start in range(0, len(texts), CONCURRENCY):
         tok = emb.tokenize(texts[start : start + CONCURRENCY])
         embed_merged(emb, tok, emb.max_batch_tokens)
     replay = len(texts) / (time.perf_counter() - t0)
     emb.close()
-    return {"offline": offline, "replay": replay}
+    return {"offline": offline, "replay": replay, "merged_batches": emb.packed_note}
 
 
 def naive_latency(texts: list[str], model: str, tmp: Path) -> dict[str, float]:
@@ -522,6 +525,7 @@ def run(
         "offline_runs": [offline_before["offline"], offline_after["offline"]],
         "replay_texts_per_s": replay,
         "replay_runs": [offline_before["replay"], offline_after["replay"]],
+        "replay_merged_batches": offline_after["merged_batches"],
         "offline_max_batch_size": CONCURRENCY,
         "target_ratio": TARGET_RATIO,
         "c1_precision": LATENCY_PRECISION,

@@ -16,7 +16,7 @@ import torch
 
 from embedkit import Embedder
 from embedkit.cli import main as cli
-from embedkit.engine.graph import BAKED_DIR, GRAPH_FILE, KEY_FILE, runtime_version
+from embedkit.engine.graph import BAKED_DIR, GRAPH_FILE, KEY_FILE, openvino_version, runtime_version
 from embedkit.testing import build_tiny_bert
 from tests.contract.serving import ServerProcess
 
@@ -68,6 +68,14 @@ def test_bake_writes_the_graph_into_the_model_folder_under_its_key(model_copy, c
     # baking again finds the baked graph and leaves it in place
     again = bake(model_copy, capsys)
     assert again["digest"] == info["digest"] and again["source"] == info["path"]
+    # the packed graph for merged server batches, baked beside it where OpenVINO runs it
+    if openvino_version() is None:
+        assert info["packed"]["baked"] is False and "OpenVINO" in info["packed"]["reason"]
+    else:
+        packed = model_copy / BAKED_DIR / probe.packed_key.digest
+        assert info["packed"] == {"baked": True, "path": str(packed / GRAPH_FILE)}
+        assert json.loads((packed / KEY_FILE).read_text()) == probe.packed_key.to_dict()
+        assert all(p.stat().st_mode & 0o004 for p in (packed, packed / GRAPH_FILE, packed / KEY_FILE))
 
 
 @pytest.mark.parametrize("backend", ["onnx", "auto"])
@@ -78,9 +86,11 @@ def test_a_fresh_engine_with_an_empty_cache_uses_the_baked_graph(
     info = bake(model_copy, capsys, "--into", str(model_copy))
     empty_cache = fresh_cache(monkeypatch, tmp_path)
     forbid_export(monkeypatch)
-    emb = Embedder(str(model_copy), device="cpu", backend=backend)
+    emb = Embedder(str(model_copy), device="cpu", backend=backend, packed=True)
     assert "export" not in emb.backend_note, emb.backend_note
     assert emb.crossover is not None or backend == "onnx"  # auto timed the graph it opened
+    if backend == "auto" and openvino_version() is not None:  # and found the baked packed graph
+        assert emb.packed_path == Path(info["packed"]["path"])
     if backend == "onnx":
         assert emb.graph_path == Path(info["path"])
         reference = Embedder(str(model_copy), device="cpu", backend="torch").encode(TEXTS)

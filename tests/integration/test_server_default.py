@@ -226,3 +226,33 @@ def test_golden_parity_every_contract_equals_the_engine(backend, request, st_ref
         assert np.array_equal(f32(vecs), expected), name
     assert np.array_equal(f32(csv.json()["embeddings"]), engine.encode(csv_texts))
     assert np.array_equal(f32(hf_one), one) and np.array_equal(f32(search_one), one)
+
+
+def test_an_auto_server_measures_the_packed_graph_and_merged_bursts_keep_their_vectors(
+    tmp_path, st_reference
+):
+    """With auto (the default), the server compiles the packed graph once ready, times it against
+    length groups on the worker, and says which it kept in /info; a burst of concurrent queries of
+    mixed lengths (merged batches) then comes back within 1e-5 of sentence-transformers."""
+    import asyncio
+
+    _needs_openvino()
+    args = ["--model", "default", "--backend", "auto"]
+    with ServerProcess(args, log_dir=tmp_path) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        note = c.get("/info").json()["merged_batches"]
+        for _ in range(600):  # bounded: a few jobs on the worker after ready
+            if not note.startswith("length groups until"):
+                break
+            c.post("/invocations", json={"inputs": "tick"})
+            note = c.get("/info").json()["merged_batches"]
+        assert note.startswith(("packed on OpenVINO (f32): ", "length groups: ")), note
+        assert "ms packed against" in note and "merged batches of mixed lengths" in srv.log()
+
+        async def burst() -> list[list[float]]:
+            limits = httpx.Limits(max_connections=len(TEXTS))
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits) as ac:
+                answers = await asyncio.gather(*(ac.post("/invocations", json={"inputs": t}) for t in TEXTS))
+            return [r.json()["embeddings"] for r in answers]
+
+        got = f32(asyncio.run(burst()))
+    assert float(np.abs(got - st_reference).max()) <= 1e-5

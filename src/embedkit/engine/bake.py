@@ -56,7 +56,9 @@ def bake_graph(
 ) -> dict[str, Any]:
     """Write ``model``'s fp32 ONNX graph (found where the engine would find it, or exported now) into
     ``into/.embedkit/graphs/<digest>/`` (default: the model directory). Returns ``baked`` and either
-    ``key``, ``digest``, ``path``, ``source``, ``seconds``, or ``reason`` (why not)."""
+    ``key``, ``digest``, ``path``, ``source``, ``seconds`` and ``packed`` (the packed graph for
+    merged server batches, baked beside it where OpenVINO is installed: ``baked`` and ``path`` or
+    ``reason``), or ``reason`` (why not)."""
     from embedkit.engine.embedder import Embedder
     from embedkit.models import load_text_model, resolve_model
 
@@ -70,6 +72,7 @@ def bake_graph(
             why = f"model type {text_model.model_type or 'unknown'!r} has no ONNX export here"
     if why is not None:
         return {"baked": False, "model": str(model), "reason": why}
+    packed, packed_why = _packed_source(text_model)  # exported before the engine fuses the model
     emb = Embedder(text_model, device="cpu", precision="fp32", backend="onnx")
     try:
         source = emb.graph_path
@@ -80,6 +83,13 @@ def bake_graph(
         target = root / BAKED_DIR / key.digest
         if target.resolve() != source.parent.resolve():
             _install(source.parent, target)
+        if packed is not None:
+            packed_target = root / BAKED_DIR / packed.parent.name
+            if packed_target.resolve() != packed.parent.resolve():
+                _install(packed.parent, packed_target)
+            packed_info: dict[str, Any] = {"baked": True, "path": str(packed_target / GRAPH_FILE)}
+        else:
+            packed_info = {"baked": False, "reason": packed_why}
     finally:
         emb.close()
     seconds = time.perf_counter() - t0
@@ -93,4 +103,32 @@ def bake_graph(
         "path": str(target / GRAPH_FILE),
         "source": str(source),
         "seconds": round(seconds, 3),
+        "packed": packed_info,
     }
+
+
+def _packed_source(text_model: Any) -> tuple[Path | None, str | None]:
+    """The packed graph of ``text_model`` (engine/packed.py; merged server batches of mixed
+    lengths) found where the engine would find it or exported now, or ``None`` and why not."""
+    from embedkit.engine.graph import find_graph, openvino_version
+    from embedkit.engine.packed import export_packed, packed_key, packed_unavailable
+    from embedkit.models import cache_dir, content_hash
+
+    if openvino_version() is None:
+        return (
+            None,
+            "OpenVINO, which runs the packed graph, is not installed (pip install 'embedkit[openvino]')",
+        )
+    why = packed_unavailable(text_model.transformer, text_model.pooling)
+    if why is not None:
+        return None, why
+    key = packed_key(content_hash(text_model.path), text_model.pooling, len(text_model.dense))
+    found = find_graph(key, text_model.path)
+    if found is not None:
+        return found, None
+    try:
+        return export_packed(
+            text_model.transformer, text_model.pooling, text_model.dense, key, cache_dir() / "graphs"
+        ), None
+    except Exception as exc:
+        return None, f"the packed graph's export failed ({type(exc).__name__}: {str(exc)[:200]})"

@@ -55,6 +55,14 @@ from embedkit.engine.graph import (
     runtime_version,
 )
 from embedkit.engine.multi import DENSE_ONLY, MultiVectors, check_outputs, sparse_from_token_weights
+from embedkit.engine.packed import (
+    PackedSession,
+    export_packed,
+    packed_inputs,
+    packed_key,
+    packed_unavailable,
+    position_offset,
+)
 from embedkit.engine.runner import Batch, ModelRunner, Workload
 from embedkit.engine.tokenize import TextTokenizer, Tokenized, validate_texts
 from embedkit.engine.unpad import UnpaddedEncoder
@@ -126,6 +134,7 @@ class Embedder:
         defer_graph: bool = False,
         cpu_fusion: bool = True,
         unpad: bool = True,
+        packed: bool = False,
     ) -> None:
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -156,6 +165,13 @@ class Embedder:
         self._hash: str | None = None
         self.backend_note = ""
         graph = self._find_or_export_graph()
+        # Merged server batches of mixed lengths in one pass (engine/packed.py): with ``packed``
+        # (servers ask for it) the graph is found or exported here, from the unfused fp32 model;
+        # open_packed compiles it and the server keeps it where it measures faster.
+        self.packed: PackedSession | None = None
+        self.packed_note = "length groups (the packed graph was not asked for)"
+        self._packed_offset = 0
+        self.packed_path = self._find_or_export_packed(graph is not None) if packed else None
         self._prepare_model()
         self.fused_modules = self.runner.fused_modules
         cfg = self.model.transformer.config
@@ -304,6 +320,101 @@ class Embedder:
         if self.backend in ("onnx", "openvino") or why.startswith(("the ONNX export", "a second copy")):
             log.warning("%s: using torch for every batch", why)
         return None
+
+    @property
+    def packed_key(self) -> GraphKey:
+        """What this model's packed graph (:mod:`embedkit.engine.packed`) must have been made from."""
+        return packed_key(self.content_hash, self.model.pooling, len(self.model.dense))
+
+    def _packed_unavailable(self) -> str | None:
+        """Why merged batches of mixed lengths cannot run packed here, or ``None`` when they may."""
+        if self.backend != "auto":
+            return f"backend {self.backend} runs every batch on its own runtime"
+        if self.precision not in ("fp32", "bf16"):
+            return f"{self.precision} runs torch"
+        if openvino_version() is None:
+            return "OpenVINO is not installed (pip install 'embedkit[openvino]')"
+        return packed_unavailable(self.model.transformer, self.model.pooling)
+
+    def _find_or_export_packed(self, graph: bool) -> Path | None:
+        """The packed graph (baked, cached, or exported now) for an engine that runs the ONNX
+        graph (``graph``), or ``None`` with :attr:`packed_note` saying why merged batches stay in
+        length groups."""
+        why = self._packed_unavailable()
+        if why is None and not graph:
+            why = f"no graph runs here ({self.backend_note})"
+        if why is None:
+            self._packed_offset = position_offset(self.model.transformer)
+            key = self.packed_key
+            self.packed_note = "length groups until the packed graph is compiled and measured"
+            path = find_graph(key, self.model.path)
+            if path is not None:
+                return path
+            try:
+                return export_packed(
+                    self.model.transformer, self.model.pooling, self.model.dense, key, cache_dir() / "graphs"
+                )
+            except Exception as exc:
+                why = f"the packed graph's export failed ({type(exc).__name__}: {str(exc)[:200]})"
+                log.warning("%s; merged batches stay in length groups", why)
+        self.packed_note = f"length groups: {why}"
+        return None
+
+    def open_packed(self) -> PackedSession | None:
+        """Compile the packed graph on OpenVINO (in f32, or bf16 for a bf16 engine) where one more
+        copy of the weights fits. Runs no model, so it may run on any thread; ``None`` (with
+        :attr:`packed_note` saying why) when it cannot. The server then keeps it with
+        :func:`embedkit.server.batcher.adopt_packed` where it measures faster."""
+        if self.packed_path is None:
+            return None
+        weights = 4 * self.model.num_parameters
+        if not second_copy_fits(weights):
+            self.packed_note = (
+                f"length groups: one more copy of the weights ({weights >> 20} MiB) for the packed "
+                "graph does not fit in the memory available"
+            )
+            log.info("%s", self.packed_note)
+            return None
+        precision = "bf16" if self.precision == "bf16" else "f32"
+        try:
+            return PackedSession(self.packed_path, torch.get_num_threads(), precision, self._packed_offset)
+        except Exception as exc:
+            self.packed_note = (
+                f"length groups: OpenVINO could not compile the packed graph ({type(exc).__name__}: {exc})"
+            )
+            log.warning("%s", self.packed_note)
+            return None
+
+    def embed_packed(
+        self,
+        tok: Tokenized,
+        *,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        session: PackedSession | None = None,
+    ) -> np.ndarray | None:
+        """``tok``'s vectors from one pass of the packed graph (``session``, default :attr:`packed`),
+        rows in ``tok``'s order; ``None`` when there is no session or the batch's attention would
+        exceed :attr:`max_attention_cells`."""
+        session = session or self.packed
+        if session is None:
+            return None
+        feeds = packed_inputs(tok.ids, session.offset, self.max_attention_cells)
+        if feeds is None:
+            return None
+        norm, dims = self._post_options(normalize, dimensions)
+        t0 = time.perf_counter()
+        vecs = session.run(feeds)
+        self.stats.add(
+            model_seconds=time.perf_counter() - t0,
+            batches=1,
+            onnx_batches=1,
+            padded_tokens=tok.num_tokens,
+            texts=len(tok),
+            tokens=tok.num_tokens,
+            truncated=tok.num_truncated,
+        )
+        return np.ascontiguousarray(self._post(vecs, norm, dims))
 
     def _start_graph(self, path: Path) -> None:
         session = self.open_graph(path)
@@ -601,6 +712,7 @@ class Embedder:
             "unpadded": self.unpadded,
             "backend": self.backend,
             "backend_plan": self.backend_note,
+            "merged_batches": self.packed_note,
             "outputs": list(self.outputs),
         }
 

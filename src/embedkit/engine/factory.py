@@ -11,10 +11,10 @@ from typing import Any
 from embedkit.settings import EngineSettings
 
 
-def build_embedder(settings: EngineSettings, *, defer_graph: bool = False) -> Any:
+def build_embedder(settings: EngineSettings, *, defer_graph: bool = False, packed: bool = False) -> Any:
     """The :class:`~embedkit.Embedder` ``settings`` describe (an
-    :class:`~embedkit.engine.image.ImageEmbedder` for a CLIP-family model); ``defer_graph`` as
-    :class:`~embedkit.Embedder` takes it."""
+    :class:`~embedkit.engine.image.ImageEmbedder` for a CLIP-family model); ``defer_graph`` and ``packed`` as
+    :class:`~embedkit.Embedder` takes them."""
     from embedkit.engine.embedder import Embedder
     from embedkit.models.clip import is_clip_spec
 
@@ -23,4 +23,4 @@ def build_embedder(settings: EngineSettings, *, defer_graph: bool = False) -> An
         from embedkit.engine.image import ImageEmbedder
 
         cls = ImageEmbedder  # same arguments; embeds images as well as texts
-    return cls(settings.model, defer_graph=defer_graph, **settings.engine_options())
+    return cls(settings.model, defer_graph=defer_graph, packed=packed, **settings.engine_options())

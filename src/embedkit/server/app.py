@@ -538,6 +538,7 @@ class EmbedServer:
                     None if emb.forward_cost_tokens is None else round(emb.forward_cost_tokens)
                 ),
                 torch_one_thread_tokens=getattr(emb, "torch_one_thread_tokens", 0),
+                merged_batches=getattr(emb, "packed_note", ""),
                 device=str(emb.device),
                 content_hash=emb.content_hash,
                 outputs=list(emb.outputs),

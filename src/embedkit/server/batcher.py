@@ -421,15 +421,22 @@ def embed_merged(
     *,
     normalize: bool | None = None,
     dimensions: int | None = None,
+    packed: bool = True,
 ) -> np.ndarray:
     """Vectors for merged requests' texts ``tok`` (rows in ``tok``'s order), as the worker computes
-    them: cut into :func:`length_groups` priced at the engine's measured forward cost, one
-    ``embed_tokenized`` call per group. The bench replays the server's batches through it."""
+    them: cut into :func:`length_groups` priced at the engine's measured forward cost; texts of
+    one length group in one ``embed_tokenized`` call, of several in one pass of the packed graph
+    where the server kept it (:func:`adopt_packed`), else one call per group. The bench replays
+    the server's batches through it."""
     measured = getattr(embedder, "forward_cost_tokens", None)
     cost = round(measured) if measured else FORWARD_COST_TOKENS
     groups = length_groups(tok.lengths, max_tokens, cost)
     if len(groups) == 1:
         return embedder.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
+    if packed and getattr(embedder, "packed", None) is not None and tok.num_tokens <= max_tokens:
+        found = embedder.embed_packed(tok, normalize=normalize, dimensions=dimensions)
+        if found is not None:  # None: its attention would not fit the engine's budget
+            return found
     out: np.ndarray | None = None
     for idx in groups:
         part = embedder.embed_tokenized(tok.select(idx), normalize=normalize, dimensions=dimensions)
@@ -472,3 +479,54 @@ def length_groups(
         j = int(cut[j])
     groups.reverse()
     return groups
+
+
+def _mixed_batch(embedder: Embedder, rows: int = 32) -> Tokenized:
+    """A merged batch like 32 one-text requests of a search workload: mostly short queries, a few
+    passages, one long text (random token ids; lengths capped at the model's maximum)."""
+    shape = [8] * 8 + [12] * 8 + [16] * 6 + [24] * 4 + [40] * 3 + [80] * 2 + [200]
+    lengths = np.minimum(np.array(shape[:rows]), embedder.max_seq_length)
+    vocab = int(getattr(getattr(embedder.model.transformer, "config", None), "vocab_size", 1000))
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(min(vocab - 1, 100), vocab, size=int(n)).astype(np.int32) for n in lengths]
+    none = np.zeros(len(ids), dtype=bool)
+    return Tokenized(ids, lengths.astype(np.int64), lengths.astype(np.int64), none)
+
+
+def adopt_packed(embedder: Embedder, session: Any, rounds: int = 3) -> bool:
+    """Time a merged batch of mixed lengths (:func:`_mixed_batch`) in length groups and in one pass
+    of the packed ``session`` (alternating, best of ``rounds`` each), and keep the packed graph for
+    merged batches (``embedder.packed``) where it was faster by 5%. Runs the model: call it on the
+    inference worker. Returns whether it kept it."""
+    tok = _mixed_batch(embedder)
+    max_tokens = max(embedder.max_batch_tokens, tok.num_tokens)
+
+    def grouped() -> object:
+        return embed_merged(embedder, tok, max_tokens, packed=False)
+
+    def packed() -> object:
+        return embedder.embed_packed(tok, session=session)
+
+    best = {grouped: float("inf"), packed: float("inf")}
+    try:
+        for fn in best:  # first passes compile kernels for their shapes: untimed
+            fn()
+        for _ in range(rounds):
+            for fn in best:
+                t0 = time.perf_counter()
+                fn()
+                best[fn] = min(best[fn], time.perf_counter() - t0)
+    except Exception as exc:
+        embedder.packed_note = f"length groups: the packed graph failed ({type(exc).__name__}: {exc})"
+        log.warning("%s", embedder.packed_note)
+        return False
+    groups, one = best[grouped] * 1e3, best[packed] * 1e3
+    keep = one <= 0.95 * groups
+    how = f"{one:.1f} ms packed against {groups:.1f} ms in length groups for 32 mixed texts"
+    if keep:
+        embedder.packed = session
+        embedder.packed_note = f"packed on {session.label} ({session.precision}): {how}"
+    else:
+        embedder.packed_note = f"length groups: {how}"
+    log.info("merged batches of mixed lengths: %s", embedder.packed_note)
+    return keep

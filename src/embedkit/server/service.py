@@ -23,7 +23,7 @@ from embedkit.engine import Embedder, Tokenized, build_embedder
 from embedkit.engine.multi import MultiVectors, check_outputs
 from embedkit.errors import ConfigError, InputError, NotReadyError
 from embedkit.models.resolve import model_directory
-from embedkit.server.batcher import Batcher
+from embedkit.server.batcher import Batcher, adopt_packed
 from embedkit.server.contracts import EmbedRequest, Limits
 from embedkit.server.handlers import CustomHandler, HandlerLoadError, load_handler
 from embedkit.server.metrics import ServerMetrics
@@ -103,6 +103,8 @@ class Service:
                 self._attach_graph(loop)
             elif self.embedder is not None and self.embedder.forward_cost_tokens is None:
                 self._on_worker(loop, self.embedder.measure_forward_cost)
+            if self.embedder is not None and getattr(self.embedder, "packed_path", None) is not None:
+                self._attach_packed(loop)
         except BaseException as exc:
             self.load_error = exc
             self.state = "failed"
@@ -129,6 +131,22 @@ class Service:
             self._on_worker(loop, emb.measure_forward_cost)
             return
         self._on_worker(loop, emb.use_graph, session)
+
+    def _attach_packed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The packed graph for merged batches of mixed lengths (engine/packed.py), once the jobs
+        queued before it (the graph's switch and measurements) are done, so that compiling it never
+        disturbs them: compiled on this (loading) thread, then timed against length groups on the
+        inference worker, which keeps it where it is faster (:func:`adopt_packed`)."""
+        emb = self.embedder
+        assert emb is not None
+        done = threading.Event()
+        self._on_worker(loop, done.set)
+        while not done.wait(0.5):
+            if self.state != "ready":  # stopping: the worker will not get to it
+                return
+        session = emb.open_packed()
+        if session is not None:
+            self._on_worker(loop, adopt_packed, emb, session)
 
     def _on_worker(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)`` as one job on the inference worker, between batches (from any thread)."""
@@ -159,7 +177,7 @@ class Service:
                     "predict_fn cannot use; define predict_fn (or transform_fn) or return an embedkit.Embedder"
                 )
             return model
-        return build_embedder(self.engine_settings, defer_graph=True)
+        return build_embedder(self.engine_settings, defer_graph=True, packed=True)
 
     def _queue_tokens(self) -> int:
         if self.settings.max_queue_tokens:

@@ -1,0 +1,143 @@
+"""The packed graph: merged batches of mixed lengths in one pass (engine/packed.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embedkit import Embedder
+from embedkit.engine.graph import _Pooled, openvino_version
+from embedkit.engine.packed import _Packed, packed_inputs, packed_unavailable, position_offset
+from embedkit.models import load_text_model
+from embedkit.testing import build_tiny_bert
+
+TEXTS = [
+    "a",
+    "the cat sat on the mat and looked at the garden for a while",
+    "hello world",
+    "a much longer text about embeddings, servers, batches and the lengths of inputs in them",
+    "short one",
+    "two words",
+    "the quick brown fox jumps over the lazy dog",
+]
+
+
+def _ids(lengths: list[int]) -> list[np.ndarray]:
+    return [np.arange(100 + 10 * i, 100 + 10 * i + n, dtype=np.int32) for i, n in enumerate(lengths)]
+
+
+def test_packed_inputs_place_every_token_once_and_map_it_back():
+    lengths = [3, 7, 2, 7, 1, 5]
+    feeds = packed_inputs(_ids(lengths), offset=2)
+    tokens = sum(lengths)
+    assert feeds["input_ids"].tolist() == np.concatenate(_ids(lengths)).tolist()
+    # positions restart at the offset for each text
+    assert feeds["position_ids"].tolist() == [p + 2 for n in lengths for p in range(n)]
+    a, b = feeds["index_a"], feeds["index_b"]
+    flat = np.concatenate([a.ravel(), b.ravel()])
+    real = flat[flat < tokens]
+    assert sorted(real.tolist()) == list(range(tokens))  # each token once, padding points past the end
+    assert (flat[feeds["back"]] == np.arange(tokens)).all()  # back finds each token's slot
+    rows = np.concatenate([a, np.pad(b, ((0, 0), (0, a.shape[1] - b.shape[1])), constant_values=tokens)])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for text, row in enumerate(feeds["order"]):  # order finds each text's row
+        got = rows[row][rows[row] < tokens]
+        assert got.tolist() == list(range(starts[text], starts[text] + lengths[text]))
+    # cut where padded query-key cells are fewest: 3 x 7 x 7 + 3 x 3 x 3 = 174 (at 5 | 7, 7: 198)
+    assert a.shape == (3, 7) and b.shape == (3, 3)
+
+
+def test_packed_inputs_one_text_and_the_attention_budget():
+    one = packed_inputs(_ids([4]))
+    assert one["index_a"].tolist() == [[0, 1, 2, 3]]
+    assert one["index_b"].tolist() == [[4]]  # an empty second group: one padding slot
+    assert one["order"].tolist() == [0]
+    # padded query-key cells: 3 x 7 x 7 + 3 x 3 x 3 = 174
+    assert packed_inputs(_ids([3, 7, 2, 7, 1, 5]), max_attention_cells=174) is not None
+    assert packed_inputs(_ids([3, 7, 2, 7, 1, 5]), max_attention_cells=173) is None
+
+
+@pytest.mark.parametrize(
+    ("arch", "pooling"),
+    [
+        ("bert", "mean"),
+        ("bert", "cls"),
+        ("bert", "lasttoken"),
+        ("bert", "weightedmean"),
+        ("bert", "mean_sqrt_len"),
+        ("xlm-roberta", "mean"),
+    ],
+)
+def test_the_packed_forward_equals_the_padded_one(tmp_path, arch, pooling):
+    """The packed module, run by torch, against the padded graph's module on the same model, with
+    a Dense layer after pooling: within 1e-5 for every pooling but max (which it refuses)."""
+    path = build_tiny_bert(tmp_path / "m", arch=arch, pooling=pooling, max_seq_length=64)
+    model = load_text_model(path)
+    torch.manual_seed(0)
+    dense = [torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Tanh())]
+    tok = Embedder(model, device="cpu", backend="torch").tokenize(TEXTS)
+    with torch.inference_mode():
+        packed = _Packed(model.transformer, pooling, dense).eval()
+        feeds = packed_inputs(tok.ids, position_offset(model.transformer))
+        got = packed(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+        padded = _Pooled(model.transformer, pooling, dense, False).eval()
+        width = int(tok.lengths.max())
+        ids = torch.full((len(tok), width), model.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(tok), width), dtype=torch.long)
+        for i, row in enumerate(tok.ids):
+            ids[i, : len(row)] = torch.from_numpy(row.astype(np.int64))
+            mask[i, : len(row)] = 1
+        expected = padded(ids, mask).numpy()
+    assert got.shape == (len(TEXTS), 16)
+    assert float(np.abs(got - expected).max()) <= 1e-5
+
+
+def test_what_has_no_packed_graph(tmp_path):
+    assert packed_unavailable(load_text_model(build_tiny_bert(tmp_path / "b")).transformer, "max") == (
+        "max pooling"
+    )
+    mpnet = load_text_model(build_tiny_bert(tmp_path / "m", arch="mpnet")).transformer
+    assert "model type 'mpnet'" in packed_unavailable(mpnet, "mean")
+    # only servers ask for it, and only auto picks runtimes per batch
+    emb = Embedder(str(build_tiny_bert(tmp_path / "t")), device="cpu", backend="torch", packed=True)
+    assert emb.packed_path is None and emb.open_packed() is None
+    assert emb.describe()["merged_batches"].startswith("length groups: backend torch runs every batch")
+    assert emb.embed_packed(emb.tokenize(TEXTS)) is None
+
+
+def _needs_openvino() -> None:
+    if openvino_version() is None:
+        pytest.skip("OpenVINO is not installed (the openvino extra; make install brings it)")
+
+
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
+def test_merged_batches_run_packed_on_openvino_within_1e5(tmp_path, arch):
+    """Exported and compiled as a server does it: a merged batch of mixed lengths comes back in
+    one pass, in its rows' order, within 1e-5 of torch; with its bf16 kind, min cosine >= 0.99."""
+    _needs_openvino()
+    from embedkit.engine.packed import PackedSession
+    from embedkit.server.batcher import adopt_packed, embed_merged
+
+    path = build_tiny_bert(tmp_path / "m", arch=arch, max_seq_length=64)
+    reference = Embedder(str(path), device="cpu", backend="torch")
+    tok = reference.tokenize(TEXTS)
+    expected = reference.embed_tokenized(tok)
+    emb = Embedder(str(path), device="cpu", backend="auto", packed=True)
+    assert emb.packed_path is not None and emb.packed_path.is_file()
+    session = emb.open_packed()
+    assert isinstance(session, PackedSession)
+    got = emb.embed_packed(tok, session=session)
+    assert float(np.abs(got - expected).max()) <= 1e-5
+    kept = adopt_packed(emb, session)  # measured: either way it says what it measured
+    assert emb.describe()["merged_batches"].startswith(
+        "packed on OpenVINO (f32)" if kept else "length groups"
+    )
+    emb.packed = session
+    batches = emb.stats.batches
+    merged = embed_merged(emb, tok, 10_000, dimensions=8)
+    assert emb.stats.batches == batches + 1  # one pass for the whole merged batch
+    np.testing.assert_allclose(merged, reference.embed_tokenized(tok, dimensions=8), atol=1e-5)
+    # a second engine finds the graph in the cache instead of exporting it again
+    again = Embedder(str(path), device="cpu", backend="auto", packed=True)
+    assert again.packed_path == emb.packed_path
