@@ -141,3 +141,23 @@ def test_merged_batches_run_packed_on_openvino_within_1e5(tmp_path, arch):
     # a second engine finds the graph in the cache instead of exporting it again
     again = Embedder(str(path), device="cpu", backend="auto", packed=True)
     assert again.packed_path == emb.packed_path
+
+
+def test_a_bf16_engine_compiles_the_packed_graph_in_bf16(tmp_path):
+    """bf16 engines run their graph on OpenVINO in bf16, and so their packed graph: min cosine
+    >= 0.99 against fp32 torch, as for the padded graph."""
+    _needs_openvino()
+    from bench.report import cosine_stats
+
+    from embedkit.engine.device import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16 (avx512_bf16/amx) for OpenVINO")
+    path = build_tiny_bert(tmp_path / "m", max_seq_length=64)
+    reference = Embedder(str(path), device="cpu", backend="torch")
+    tok = reference.tokenize(TEXTS)
+    emb = Embedder(str(path), device="cpu", backend="auto", precision="bf16", packed=True)
+    session = emb.open_packed()
+    assert session is not None and session.precision == "bf16"
+    got = emb.embed_packed(tok, session=session)
+    assert cosine_stats(got, reference.embed_tokenized(tok))["min"] >= 0.99
