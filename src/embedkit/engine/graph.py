@@ -158,6 +158,19 @@ def _holds(folder: Path, key: GraphKey) -> bool:
     return stored == key.to_dict() and (folder / GRAPH_FILE).is_file()
 
 
+def place_graph(tmp: Path, target: Path, key: GraphKey) -> None:
+    """Write ``key`` into the freshly exported folder ``tmp`` and rename it to ``target``, so a
+    concurrent reader never sees half a graph; when another process finished first, its graph is as
+    good and ``tmp`` goes; a stale or broken folder under the same digest is replaced."""
+    (tmp / KEY_FILE).write_text(json.dumps(key.to_dict(), indent=2))
+    if _holds(target, key):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
 def export_graph(
     transformer: torch.nn.Module,
     pooling: str,
@@ -220,13 +233,7 @@ def export_graph(
                 vocab_size=int(vocab),
                 pad_id=pad_id,
             )
-        (tmp / KEY_FILE).write_text(json.dumps(key.to_dict(), indent=2))
-        if _holds(target, key):  # another process finished first; its graph is as good
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            if target.exists():  # a stale or broken folder under this digest: replace it
-                shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+        place_graph(tmp, target, key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,9 +24,7 @@ covers (BERT, RoBERTa, XLM-RoBERTa with absolute positions) and every pooling bu
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -39,12 +37,11 @@ import torch
 
 from embedkit.engine.graph import (
     GRAPH_FILE,
-    KEY_FILE,
     OPSET,
     GraphKey,
-    _holds,
     graph_outputs,
     openvino_config,
+    place_graph,
 )
 from embedkit.engine.unpad import can_unpad
 from embedkit.models.pooling import pool
@@ -231,13 +228,7 @@ def export_packed(
                 opset_version=OPSET,
                 dynamo=False,
             )
-        (tmp / KEY_FILE).write_text(json.dumps(key.to_dict(), indent=2))
-        if _holds(target, key):  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            if target.exists():
-                shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+        place_graph(tmp, target, key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

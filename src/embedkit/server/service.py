@@ -144,6 +144,8 @@ class Service:
         while not done.wait(0.5):
             if self.state != "ready":  # stopping: the worker will not get to it
                 return
+        if self.state != "ready":
+            return
         session = emb.open_packed()
         if session is not None:
             self._on_worker(loop, adopt_packed, emb, session)
@@ -190,6 +192,10 @@ class Service:
             self.batcher.stop(timeout=self.settings.graceful_timeout)
         self.state = "stopped"
         self.metrics.ready.set(0)
+        # A loading thread still inside native code (OpenVINO compiling a graph after ready) when
+        # the interpreter exits aborts the process ("terminate called without an active exception").
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.settings.graceful_timeout)
 
     # ----------------------------------------------------------------- health
     @property
