@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import subprocess
+import time
 
 import httpx
 import numpy as np
@@ -240,11 +241,12 @@ def test_an_auto_server_measures_the_packed_graph_and_merged_bursts_keep_their_v
     args = ["--model", "default", "--backend", "auto"]
     with ServerProcess(args, log_dir=tmp_path) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         note = c.get("/info").json()["merged_batches"]
-        for _ in range(600):  # bounded: a few jobs on the worker after ready
-            if not note.startswith("length groups until"):
-                break
-            c.post("/invocations", json={"inputs": "tick"})
+        deadline = time.monotonic() + 180  # bounded: a compile and a few jobs on the worker after ready
+        while note.startswith("length groups until") and time.monotonic() < deadline:
+            time.sleep(0.2)
             note = c.get("/info").json()["merged_batches"]
+        if "does not fit" in note or "could not compile" in note:
+            pytest.skip(f"the packed graph was refused here: {note}")
         assert note.startswith(("packed on OpenVINO (f32): ", "length groups: ")), note
         assert "ms packed against" in note and "merged batches of mixed lengths" in srv.log()
 

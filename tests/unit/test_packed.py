@@ -133,11 +133,26 @@ def test_merged_batches_run_packed_on_openvino_within_1e5(tmp_path, arch):
     assert emb.describe()["merged_batches"].startswith(
         "packed on OpenVINO (f32)" if kept else "length groups"
     )
-    emb.packed = session
-    batches = emb.stats.batches
+    runs = []
+
+    class Counted:  # the kept session, counting its passes
+        offset, precision, label = session.offset, session.precision, session.label
+
+        def run(self, feeds):
+            runs.append(len(feeds["order"]))
+            return session.run(feeds)
+
+    emb.packed = Counted()
+    emb.forward_cost_tokens = 1  # whatever was measured, these texts form several length groups
     merged = embed_merged(emb, tok, 10_000, dimensions=8)
-    assert emb.stats.batches == batches + 1  # one pass for the whole merged batch
+    assert runs == [len(TEXTS)]  # one pass for the whole merged batch
     np.testing.assert_allclose(merged, reference.embed_tokenized(tok, dimensions=8), atol=1e-5)
+    # one text, and texts of one length (the second attention group empty): no NaN, same vectors
+    for idx in ([1], [2, 2, 2], [0, 4, 5]):
+        part = tok.select(idx)
+        got = emb.embed_packed(part, session=session)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, reference.embed_tokenized(part), atol=1e-5)
     # a second engine finds the graph in the cache instead of exporting it again
     again = Embedder(str(path), device="cpu", backend="auto", packed=True)
     assert again.packed_path == emb.packed_path
@@ -161,3 +176,28 @@ def test_a_bf16_engine_compiles_the_packed_graph_in_bf16(tmp_path):
     assert session is not None and session.precision == "bf16"
     got = emb.embed_packed(tok, session=session)
     assert cosine_stats(reference.embed_tokenized(tok), got)["min_cosine"] >= 0.99
+
+
+def test_a_failing_packed_graph_falls_back_to_length_groups_for_good(tmp_path, caplog):
+    """The packed graph is a speed-up: when it fails on a batch, that batch and every later one run
+    in length groups (same vectors), and /info's merged_batches says why."""
+    from embedkit.server.batcher import embed_merged
+
+    class Broken:
+        offset = 0
+        precision = "f32"
+        label = "OpenVINO"
+
+        def run(self, feeds):
+            raise RuntimeError("out of luck")
+
+    emb = Embedder(str(build_tiny_bert(tmp_path / "m", max_seq_length=64)), device="cpu", backend="torch")
+    tok = emb.tokenize(TEXTS)
+    expected = embed_merged(emb, tok, 10_000)
+    emb.packed = Broken()
+    with caplog.at_level("WARNING", logger="embedkit.server"):
+        got = embed_merged(emb, tok, 10_000)
+    np.testing.assert_array_equal(got, expected)
+    assert emb.packed is None
+    assert emb.describe()["merged_batches"].startswith("length groups: the packed graph failed")
+    assert "RuntimeError: out of luck" in caplog.text

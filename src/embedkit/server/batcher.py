@@ -36,7 +36,7 @@ import numpy as np
 
 from embedkit.engine import Embedder, Tokenized
 from embedkit.engine.multi import DENSE_ONLY, OUTPUTS, MultiVectors
-from embedkit.errors import NotReadyError, OverloadedError, PayloadTooLargeError
+from embedkit.errors import InputError, NotReadyError, OverloadedError, PayloadTooLargeError
 
 log = logging.getLogger("embedkit.server")
 
@@ -434,7 +434,17 @@ def embed_merged(
     if len(groups) == 1:
         return embedder.embed_tokenized(tok, normalize=normalize, dimensions=dimensions)
     if packed and getattr(embedder, "packed", None) is not None and tok.num_tokens <= max_tokens:
-        found = embedder.embed_packed(tok, normalize=normalize, dimensions=dimensions)
+        try:
+            found = embedder.embed_packed(tok, normalize=normalize, dimensions=dimensions)
+        except InputError:
+            raise
+        except Exception as exc:  # an optional speed-up: never fail a request for it
+            embedder.packed = None
+            embedder.packed_note = (
+                f"length groups: the packed graph failed on a merged batch ({type(exc).__name__}: {exc})"
+            )
+            log.warning("%s; merged batches run in length groups from now on", embedder.packed_note)
+            found = None
         if found is not None:  # None: its attention would not fit the engine's budget
             return found
     out: np.ndarray | None = None
@@ -505,7 +515,10 @@ def adopt_packed(embedder: Embedder, session: Any, rounds: int = 3) -> bool:
         return embed_merged(embedder, tok, max_tokens, packed=False)
 
     def packed() -> object:
-        return embedder.embed_packed(tok, session=session)
+        found = embedder.embed_packed(tok, session=session)
+        if found is None:
+            raise RuntimeError("the mixed batch's attention exceeds the engine's memory bound")
+        return found
 
     best = {grouped: float("inf"), packed: float("inf")}
     try:

@@ -61,6 +61,8 @@ class Service:
         self.load_error: BaseException | None = None
         self.load_seconds = 0.0
         self._thread: threading.Thread | None = None
+        # set first thing in stop(): the loading thread's work after ready checks it
+        self._stopping = threading.Event()
 
     # ---------------------------------------------------------------- lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -88,6 +90,8 @@ class Service:
             self.limits = Limits(
                 dimension=dim, max_client_batch_size=s.max_client_batch_size, outputs=outputs
             )
+            if self._stopping.is_set():  # stopped while loading: start no worker, never turn ready
+                return
             self.batcher = Batcher(
                 self.embedder,  # type: ignore[arg-type]
                 max_wait_s=s.batch_wait_ms / 1000.0,
@@ -142,9 +146,9 @@ class Service:
         done = threading.Event()
         self._on_worker(loop, done.set)
         while not done.wait(0.5):
-            if self.state != "ready":  # stopping: the worker will not get to it
+            if self._stopping.is_set():  # the worker may never get to it
                 return
-        if self.state != "ready":
+        if self._stopping.is_set():
             return
         session = emb.open_packed()
         if session is not None:
@@ -188,14 +192,18 @@ class Service:
         return max(262144, self.settings.max_client_batch_size * longest)
 
     def stop(self) -> None:
+        self._stopping.set()
+        after_ready = self.state == "ready"
         if self.batcher is not None:
             self.batcher.stop(timeout=self.settings.graceful_timeout)
         self.state = "stopped"
         self.metrics.ready.set(0)
-        # A loading thread still inside native code (OpenVINO compiling a graph after ready) when
+        # A loading thread still inside native code after ready (OpenVINO compiling a graph) when
         # the interpreter exits aborts the process ("terminate called without an active exception").
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.settings.graceful_timeout)
+        # Before ready it may be loading for minutes, and a stop does not wait for that.
+        thread = self._thread
+        if after_ready and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self.settings.graceful_timeout)
 
     # ----------------------------------------------------------------- health
     @property
