@@ -491,11 +491,17 @@ def length_groups(
     return groups
 
 
-def _mixed_batch(embedder: Embedder, rows: int = 32) -> Tokenized:
-    """A merged batch like 32 one-text requests of a search workload: mostly short queries, a few
-    passages, one long text (random token ids; lengths capped at the model's maximum)."""
-    shape = [8] * 8 + [12] * 8 + [16] * 6 + [24] * 4 + [40] * 3 + [80] * 2 + [200]
-    lengths = np.minimum(np.array(shape[:rows]), embedder.max_seq_length)
+# A merged batch of 32 one-text requests of a search workload: 30 queries of 6-40 tokens, two
+# passages of 256 (what the benchmark corpus's batches look like). A batch with fewer, evenly
+# spread lengths (8-200 tokens) priced the packed graph at 0.88-0.92x of length groups, where the
+# server's real batches measured 0.86x; this one measures 0.86x, so the 5% margin holds.
+MIXED_BATCH_LENGTHS = (6, 7, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15, 16, 16, 17, 18, 19,
+                       20, 21, 22, 24, 26, 29, 33, 40, 256, 256)  # fmt: skip
+
+
+def _mixed_batch(embedder: Embedder) -> Tokenized:
+    """:data:`MIXED_BATCH_LENGTHS` as random token ids, lengths capped at the model's maximum."""
+    lengths = np.minimum(np.array(MIXED_BATCH_LENGTHS), embedder.max_seq_length)
     vocab = int(getattr(getattr(embedder.model.transformer, "config", None), "vocab_size", 1000))
     rng = np.random.default_rng(0)
     ids = [rng.integers(min(vocab - 1, 100), vocab, size=int(n)).astype(np.int32) for n in lengths]
