@@ -370,43 +370,51 @@ def openvino_config(precision: str, threads: int) -> dict[str, Any]:
     }
 
 
-class OpenVINOSession:
-    """The same fp32 graph compiled by OpenVINO's CPU plugin, with :class:`GraphSession`'s
-    interface; OpenVINO reads ONNX Runtime's fused operators. ``precision`` is what it computes in
-    (``INFERENCE_PRECISION_HINT``): ``bf16`` (AMX or AVX512-BF16 kernels), the graph runtime of bf16
-    engines, or ``f32``, which ``auto`` may give an fp32 engine's mid-sized batches where it beats
-    ONNX Runtime (docs/backends.md).
+class OpenVINOModel:
+    """A graph compiled by OpenVINO's CPU plugin in ``precision`` (``INFERENCE_PRECISION_HINT``:
+    ``bf16``, AMX or AVX512-BF16 kernels, or ``f32``), with one inference request.
 
-    One inference request is reused behind a lock, so callers on several threads take turns (as
-    ONNX Runtime's and torch's calls may overlap, a shared request would refuse: "Infer Request is
+    The request is reused behind a lock, so callers on several threads take turns (as ONNX
+    Runtime's and torch's calls may overlap, a shared request would refuse: "Infer Request is
     busy"); outputs are copied out of its buffers before the lock is released. Its threads are not
     pinned to cores: torch's OpenMP threads and the event loop share them."""
 
     label = "OpenVINO"
 
-    def __init__(self, path: Path, threads: int, precision: str = "bf16") -> None:
+    def __init__(self, path: Path, threads: int, precision: str) -> None:
         import openvino as ov
 
         self.path = Path(path)
         self._compiled = ov.Core().compile_model(str(path), "CPU", openvino_config(precision, threads))
-        names = {name for out in self._compiled.outputs for name in out.get_names()}
-        self.token_states = "token_embeddings" in names
         self.precision = precision
         self.runtime = openvino_runtime(precision)
-        self._pooled = self._compiled.output("sentence_embedding")
-        self._hidden = self._compiled.output("token_embeddings") if self.token_states else None
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()
 
-    def _infer(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: tuple) -> list[np.ndarray]:
+    def _infer(self, feeds: dict[str, np.ndarray], outputs: tuple) -> list[np.ndarray]:
         with self._lock:
-            out = self._request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
+            out = self._request.infer(feeds)
             return [np.array(out[o], dtype=np.float32) for o in outputs]
 
+
+class OpenVINOSession(OpenVINOModel):
+    """The same fp32 graph on OpenVINO (:class:`OpenVINOModel`), with :class:`GraphSession`'s
+    interface; OpenVINO reads ONNX Runtime's fused operators. It computes in ``bf16``, the graph
+    runtime of bf16 engines, or ``f32``, which ``auto`` may give an fp32 engine's mid-sized batches
+    where it beats ONNX Runtime (docs/backends.md)."""
+
+    def __init__(self, path: Path, threads: int, precision: str = "bf16") -> None:
+        super().__init__(path, threads, precision)
+        names = {name for out in self._compiled.outputs for name in out.get_names()}
+        self.token_states = "token_embeddings" in names
+        self._pooled = self._compiled.output("sentence_embedding")
+        self._hidden = self._compiled.output("token_embeddings") if self.token_states else None
+
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self._infer(input_ids, attention_mask, (self._pooled,))[0]
+        return self._infer({"input_ids": input_ids, "attention_mask": attention_mask}, (self._pooled,))[0]
 
     def run_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The pooled vectors and the last hidden states (a graph exported with ``token_states``)."""
-        pooled, hidden = self._infer(input_ids, attention_mask, (self._pooled, self._hidden))
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        pooled, hidden = self._infer(feeds, (self._pooled, self._hidden))
         return pooled, hidden

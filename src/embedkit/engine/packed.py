@@ -39,8 +39,8 @@ from embedkit.engine.graph import (
     GRAPH_FILE,
     OPSET,
     GraphKey,
+    OpenVINOModel,
     graph_outputs,
-    openvino_config,
     place_graph,
 )
 from embedkit.engine.unpad import can_unpad
@@ -236,27 +236,15 @@ def export_packed(
     return target / GRAPH_FILE
 
 
-class PackedSession:
-    """The packed graph compiled by OpenVINO's CPU plugin in ``precision`` (``f32`` or ``bf16``):
-    ``run(feeds)`` -> float32 vectors. One inference request behind a lock, as
-    :class:`embedkit.engine.graph.OpenVINOSession`."""
-
-    label = "OpenVINO"
+class PackedSession(OpenVINOModel):
+    """The packed graph compiled by OpenVINO in ``precision`` (``f32`` or ``bf16``):
+    ``run(feeds)`` -> float32 vectors; ``offset`` is the model's first position id
+    (:func:`position_offset`), which :func:`packed_inputs` needs."""
 
     def __init__(self, path: Path, threads: int, precision: str, offset: int) -> None:
-        import threading
-
-        import openvino as ov
-
-        self.path = Path(path)
-        self.precision = precision
+        super().__init__(path, threads, precision)
         self.offset = offset
-        self._compiled = ov.Core().compile_model(str(path), "CPU", openvino_config(precision, threads))
         self._output = self._compiled.output("sentence_embedding")
-        self._request = self._compiled.create_infer_request()
-        self._lock = threading.Lock()
 
     def run(self, feeds: dict[str, Any]) -> np.ndarray:
-        with self._lock:
-            out = self._request.infer(feeds)
-            return np.array(out[self._output], dtype=np.float32)
+        return self._infer(feeds, (self._output,))[0]
