@@ -80,39 +80,44 @@ def bake_graph(
             return {"baked": False, "model": str(model), "reason": emb.backend_note}
         key = emb.graph_key
         root = Path(into) if into is not None else Path(emb.model.path)
-        target = root / BAKED_DIR / key.digest
-        if target.resolve() != source.parent.resolve():
-            _install(source.parent, target)
-        if packed is not None:
-            packed_target = root / BAKED_DIR / packed.parent.name
-            if packed_target.resolve() != packed.parent.resolve():
-                _install(packed.parent, packed_target)
-            packed_info: dict[str, Any] = {"baked": True, "path": str(packed_target / GRAPH_FILE)}
-        else:
-            packed_info = {"baked": False, "reason": packed_why}
+        path = _bake_into(source, root)
+        packed_info: dict[str, Any] = (
+            {"baked": True, "path": str(_bake_into(packed, root))}
+            if packed is not None
+            else {"baked": False, "reason": packed_why}
+        )
     finally:
         emb.close()
     seconds = time.perf_counter() - t0
-    log.info("baked the ONNX graph %s into %s in %.1fs", key.digest, target, seconds)
+    log.info("baked the ONNX graph %s into %s in %.1fs", key.digest, path.parent, seconds)
     return {
         "baked": True,
         "model": str(model),
         "model_path": str(emb.model.path),
         "key": key.to_dict(),
         "digest": key.digest,
-        "path": str(target / GRAPH_FILE),
+        "path": str(path),
         "source": str(source),
         "seconds": round(seconds, 3),
         "packed": packed_info,
     }
 
 
+def _bake_into(graph: Path, root: Path) -> Path:
+    """Install the folder of ``graph`` (``<digest>/model.onnx``, found or exported) under ``root``'s
+    baked graphs, unless it is already there; the baked graph's path."""
+    target = root / BAKED_DIR / graph.parent.name
+    if target.resolve() != graph.parent.resolve():
+        _install(graph.parent, target)
+    return target / GRAPH_FILE
+
+
 def _packed_source(text_model: Any) -> tuple[Path | None, str | None]:
     """The packed graph of ``text_model`` (engine/packed.py; merged server batches of mixed
     lengths) found where the engine would find it or exported now, or ``None`` and why not."""
-    from embedkit.engine.graph import find_graph, openvino_version
-    from embedkit.engine.packed import export_packed, packed_key, packed_unavailable
-    from embedkit.models import cache_dir, content_hash
+    from embedkit.engine.graph import openvino_version
+    from embedkit.engine.packed import find_or_export_packed, packed_unavailable
+    from embedkit.models import content_hash
 
     if openvino_version() is None:
         return (
@@ -122,13 +127,7 @@ def _packed_source(text_model: Any) -> tuple[Path | None, str | None]:
     why = packed_unavailable(text_model.transformer, text_model.pooling)
     if why is not None:
         return None, why
-    key = packed_key(content_hash(text_model.path), text_model.pooling, len(text_model.dense))
-    found = find_graph(key, text_model.path)
-    if found is not None:
-        return found, None
     try:
-        return export_packed(
-            text_model.transformer, text_model.pooling, text_model.dense, key, cache_dir() / "graphs"
-        ), None
+        return find_or_export_packed(text_model, content_hash(text_model.path)), None
     except Exception as exc:
         return None, f"the packed graph's export failed ({type(exc).__name__}: {str(exc)[:200]})"

@@ -57,7 +57,7 @@ from embedkit.engine.graph import (
 from embedkit.engine.multi import DENSE_ONLY, MultiVectors, check_outputs, sparse_from_token_weights
 from embedkit.engine.packed import (
     PackedSession,
-    export_packed,
+    find_or_export_packed,
     packed_inputs,
     packed_key,
     packed_unavailable,
@@ -170,7 +170,6 @@ class Embedder:
         # open_packed compiles it and the server keeps it where it measures faster.
         self.packed: PackedSession | None = None
         self.packed_note = "length groups (the packed graph was not asked for)"
-        self._packed_offset = 0
         self.packed_path = self._find_or_export_packed(graph is not None) if packed else None
         self._prepare_model()
         self.fused_modules = self.runner.fused_modules
@@ -344,16 +343,9 @@ class Embedder:
         if why is None and not graph:
             why = f"no graph runs here ({self.backend_note})"
         if why is None:
-            self._packed_offset = position_offset(self.model.transformer)
-            key = self.packed_key
             self.packed_note = "length groups until the packed graph is compiled and measured"
-            path = find_graph(key, self.model.path)
-            if path is not None:
-                return path
             try:
-                return export_packed(
-                    self.model.transformer, self.model.pooling, self.model.dense, key, cache_dir() / "graphs"
-                )
+                return find_or_export_packed(self.model, self.content_hash)
             except Exception as exc:
                 why = f"the packed graph's export failed ({type(exc).__name__}: {str(exc)[:200]})"
                 log.warning("%s; merged batches stay in length groups", why)
@@ -377,7 +369,8 @@ class Embedder:
             return None
         precision = "bf16" if self.precision == "bf16" else "f32"
         try:
-            return PackedSession(self.packed_path, torch.get_num_threads(), precision, self._packed_offset)
+            offset = position_offset(self.model.transformer)
+            return PackedSession(self.packed_path, torch.get_num_threads(), precision, offset)
         except Exception as exc:
             self.packed_note = (
                 f"length groups: OpenVINO could not compile the packed graph ({type(exc).__name__}: {exc})"

@@ -40,10 +40,12 @@ from embedkit.engine.graph import (
     OPSET,
     GraphKey,
     OpenVINOModel,
+    find_graph,
     graph_outputs,
     place_graph,
 )
 from embedkit.engine.unpad import can_unpad
+from embedkit.models import cache_dir
 from embedkit.models.pooling import pool
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,17 @@ def packed_key(content_hash: str, pooling: str, dense_layers: int) -> GraphKey:
         runtime="openvino",
         format=PACKED_FORMAT,
     )
+
+
+def find_or_export_packed(model: Any, content_hash: str) -> Path:
+    """The packed graph of ``model`` (a loaded text model whose weights hash to ``content_hash``)
+    baked next to its weights or in the cache, else exported into the cache now: from its fp32
+    transformer, before an engine fuses or casts it."""
+    key = packed_key(content_hash, model.pooling, len(model.dense))
+    found = find_graph(key, model.path)
+    if found is not None:
+        return found
+    return export_packed(model.transformer, model.pooling, model.dense, key, cache_dir() / "graphs")
 
 
 def position_offset(transformer: torch.nn.Module) -> int:
