@@ -541,7 +541,7 @@ def adopt_packed(embedder: Embedder, session: Any, rounds: int = 3) -> bool:
         return False
     groups, one = best[grouped] * 1e3, best[packed] * 1e3
     keep = one <= 0.95 * groups
-    how = f"{one:.1f} ms packed against {groups:.1f} ms in length groups for 32 mixed texts"
+    how = f"{one:.1f} ms packed against {groups:.1f} ms in length groups for {len(tok)} mixed texts"
     if keep:
         embedder.packed = session
         embedder.packed_note = f"packed on {session.label} ({session.precision}): {how}"
