@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -46,12 +47,41 @@ def test_the_worker_waits_for_company_only_after_a_merged_batch(tiny_embedder):
             _Item(tiny_embedder.tokenize([t]), (None, None), loop.create_future()) for t in ("one", "two")
         ]
         batch, carry = b._gather(items[0])  # idle server, empty queue: no wait
-        assert batch == [items[0]] and carry is None and not b._busy
-        b.max_batch_tokens = items[0].tokens + items[1].tokens  # full once both are in
-        b._busy = True
+        assert batch == [items[0]] and carry is None and b._expect == 0
+        b.max_batch_tokens = 10 * (items[0].tokens + items[1].tokens)  # room for more than two
+        b._expect = 2  # the previous batch merged two requests
         threading.Thread(target=b._q.put, args=(items[1],)).start()  # arrives while the worker waits
+        t0 = time.monotonic()
         batch, carry = b._gather(items[0])
-        assert batch == items and carry is None and b._busy
+        # both are in: the worker stops waiting (not 30 s for a third that may never come)
+        assert batch == items and carry is None and b._expect == 2
+        assert time.monotonic() - t0 < 10.0
+    finally:
+        loop.close()
+
+
+def test_after_a_merged_batch_the_worker_waits_until_as_many_are_back(tiny_embedder):
+    """Clients answered together send their next requests together: the next batch waits (up to
+    max_wait_s) until as many requests as the previous batch held are queued, then starts."""
+    b = Batcher(tiny_embedder, max_wait_s=30.0, max_queue_tokens=100_000)
+    loop = asyncio.new_event_loop()
+    try:
+        items = [
+            _Item(tiny_embedder.tokenize([f"query {i}"]), (None, None), loop.create_future())
+            for i in range(4)
+        ]
+        b._expect = 3
+
+        def arrive() -> None:
+            for it in items[1:]:
+                time.sleep(0.05)
+                b._q.put(it)
+
+        threading.Thread(target=arrive).start()
+        batch, carry = b._gather(items[0])
+        assert batch == items[:3] and carry is None  # the fourth came after the batch was whole
+        assert b._q.get(timeout=5) is items[3]
+        assert b._expect == 3
     finally:
         loop.close()
 
@@ -82,7 +112,7 @@ def test_requests_queued_while_the_worker_waited_past_its_deadline_join_the_batc
             for i in range(5)
         ]
         b._q = LateQueue(items[1:])
-        b._busy = True  # after a merged batch the worker waits for company
+        b._expect = 5  # after a merged batch of five the worker waits for company
         batch, carry = b._gather(items[0])
         assert batch == items and carry is None
     finally:

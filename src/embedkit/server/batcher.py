@@ -115,7 +115,9 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
-        self._busy = False  # the previous batch merged several requests
+        # Requests in the previous batch: a batch that merged several waits (up to max_wait_s) for
+        # as many, and no longer once they are in (_gather).
+        self._expect = 0
         # Items and jobs queued or running, counted on the event loop thread (submit/call add,
         # _deliver takes away): 0 means the worker is idle, so a lone text may run inline.
         self._in_flight = 0
@@ -278,7 +280,7 @@ class Batcher:
             try:
                 nxt = self._q.get_nowait()
             except queue.Empty:
-                if self.max_wait_s <= 0 or not self._busy:
+                if self.max_wait_s <= 0 or len(batch) >= self._expect:
                     break
                 now = time.monotonic()
                 if not deadline:
@@ -297,11 +299,11 @@ class Batcher:
                     except queue.Empty:
                         break
             if not isinstance(nxt, _Item) or tokens + nxt.tokens > self.max_batch_tokens:
-                self._busy = True
+                self._expect = len(batch) + 1  # more were waiting: the next batch waits for them
                 return batch, nxt
             batch.append(nxt)
             tokens += nxt.tokens
-        self._busy = len(batch) > 1
+        self._expect = len(batch) if len(batch) > 1 else 0
         return batch, None
 
     def _process(self, batch: list[_Item]) -> None:
