@@ -55,6 +55,27 @@ def test_per_request_options_match_the_engine(http, tiny_embedder):
     assert np.array_equal(tei, tiny_embedder.encode(texts, dimensions=4))
 
 
+def test_a_chunked_or_expect_continue_body_gets_the_same_answer_as_a_declared_one(http, tiny_embedder):
+    """Bodies the query routes' short path does not take (no declared length, or Expect:
+    100-continue) go through the full stack and get the same vectors."""
+    texts = ["the cat sat", "a"]
+    payload = json.dumps({"inputs": texts}).encode()
+    expected = tiny_embedder.encode(texts)
+    for route, key in (("/invocations", "embeddings"), ("/v1/embeddings", None)):
+        body = payload if key else json.dumps({"input": texts, "model": "m"}).encode()
+        chunked = http.post(
+            route, content=iter([body[:7], body[7:]]), headers={"content-type": "application/json"}
+        )
+        assert chunked.request.headers.get("transfer-encoding") == "chunked"
+        continued = http.post(
+            route, content=body, headers={"content-type": "application/json", "expect": "100-continue"}
+        )
+        for r in (chunked, continued):
+            assert r.status_code == 200, r.text
+            got = r.json()[key] if key else [d["embedding"] for d in r.json()["data"]]
+            assert np.array_equal(vec(got), expected)
+
+
 def test_codecs_and_accept_negotiation_over_http(http, tiny_embedder):
     texts = ["first line", "second, with a comma", "third one here"]
     expected = tiny_embedder.encode(texts)
