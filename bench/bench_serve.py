@@ -38,6 +38,7 @@ import json
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,9 @@ LATENCY_PRECISION = "fp32"  # the c=1 bar's precision (the server's default), wh
 TARGET_VS_INFINITY = 2.0
 TARGET_RSS_RATIO = 1.1
 CONCURRENCY = 32
+# Rounds of each c=32 rate (served, offline, replay), the median reported: one pass over the sample
+# takes ~4 s, and this machine's speed wanders by several percent between passes.
+ROUNDS = 3
 INFINITY_VERSION = "0.0.78"
 INFINITY_VENV = ROOT / ".venv-infinity"
 # The user's OpenMP wait policy for the naive baseline (bench.run passes it: by the time this module
@@ -68,7 +72,9 @@ BODIES = {
 
 
 # ----------------------------------------------------------------------------- offline
-def offline_rate(texts: list[str], precision: str, model: str, tmp: Path) -> dict[str, Any]:
+def offline_rate(
+    texts: list[str], precision: str, model: str, tmp: Path, rounds: int = ROUNDS
+) -> dict[str, Any]:
     """In a fresh process with the server's environment, texts/s of ``Embedder(max_batch_size=32)
     .encode`` on ``texts`` (``offline``: what the server could reach if serving cost nothing) and of
     the same texts in arrival order, 32 at a time, each merged batch computed as the server's
@@ -77,33 +83,57 @@ def offline_rate(texts: list[str], precision: str, model: str, tmp: Path) -> dic
     path = tmp / "offline-texts.json"
     path.write_text(json.dumps(texts))
     cmd = [sys.executable, "-m", "bench.bench_serve", "offline", "--texts", str(path)]
-    cmd += ["--precision", precision, "--model", model]
+    cmd += ["--precision", precision, "--model", model, "--rounds", str(rounds)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"offline measurement failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _offline_in_process(texts: list[str], precision: str, model: str = "default") -> dict[str, Any]:
-    """:func:`offline_rate`'s two rates in this process (after one warm-up batch)."""
+def _offline_in_process(
+    texts: list[str], precision: str, model: str = "default", rounds: int = ROUNDS
+) -> dict[str, Any]:
+    """:func:`offline_rate`'s two rates in this process (after one warm-up batch): ``rounds``
+    alternating rounds of each, the median of each reported (this machine's speed wanders by
+    several percent from one pass to the next)."""
     from embedkit import Embedder
     from embedkit.server.batcher import adopt_packed, embed_merged
 
     emb = Embedder(model, device="cpu", precision=precision, max_batch_size=CONCURRENCY, packed=True)
     emb.encode(texts[:32])
-    t0 = time.perf_counter()
-    emb.encode(texts)
-    offline = len(texts) / (time.perf_counter() - t0)
     session = emb.open_packed()  # as the server does once ready
     if session is not None:
         adopt_packed(emb, session)
-    t0 = time.perf_counter()
-    for start in range(0, len(texts), CONCURRENCY):
-        tok = emb.tokenize(texts[start : start + CONCURRENCY])
-        embed_merged(emb, tok, emb.max_batch_tokens)
-    replay = len(texts) / (time.perf_counter() - t0)
+    offline: list[float] = []
+    replay: list[float] = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        emb.encode(texts)
+        offline.append(len(texts) / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for start in range(0, len(texts), CONCURRENCY):
+            tok = emb.tokenize(texts[start : start + CONCURRENCY])
+            embed_merged(emb, tok, emb.max_batch_tokens)
+        replay.append(len(texts) / (time.perf_counter() - t0))
     emb.close()
-    return {"offline": offline, "replay": replay, "merged_batches": emb.packed_note}
+    return {
+        "offline": statistics.median(offline),
+        "replay": statistics.median(replay),
+        "offline_rounds": offline,
+        "replay_rounds": replay,
+        "merged_batches": emb.packed_note,
+    }
+
+
+def drive_rounds(
+    port: int, texts: list[str], max_seconds: float, tmp: Path, rounds: int = ROUNDS
+) -> dict[str, Any]:
+    """:func:`drive` at concurrency 32 ``rounds`` times over ``texts``: the round with the median
+    requests/s, with every round's rate in ``rounds``."""
+    runs = [drive(port, texts, CONCURRENCY, max_seconds, tmp) for _ in range(rounds)]
+    rates = [r["requests_per_s"] for r in runs]
+    mid = sorted(runs, key=lambda r: r["requests_per_s"])[len(runs) // 2]
+    return {**mid, "rounds": rates}
 
 
 def naive_latency(texts: list[str], model: str, tmp: Path) -> dict[str, float]:
@@ -480,13 +510,14 @@ def run(
     quick = os.environ.get("EMBEDKIT_BENCH_QUICK", "") not in ("", "0")  # bench.run --quick sets it
     c1_requests = c1_requests if c1_requests is not None else (50 if quick else 200)
     memory_requests = memory_requests if memory_requests is not None else (2000 if quick else 20_000)
+    rounds = 1 if quick else ROUNDS
     sample = list(texts[:max_texts])
     if not sample:
         raise ValueError("no texts to benchmark")
     short = short_texts(c1_requests)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp_name:
         tmp = Path(tmp_name)
-        offline_before = offline_rate(sample, precision, model, tmp)
+        offline_before = offline_rate(sample, precision, model, tmp, rounds)
         naive = naive_latency(short, model, tmp)
         port = _free_port()
         proc = start_server(model, precision, port, tmp / "server.log")
@@ -496,7 +527,7 @@ def run(
             if precision == LATENCY_PRECISION:
                 c1, c1_search = latency_phases(port, short, max_seconds, tmp)
             before = server_batches(port)
-            c32 = drive(port, sample, CONCURRENCY, max_seconds, tmp)
+            c32 = drive_rounds(port, sample, max_seconds, tmp, rounds)
             after = server_batches(port)
             memory = (
                 server_memory(port, proc.pid, texts, memory_requests, max(max_seconds, 900.0), tmp)
@@ -513,15 +544,18 @@ def run(
                 default_settled = wait_settled(port)
                 drive(port, sample[:CONCURRENCY], CONCURRENCY, max_seconds, tmp)
                 c1, c1_search = latency_phases(port, short, max_seconds, tmp)
-                default_c32 = drive(port, sample, CONCURRENCY, max_seconds, tmp)
+                default_c32 = drive_rounds(port, sample, max_seconds, tmp, rounds)
             finally:
                 stop_server(proc)
-            default_offline = offline_rate(sample, LATENCY_PRECISION, model, tmp)
+            default_offline = offline_rate(sample, LATENCY_PRECISION, model, tmp, rounds)
             default = {
                 "precision": LATENCY_PRECISION,
                 "requests_per_s": default_c32["requests_per_s"],
+                "requests_per_s_rounds": default_c32["rounds"],
                 "p99_ms": default_c32["p99_ms"],
                 "offline_texts_per_s": default_offline["offline"],
+                "offline_rounds": default_offline.get("offline_rounds"),
+                "replay_rounds": default_offline.get("replay_rounds"),
                 "vs_offline": default_c32["requests_per_s"] / default_offline["offline"],
                 "replay_texts_per_s": default_offline["replay"],
                 "vs_replay": default_c32["requests_per_s"] / default_offline["replay"],
@@ -529,7 +563,7 @@ def run(
                 "errors": default_c32["errors"],
             }
         inf = infinity_rate(sample, model, tmp, max_seconds) if infinity else {"skipped": "not asked for"}
-        offline_after = offline_rate(sample, precision, model, tmp)
+        offline_after = offline_rate(sample, precision, model, tmp, rounds)
     offline = (offline_before["offline"] + offline_after["offline"]) / 2
     replay = (offline_before["replay"] + offline_after["replay"]) / 2
     rate = c32["requests_per_s"]
@@ -541,6 +575,7 @@ def run(
         "texts": c32["requests"],
         "texts_per_s": rate,
         "requests_per_s": rate,
+        "requests_per_s_rounds": c32["rounds"],
         "offline_texts_per_s": offline,
         "offline_runs": [offline_before["offline"], offline_after["offline"]],
         "replay_texts_per_s": replay,
@@ -648,12 +683,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--texts", required=True)
         p.add_argument("--precision", default="fp32")
         p.add_argument("--model", default="default")
+        p.add_argument("--rounds", type=int, default=ROUNDS)
         a = p.parse_args(argv[1:])
         texts = json.loads(Path(a.texts).read_text())
         if argv[0] == "naive":
             print(json.dumps(_naive_in_process(texts, a.model)))
         else:
-            print(json.dumps(_offline_in_process(texts, a.precision, a.model)))
+            print(json.dumps(_offline_in_process(texts, a.precision, a.model, a.rounds)))
         return 0
     p = argparse.ArgumentParser(prog="python -m bench.bench_serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--precision", default="fp32")

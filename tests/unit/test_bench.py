@@ -271,6 +271,17 @@ def test_a_serve_section_in_another_precision_judges_c32_at_the_servers_default_
     assert any("replayed in process 85.0 texts/s: 0.94x (reported)" in line for line in describe(res))
 
 
+def test_c32_rounds_report_the_median_round_with_every_rate(monkeypatch, tmp_path):
+    from bench import bench_serve
+
+    rates = iter([310.0, 390.0, 350.0])
+    monkeypatch.setattr(
+        bench_serve, "drive", lambda *a, **k: {"requests_per_s": next(rates), "p99_ms": 1.0, "errors": {}}
+    )
+    got = bench_serve.drive_rounds(0, ["t"], 1.0, tmp_path, rounds=3)
+    assert got["requests_per_s"] == 350.0 and got["rounds"] == [310.0, 390.0, 350.0]
+
+
 def test_percentile_is_the_nearest_rank_below_in_ms():
     from bench.bench_serve import percentile_ms
 
