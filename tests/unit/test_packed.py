@@ -28,34 +28,40 @@ def _ids(lengths: list[int]) -> list[np.ndarray]:
 
 
 def test_packed_inputs_place_every_token_once_and_map_it_back():
-    lengths = [3, 7, 2, 7, 1, 5]
+    lengths = [3, 7, 2, 40, 1, 5, 30]
     feeds = packed_inputs(_ids(lengths), offset=2)
     tokens = sum(lengths)
     assert feeds["input_ids"].tolist() == np.concatenate(_ids(lengths)).tolist()
     # positions restart at the offset for each text
     assert feeds["position_ids"].tolist() == [p + 2 for n in lengths for p in range(n)]
-    a, b = feeds["index_a"], feeds["index_b"]
-    flat = np.concatenate([a.ravel(), b.ravel()])
+    a, b, rows_b, seg_b = feeds["index_a"], feeds["index_b"], feeds["rows_b"], feeds["seg_b"]
+    # the longest text alone; the six short ones several to a 32-wide attention row, first fit,
+    # longest first: cells 40 x 40 + 2 x 32 x 32 = 3648 (one to a row, padded to 30: 6 x 900)
+    assert a.shape == (1, 40) and b.shape == (6, 30) and rows_b.shape == seg_b.shape == (2, 32)
+    flat = np.concatenate([a.ravel(), rows_b.ravel()])  # the attention rows
     real = flat[flat < tokens]
     assert sorted(real.tolist()) == list(range(tokens))  # each token once, padding points past the end
     assert (flat[feeds["back"]] == np.arange(tokens)).all()  # back finds each token's slot
-    rows = np.concatenate([a, np.pad(b, ((0, 0), (0, a.shape[1] - b.shape[1])), constant_values=tokens)])
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    for text, row in enumerate(feeds["order"]):  # order finds each text's row
-        got = rows[row][rows[row] < tokens]
+    pooled = [*a, *b]  # the pooling rows: one text each
+    for text, row in enumerate(feeds["order"]):  # order finds each text's pooling row
+        got = pooled[row][pooled[row] < tokens]
         assert got.tolist() == list(range(starts[text], starts[text] + lengths[text]))
-    # cut where padded query-key cells are fewest: 3 x 7 x 7 + 3 x 3 x 3 = 174 (at 5 | 7, 7: 198)
-    assert a.shape == (3, 7) and b.shape == (3, 3)
+    for k, row in enumerate(b):  # the short text in pooling row k fills the slots marked k
+        assert sorted(rows_b[seg_b == k].tolist()) == row[row < tokens].tolist()
+    assert ((seg_b == -1) == (rows_b == tokens)).all()
+    # 30 opens row 0, 7 row 1 (37 > 32), 5 and 3 join row 1, 2 fills row 0 to 32, 1 goes to row 1
+    assert [sorted(set(r[r >= 0].tolist())) for r in seg_b] == [[1, 5], [0, 2, 3, 4]]
 
 
 def test_packed_inputs_one_text_and_the_attention_budget():
     one = packed_inputs(_ids([4]))
     assert one["index_a"].tolist() == [[0, 1, 2, 3]]
-    assert one["index_b"].tolist() == [[4]]  # an empty second group: one padding slot
-    assert one["order"].tolist() == [0]
-    # padded query-key cells: 3 x 7 x 7 + 3 x 3 x 3 = 174
-    assert packed_inputs(_ids([3, 7, 2, 7, 1, 5]), max_attention_cells=174) is not None
-    assert packed_inputs(_ids([3, 7, 2, 7, 1, 5]), max_attention_cells=173) is None
+    assert one["index_b"].tolist() == one["rows_b"].tolist() == [[4]]  # no short text: one empty slot
+    assert one["seg_b"].tolist() == [[-1]] and one["order"].tolist() == [0]
+    # query-key cells: 40 x 40 + 2 x 32 x 32 = 3648
+    assert packed_inputs(_ids([3, 7, 2, 40, 1, 5, 30]), max_attention_cells=3648) is not None
+    assert packed_inputs(_ids([3, 7, 2, 40, 1, 5, 30]), max_attention_cells=3647) is None
 
 
 @pytest.mark.parametrize(

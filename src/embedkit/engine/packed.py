@@ -5,17 +5,22 @@ Padded to its longest text, it spends most of its GEMMs on padding; cut into len
 the server did before), it makes 3-4 passes where the offline engine, with every text sorted by
 length, makes one, and a pass of a few texts costs more per text than one of 32 (the weights
 stream through the caches once per pass). The packed graph runs the batch's real tokens as one
-``[tokens, hidden]`` matrix through every dense layer, and pads only for attention, in two groups
-of rows (each padded to its own longest text). Replayed in arrival order on the AMX Xeon, the
-server's batches ran at 0.83-0.85x of the offline engine cut into length groups, and at 0.97-1.01x
-packed on OpenVINO.
+``[tokens, hidden]`` matrix through every dense layer, and pads only for attention: the longest
+texts one to a row (padded to the longest of them), the short ones several to a row of at least
+:data:`BLOCK_WIDTH` slots, each query seeing its own text's keys only. Replayed in arrival order on
+the AMX Xeon, the server's batches ran at 0.83-0.85x of the offline engine cut into length groups,
+and at 0.97-1.03x packed on OpenVINO.
 
 Inputs (built by :func:`packed_inputs`): ``input_ids`` and ``position_ids`` ``[tokens]``;
-``index_a`` and ``index_b`` ``[rows, longest]``, each row the packed positions of one text's tokens
-padded with ``tokens`` (an extra zero row); ``back`` ``[tokens]``, each token's place in the two
-groups' rows laid end to end; ``order`` ``[texts]``, each text's row among the two groups' rows.
-Output ``sentence_embedding`` ``[texts, dim]``: pooled (with the model's own pooling code, on the
-padded group layout), then the Dense layers; not normalised, as the padded graph.
+``index_a`` ``[rows, longest]``, the longest texts one to a row, each row the packed positions of
+one text's tokens padded with ``tokens`` (an extra zero row); ``index_b`` the same for the short
+texts (pooling reads it); ``rows_b`` and ``seg_b`` ``[rows, width]``, the short texts several to a
+row for attention (at least :data:`BLOCK_WIDTH` wide), with ``seg_b`` naming the text each slot
+holds (-1: empty), so attention stays within a text; ``back`` ``[tokens]``, each token's place in
+``index_a``'s rows and ``rows_b``'s laid end to end; ``order`` ``[texts]``, each text's row among
+``index_a``'s and ``index_b``'s. Output ``sentence_embedding`` ``[texts, dim]``: pooled (with the
+model's own pooling code, on the one-text-per-row layout), then the Dense layers; not normalised,
+as the padded graph.
 
 Same arithmetic as the padded forward, so fp32 agrees with it within float rounding (tests hold
 it within 1e-5 of sentence-transformers). Covers what :func:`embedkit.engine.unpad.can_unpad`
@@ -51,7 +56,12 @@ from embedkit.models.pooling import pool
 log = logging.getLogger(__name__)
 
 # Bump when what the packed graph computes, or its inputs, change.
-PACKED_FORMAT = 1
+PACKED_FORMAT = 2
+# The short texts' attention rows are at least this wide, several texts to a row. On the AMX Xeon
+# (2026-12-05, the server's 47 batches of the bench's 1,500 texts, five alternating rounds) rows
+# of 32 took 3.00-3.31 s against 3.23-3.62 s with one short text per row; 16 and 64 gained less
+# (a few hundred attention products of 40 x 40 cost more than fewer, fuller ones).
+BLOCK_WIDTH = 32
 # RoBERTa-style embeddings count positions from the padding id + 1.
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta")
 
@@ -112,6 +122,8 @@ class _Packed(torch.nn.Module):
         position_ids: torch.Tensor,
         index_a: torch.Tensor,
         index_b: torch.Tensor,
+        rows_b: torch.Tensor,
+        seg_b: torch.Tensor,
         back: torch.Tensor,
         order: torch.Tensor,
     ) -> torch.Tensor:
@@ -123,10 +135,12 @@ class _Packed(torch.nn.Module):
             token_type_ids=torch.zeros_like(input_ids)[None],
         )[0]
         low = torch.finfo(h.dtype).min
-        groups = []
-        for index in (index_a, index_b):
-            keep = index < tokens
-            groups.append((index, keep, (~keep).to(h.dtype)[:, None, None, :] * low))
+        # attention: the long texts one to a row (padding masked), the short ones several to a
+        # row (each query sees the keys of its own text only)
+        attention = [
+            (index_a, (index_a >= tokens).to(h.dtype)[:, None, None, :] * low),
+            (rows_b, (seg_b[:, :, None] != seg_b[:, None, :]).to(h.dtype)[:, None, :, :] * low),
+        ]
         for layer in model.encoder.layer:
             att = layer.attention.self
             heads, size = att.num_attention_heads, att.attention_head_size
@@ -136,7 +150,7 @@ class _Packed(torch.nn.Module):
             qkv = torch.nn.functional.linear(h, weight, bias)
             qkv = torch.cat([qkv, qkv.new_zeros(1, qkv.shape[1])])  # the padding slot
             context = []
-            for index, _, add in groups:
+            for index, add in attention:
                 rows, width = index.shape[0], index.shape[1]
                 q, k, v = qkv[index].view(rows, width, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
                 scores = torch.matmul(q, k.transpose(-1, -2)) * (size**-0.5) + add
@@ -147,7 +161,10 @@ class _Packed(torch.nn.Module):
             h = out.LayerNorm(out.dense(ctx) + h)
             h = layer.output.LayerNorm(layer.output.dense(layer.intermediate(h)) + h)
         h = torch.cat([h, h.new_zeros(1, h.shape[1])])
-        vecs = torch.cat([pool(self.pooling, h[index], keep.long()) for index, keep, _ in groups])[order]
+        vecs = torch.cat(
+            [pool(self.pooling, h[index], (index < tokens).long()) for index in (index_a, index_b)]
+        )
+        vecs = vecs[order]
         for layer in self.dense:
             vecs = layer(vecs)
         return vecs
@@ -156,21 +173,21 @@ class _Packed(torch.nn.Module):
 def packed_inputs(
     ids: list[np.ndarray], offset: int = 0, max_attention_cells: int | None = None
 ) -> dict[str, np.ndarray] | None:
-    """The packed graph's inputs for texts ``ids`` (one token-id array each): attention in two
-    groups of length-sorted rows, cut where their padded query-key cells are fewest. ``None`` when
-    those cells (per head) exceed ``max_attention_cells``."""
+    """The packed graph's inputs for texts ``ids`` (one token-id array each): the longest texts
+    one to an attention row, the shortest several to a row, cut where the query-key cells are
+    fewest. ``None`` when those cells (per head) exceed ``max_attention_cells``."""
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     n, tokens = len(ids), int(lengths.sum())
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
     sorted_rows = np.argsort(lengths, kind="stable")
     sl = lengths[sorted_rows]
-    # cut c: the shortest c rows in one group (padded to sl[c-1]), the rest in the other (to sl[-1])
-    cut_cells = np.arange(n) * np.concatenate([[0], sl[:-1]]) ** 2 + (n - np.arange(n)) * sl[-1] ** 2
-    cut = int(np.argmin(cut_cells))
-    cells = int(cut_cells[cut])
-    if max_attention_cells is not None and cells > max_attention_cells:
-        return None
+    # cut c: the shortest c texts several to a row (~their tokens x the row width cells), the rest
+    # one to a row padded to the longest; the longest text always stands alone
+    width_b = np.maximum(BLOCK_WIDTH, np.concatenate([[0], sl[:-1]]))
+    short_tokens = np.concatenate([[0], np.cumsum(sl)[:-1]])
+    cut = int(np.argmin((n - np.arange(n)) * sl[-1] ** 2 + short_tokens * width_b))
+    group_a, group_b = sorted_rows[cut:], sorted_rows[:cut]  # b may be empty
 
     def layout(rows: np.ndarray) -> np.ndarray:
         if len(rows) == 0:
@@ -180,23 +197,54 @@ def packed_inputs(
             width[None, :] < lengths[rows][:, None], starts[rows][:, None] + width[None, :], tokens
         )
 
-    group_a, group_b = sorted_rows[cut:], sorted_rows[:cut]  # the longest rows; b may be empty
     index_a, index_b = layout(group_a), layout(group_b)
-    flat = np.concatenate([index_a.ravel(), index_b.ravel()])
+    rows_b, seg_b = _block_rows(group_b, lengths, starts, int(width_b[cut]) if cut else 1, tokens)
+    cells = index_a.size * index_a.shape[1] + rows_b.size * rows_b.shape[1]
+    if max_attention_cells is not None and cells > max_attention_cells:
+        return None
+    flat = np.concatenate([index_a.ravel(), rows_b.ravel()])
     real = np.flatnonzero(flat < tokens)
     back = np.empty(tokens, dtype=np.int64)
     back[flat[real]] = real
     order = np.empty(n, dtype=np.int64)
-    order[np.concatenate([group_a, group_b])] = np.arange(n)
+    order[group_a] = np.arange(len(group_a))
+    order[group_b] = index_a.shape[0] + np.arange(len(group_b))
     first = np.repeat(starts[:-1], lengths)
     return {
         "input_ids": np.concatenate(ids).astype(np.int64),
         "position_ids": np.arange(tokens, dtype=np.int64) - first + offset,
         "index_a": index_a,
         "index_b": index_b,
+        "rows_b": rows_b,
+        "seg_b": seg_b,
         "back": back,
         "order": order,
     }
+
+
+def _block_rows(
+    texts: np.ndarray, lengths: np.ndarray, starts: np.ndarray, width: int, tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``texts`` laid several to a row of ``width`` slots, first fit, longest first: each slot's
+    packed position (``tokens``: empty) and the index in ``texts`` of the text it holds (-1)."""
+    fill = np.zeros(max(1, len(texts)), dtype=np.int64)
+    used = 0
+    place = []
+    for k in sorted(range(len(texts)), key=lambda k: -lengths[texts[k]]):
+        size = int(lengths[texts[k]])
+        row = int(np.argmax(fill[:used] + size <= width)) if used else 0
+        if not used or fill[row] + size > width:
+            row, used = used, used + 1
+        place.append((k, row, int(fill[row])))
+        fill[row] += size
+    rows = np.full((max(1, used), width), tokens, dtype=np.int64)
+    seg = np.full((max(1, used), width), -1, dtype=np.int64)
+    for k, row, at in place:
+        t = texts[k]
+        size = int(lengths[t])
+        rows[row, at : at + size] = np.arange(starts[t], starts[t] + size)
+        seg[row, at : at + size] = k
+    return rows, seg
 
 
 def export_packed(
@@ -212,10 +260,10 @@ def export_packed(
     dest_root.mkdir(parents=True, exist_ok=True)
     target = dest_root / key.digest
     wrapper = _Packed(transformer, pooling, dense).eval()
-    # Two groups with padding in each, so the trace keeps every path.
+    # Both groups, with padding in each and two texts in a short row, so the trace keeps every path.
     vocab = int(getattr(transformer.config, "vocab_size", 100))
     rng = np.random.default_rng(0)
-    ids = [rng.integers(min(5, vocab - 1), vocab, size=n) for n in (3, 5, 6, 9, 12)]
+    ids = [rng.integers(min(5, vocab - 1), vocab, size=n) for n in (3, 4, 10, 18, 20, 38, 40)]
     feeds = packed_inputs(ids, position_offset(transformer))
     assert feeds is not None
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest_root))
@@ -233,7 +281,9 @@ def export_packed(
                     "input_ids": {0: "tokens"},
                     "position_ids": {0: "tokens"},
                     "index_a": {0: "rows_a", 1: "width_a"},
-                    "index_b": {0: "rows_b", 1: "width_b"},
+                    "index_b": {0: "texts_b", 1: "width_b"},
+                    "rows_b": {0: "rows_b", 1: "block_width"},
+                    "seg_b": {0: "rows_b", 1: "block_width"},
                     "back": {0: "tokens"},
                     "order": {0: "texts"},
                     "sentence_embedding": {0: "texts"},
