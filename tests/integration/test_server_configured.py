@@ -41,6 +41,15 @@ def test_api_key_guards_every_route_but_ping_and_the_secret_is_masked_in_the_log
     assert r.status_code == 401 and r.json()["code"] == 401
     wrong = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
+    # the query routes check the key before reading the body (a refused body is drained) and
+    # take it as a bearer token of any case or as X-Api-Key
+    for headers, status in (
+        ({"Authorization": "Bearer nope"}, 401),
+        ({"Authorization": f"bearer {KEY}"}, 200),
+        ({"X-Api-Key": KEY}, 200),
+        ({"Authorization": "Basic abc", "X-Api-Key": KEY}, 200),
+    ):
+        assert httpx.post(server.url + "/embed", json={"inputs": "x"}, headers=headers).status_code == status
     assert http.get("/metrics").status_code == 200
     assert KEY not in server.log() and '"api_key": "***"' in server.log()
 

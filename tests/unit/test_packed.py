@@ -54,6 +54,15 @@ def test_packed_inputs_place_every_token_once_and_map_it_back():
     assert [sorted(set(r[r >= 0].tolist())) for r in seg_b] == [[1, 5], [0, 2, 3, 4]]
 
 
+def test_short_texts_that_cannot_share_a_row_keep_one_each():
+    """Texts of 17 tokens never share a row of 32: the short group stays one text to a row,
+    padded to its longest, as wide rows would cost more."""
+    feeds = packed_inputs(_ids([17] * 6 + [60]))
+    assert feeds["index_a"].shape == (1, 60)
+    assert feeds["rows_b"].shape == (6, 17) and (feeds["rows_b"] == feeds["index_b"]).all()
+    assert feeds["seg_b"].tolist() == [[k] * 17 for k in range(6)]
+
+
 def test_packed_inputs_one_text_and_the_attention_budget():
     one = packed_inputs(_ids([4]))
     assert one["index_a"].tolist() == [[0, 1, 2, 3]]
@@ -75,9 +84,12 @@ def test_packed_inputs_one_text_and_the_attention_budget():
         ("xlm-roberta", "mean"),
     ],
 )
-def test_the_packed_forward_equals_the_padded_one(tmp_path, arch, pooling):
+@pytest.mark.parametrize("block", [32, 10_000])  # short texts sharing rows; one to a row
+def test_the_packed_forward_equals_the_padded_one(tmp_path, monkeypatch, arch, pooling, block):
     """The packed module, run by torch, against the padded graph's module on the same model, with
-    a Dense layer after pooling: within 1e-5 for every pooling but max (which it refuses)."""
+    a Dense layer after pooling: within 1e-5 for every pooling but max (which it refuses), with the
+    short texts sharing attention rows and (rows too wide to pay) one to a row."""
+    monkeypatch.setattr("embedkit.engine.packed.BLOCK_WIDTH", block)
     path = build_tiny_bert(tmp_path / "m", arch=arch, pooling=pooling, max_seq_length=64)
     model = load_text_model(path)
     torch.manual_seed(0)
@@ -86,6 +98,7 @@ def test_the_packed_forward_equals_the_padded_one(tmp_path, arch, pooling):
     with torch.inference_mode():
         packed = _Packed(model.transformer, pooling, dense).eval()
         feeds = packed_inputs(tok.ids, position_offset(model.transformer))
+        assert feeds["rows_b"].shape[1] == (32 if block == 32 else feeds["index_b"].shape[1])
         got = packed(*(torch.from_numpy(v) for v in feeds.values())).numpy()
         padded = _Pooled(model.transformer, pooling, dense, False).eval()
         width = int(tok.lengths.max())

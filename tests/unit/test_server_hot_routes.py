@@ -106,3 +106,39 @@ def test_a_client_that_disconnects_mid_body_gets_no_answer_and_no_endpoint_call(
 
     sent, called = asyncio.run(main())
     assert sent == [] and called == []
+
+
+def test_a_request_the_admit_check_refuses_takes_the_full_stack():
+    """With an API key, a request without it is refused by the full stack before its body is read
+    (and the body drained), not read whole first."""
+
+    async def main(admit):
+        seen = []
+
+        async def endpoint(request, body):
+            seen.append("endpoint")
+            return Response(b"")
+
+        async def stack(scope, receive, send):
+            seen.append("stack")
+
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/invocations",
+            "headers": [(b"content-length", b"2")],
+        }
+
+        async def send(message):
+            pass
+
+        await HotRoutes(stack, {"/invocations": endpoint}, max_body_bytes=100, admit=admit)(
+            scope, receive, send
+        )
+        return seen
+
+    assert asyncio.run(main(lambda headers: False)) == ["stack"]
+    assert asyncio.run(main(lambda headers: True)) == ["endpoint"]

@@ -62,6 +62,10 @@ PACKED_FORMAT = 2
 # of 32 took 3.00-3.31 s against 3.23-3.62 s with one short text per row; 16 and 64 gained less
 # (a few hundred attention products of 40 x 40 cost more than fewer, fuller ones).
 BLOCK_WIDTH = 32
+# What one more attention row costs beyond its query-key cells, in cells: OpenVINO's profile of a
+# 32-text batch (f32, default model) gave 1.35 ms per layer for 2 rows of 256 and 1.1 ms for 30
+# rows of 40, i.e. ~1e-5 ms per cell and ~0.02 ms per row.
+ROW_COST = 2000
 # RoBERTa-style embeddings count positions from the padding id + 1.
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta")
 
@@ -174,20 +178,26 @@ def packed_inputs(
     ids: list[np.ndarray], offset: int = 0, max_attention_cells: int | None = None
 ) -> dict[str, np.ndarray] | None:
     """The packed graph's inputs for texts ``ids`` (one token-id array each): the longest texts
-    one to an attention row, the shortest several to a row, cut where the query-key cells are
-    fewest. ``None`` when those cells (per head) exceed ``max_attention_cells``."""
+    one to an attention row, the shortest several to a row where that takes fewer query-key cells
+    than one to a row, cut where the cells are fewest (estimated for the shared rows).
+    ``None`` when those cells (per head) exceed ``max_attention_cells``."""
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     n, tokens = len(ids), int(lengths.sum())
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
     sorted_rows = np.argsort(lengths, kind="stable")
     sl = lengths[sorted_rows]
-    # cut c: the shortest c texts several to a row (~their tokens x the row width cells), the rest
-    # one to a row padded to the longest; the longest text always stands alone
-    width_b = np.maximum(BLOCK_WIDTH, np.concatenate([[0], sl[:-1]]))
+    # cut c, priced in query-key cells plus ROW_COST per row: the rest one to a row padded to the
+    # longest (the longest text always stands alone); the shortest c texts several to a row (at
+    # least ceil(tokens / width) rows) or, where that costs more, one to a row padded to the
+    # longest of them (texts of 17-31 tokens never share a row of 32)
+    longest_b = np.concatenate([[0], sl[:-1]])
+    width_b = np.maximum(BLOCK_WIDTH, longest_b)
     short_tokens = np.concatenate([[0], np.cumsum(sl)[:-1]])
-    cut = int(np.argmin((n - np.arange(n)) * sl[-1] ** 2 + short_tokens * width_b))
-    group_a, group_b = sorted_rows[cut:], sorted_rows[:cut]  # b may be empty
+    shared = -(-short_tokens // width_b) * (width_b**2 + ROW_COST)
+    one_each = np.arange(n) * (longest_b**2 + ROW_COST)
+    long_rows = (n - np.arange(n)) * (sl[-1] ** 2 + ROW_COST)
+    cut = int(np.argmin(long_rows + np.minimum(shared, one_each)))
 
     def layout(rows: np.ndarray) -> np.ndarray:
         if len(rows) == 0:
@@ -197,8 +207,16 @@ def packed_inputs(
             width[None, :] < lengths[rows][:, None], starts[rows][:, None] + width[None, :], tokens
         )
 
+    group_a, group_b = sorted_rows[cut:], sorted_rows[:cut]  # b may be empty
     index_a, index_b = layout(group_a), layout(group_b)
     rows_b, seg_b = _block_rows(group_b, lengths, starts, int(width_b[cut]) if cut else 1, tokens)
+    if len(rows_b) * (rows_b.shape[1] ** 2 + ROW_COST) >= one_each[cut]:
+        # sharing rows saves nothing here: the best cut with every text one to a row
+        cut = int(np.argmin(long_rows + one_each))
+        group_a, group_b = sorted_rows[cut:], sorted_rows[:cut]
+        index_a, index_b = layout(group_a), layout(group_b)
+        rows_b = index_b
+        seg_b = np.where(index_b < tokens, np.arange(len(index_b))[:, None], -1)
     cells = index_a.size * index_a.shape[1] + rows_b.size * rows_b.shape[1]
     if max_attention_cells is not None and cells > max_attention_cells:
         return None

@@ -163,10 +163,19 @@ class HotRoutes:
     more requests/s than the same endpoints behind the drain and a ``Request`` stream.
     """
 
-    def __init__(self, app: ASGIApp, routes: dict[str, Handler], max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: dict[str, Handler],
+        max_body_bytes: int,
+        admit: Callable[[list[tuple[bytes, bytes]]], bool] | None = None,
+    ) -> None:
         self.app = app
         self.routes = routes
         self.max_body_bytes = max_body_bytes
+        # With an API key: a request without it takes the full stack, which refuses it before
+        # reading its body (and drains the body), rather than be read whole here first.
+        self.admit = admit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -203,7 +212,7 @@ class HotRoutes:
                 length = int(value) if value.isdigit() else -1
             elif name == b"expect" or name == b"transfer-encoding":
                 return False
-        return 0 <= length <= self.max_body_bytes
+        return 0 <= length <= self.max_body_bytes and (self.admit is None or self.admit(headers))
 
 
 async def _whole_body(receive: Receive) -> bytes | None:
@@ -262,7 +271,10 @@ class EmbedServer:
             lifespan=self._lifespan,
         )
         self.app: ASGIApp = HotRoutes(
-            DrainUnreadBody(self.starlette, max_bytes=drain_bytes), hot, self.settings.max_body_bytes
+            DrainUnreadBody(self.starlette, max_bytes=drain_bytes),
+            hot,
+            self.settings.max_body_bytes,
+            admit=self._authorized if self._key is not None else None,
         )
 
     # ------------------------------------------------------------- plumbing
@@ -274,6 +286,17 @@ class EmbedServer:
         finally:
             await asyncio.get_running_loop().run_in_executor(None, self.service.stop)
             log.info("shutdown complete: %d requests answered", self.service.metrics.answered)
+
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """:meth:`_check_auth`'s test on raw ASGI headers: the bearer token, else ``X-Api-Key``."""
+        auth = key = None
+        for name, value in headers:
+            if name == b"authorization" and auth is None:
+                auth = value
+            elif name == b"x-api-key" and key is None:
+                key = value
+        token = auth[7:] if auth is not None and auth[:7].lower() == b"bearer " else (key or b"")
+        return self._key is not None and hmac.compare_digest(token, self._key)
 
     def _check_auth(self, request: Request) -> None:
         if self._key is None:

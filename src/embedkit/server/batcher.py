@@ -85,7 +85,7 @@ class Batcher:
         embedder: the engine; only this worker calls it once started.
         max_batch_tokens: tokens per formed batch (default: the engine's budget).
         max_wait_s: how long a batch below the budget waits for more requests, when the previous
-            batch merged several (0: never wait).
+            batch merged several, and only until as many are in (0: never wait).
         max_queue_tokens: tokens waiting (queued or running) before new requests get 429.
         on_batch: called with ``(texts, tokens)`` after each batch (metrics), on the worker, or
             on the event loop for a text run inline.
@@ -299,7 +299,10 @@ class Batcher:
                     except queue.Empty:
                         break
             if not isinstance(nxt, _Item) or tokens + nxt.tokens > self.max_batch_tokens:
-                self._expect = len(batch) + 1  # more were waiting: the next batch waits for them
+                if isinstance(nxt, _Item):  # cut by the budget: more were waiting; wait for them too
+                    self._expect = len(batch) + 1
+                else:  # a job comes next: the batch's own count, as when the queue ran dry
+                    self._expect = len(batch) if len(batch) > 1 else 0
                 return batch, nxt
             batch.append(nxt)
             tokens += nxt.tokens

@@ -45,7 +45,7 @@ class ServerSettings(Settings):
     batch_wait_ms: float = setting(
         2.0,
         "longest a forming batch waits for more requests, in milliseconds, when the previous batch "
-        "merged several (a lone request never waits); 0 = never wait",
+        "merged several and only until as many are in (a lone request never waits); 0 = never wait",
     )
     hf_mode: str = setting(
         "embeddings",
