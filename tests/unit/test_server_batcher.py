@@ -37,15 +37,18 @@ def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(tiny_embedder
     assert b.queued_tokens == 0
 
 
+def _items(embedder, loop, texts):
+    """One queued one-text request per text, with default options."""
+    return [_Item(embedder.tokenize([t]), (None, None), loop.create_future()) for t in texts]
+
+
 def test_the_worker_waits_for_company_only_after_a_merged_batch(tiny_embedder):
     """A lone request is not held back (even with a 30 s wait configured); after a batch that
     merged several requests, the next batch waits for the requests still coming back."""
     b = Batcher(tiny_embedder, max_wait_s=30.0, max_queue_tokens=100_000)
     loop = asyncio.new_event_loop()
     try:
-        items = [
-            _Item(tiny_embedder.tokenize([t]), (None, None), loop.create_future()) for t in ("one", "two")
-        ]
+        items = _items(tiny_embedder, loop, ["one", "two"])
         batch, carry = b._gather(items[0])  # idle server, empty queue: no wait
         assert batch == [items[0]] and carry is None and b._expect == 0
         b.max_batch_tokens = 10 * (items[0].tokens + items[1].tokens)  # room for more than two
@@ -66,10 +69,7 @@ def test_after_a_merged_batch_the_worker_waits_until_as_many_are_back(tiny_embed
     b = Batcher(tiny_embedder, max_wait_s=30.0, max_queue_tokens=100_000)
     loop = asyncio.new_event_loop()
     try:
-        items = [
-            _Item(tiny_embedder.tokenize([f"query {i}"]), (None, None), loop.create_future())
-            for i in range(4)
-        ]
+        items = _items(tiny_embedder, loop, [f"query {i}" for i in range(4)])
         b._expect = 3
 
         def arrive() -> None:
@@ -107,10 +107,7 @@ def test_requests_queued_while_the_worker_waited_past_its_deadline_join_the_batc
     b = Batcher(tiny_embedder, max_wait_s=0.002, max_queue_tokens=100_000)
     loop = asyncio.new_event_loop()
     try:
-        items = [
-            _Item(tiny_embedder.tokenize([f"query {i}"]), (None, None), loop.create_future())
-            for i in range(5)
-        ]
+        items = _items(tiny_embedder, loop, [f"query {i}" for i in range(5)])
         b._q = LateQueue(items[1:])
         b._expect = 5  # after a merged batch of five the worker waits for company
         batch, carry = b._gather(items[0])

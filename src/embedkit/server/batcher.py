@@ -275,6 +275,7 @@ class Batcher:
 
     def _gather(self, first: _Item) -> tuple[list[_Item], Any]:
         batch, tokens = [first], first.tokens
+        carry: Any = None
         deadline = 0.0
         while tokens < self.max_batch_tokens:
             try:
@@ -299,15 +300,15 @@ class Batcher:
                     except queue.Empty:
                         break
             if not isinstance(nxt, _Item) or tokens + nxt.tokens > self.max_batch_tokens:
-                if isinstance(nxt, _Item):  # cut by the budget: more were waiting; wait for them too
-                    self._expect = len(batch) + 1
-                else:  # a job comes next: the batch's own count, as when the queue ran dry
-                    self._expect = len(batch) if len(batch) > 1 else 0
-                return batch, nxt
+                carry = nxt
+                break
             batch.append(nxt)
             tokens += nxt.tokens
-        self._expect = len(batch) if len(batch) > 1 else 0
-        return batch, None
+        if isinstance(carry, _Item):  # cut by the budget: more were waiting; wait for them too
+            self._expect = len(batch) + 1
+        else:  # the queue ran dry, or a job comes next: the batch's own count
+            self._expect = len(batch) if len(batch) > 1 else 0
+        return batch, carry
 
     def _process(self, batch: list[_Item]) -> None:
         """Run ``batch`` and answer every request in it. On a fatal error (``SystemExit`` and the
