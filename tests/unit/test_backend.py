@@ -16,6 +16,7 @@ from embedkit import Embedder
 from embedkit.engine.backend import (
     COST_SHAPES,
     EVERY_BATCH,
+    MAX_PROBE_REPS,
     PROBE_SHAPES,
     Crossover,
     measure_crossover,
@@ -137,12 +138,49 @@ def test_crossover_stops_after_torch_wins_twice_and_within_its_budget():
     assert res.max_onnx_tokens == 0 and len(res.probes) == 2
     assert "torch for every batch" in res.describe()
     clock = FakeClock()
-    # each shape costs 3 calls per runtime: (1, 16) 33 ms, (2, 32) 132 ms; (8, 32) is predicted on
-    # the line through those two at 528 ms, which would overrun the 0.3 s budget, so it is not probed
+    # a warm-up pass, then passes lasting PROBE_SHAPE_S (2 to 8 of them): torch 4 x 10 ms and onnx
+    # 9 x 1 ms on (1, 16), 3 x 40 ms and 8 x 4 ms on (2, 32); (8, 32) is predicted on the line
+    # through those two shapes' 49 and 152 ms at 564 ms, which would overrun the 0.3 s budget
     run = clock.runtime(0.0, 0.01 / 16)
     res = measure_crossover(run, clock.runtime(0.0, 0.001 / 16), budget_s=0.3, clock=clock)
     assert [(p["rows"], p["tokens"]) for p in res.probes] == [(1, 16), (2, 32)]
-    assert res.max_onnx_tokens == 64 and res.seconds <= 0.3
+    assert res.seconds == pytest.approx(0.201) and res.seconds <= 0.3
+    # the graph won the last shape the budget allowed outright: its verdict carries to the larger ones
+    assert res.max_onnx_tokens == EVERY_BATCH
+    assert res.describe() == (
+        "onnx for every batch (faster at every probed shape, up to 2x32 tokens; "
+        "larger ones did not fit the probe budget)"
+    )
+
+
+def test_a_budget_cut_after_a_tie_keeps_torch_for_the_larger_batches():
+    clock = FakeClock()
+    times = {16: (9.0, 2.0), 64: (12.0, 4.0), 256: (30.0, 29.5)}  # a tie at 8 x 32, then the budget
+
+    def runtime(which: int):
+        def run(rows: int, tokens: int) -> None:
+            clock.now += times[rows * tokens][which] * 1e-3
+
+        return run
+
+    res = measure_crossover(runtime(0), runtime(1), budget_s=0.45, clock=clock)
+    assert [p["rows"] * p["tokens"] for p in res.probes] == [16, 64, 256]
+    assert res.max_onnx_tokens == 256
+    assert res.describe() == "onnx for batches up to 256 padded tokens, torch above"
+
+
+def test_the_small_shapes_get_more_timed_passes_than_the_large_ones():
+    clock = FakeClock()
+    calls: dict[int, int] = {}
+
+    def run(rows: int, tokens: int) -> None:
+        calls[rows * tokens] = calls.get(rows * tokens, 0) + 1
+        clock.now += 0.1e-3 * rows * tokens
+
+    measure_crossover(run, run, budget_s=100.0, clock=clock)
+    # two runtimes, each a warm-up and then as many passes as fit in PROBE_SHAPE_S, 2 to 8
+    assert calls[16] == 2 * (1 + MAX_PROBE_REPS)  # 1.6 ms a pass
+    assert calls[4096] == 2 * (1 + 2)  # 410 ms a pass
 
 
 def test_a_second_copy_of_the_weights_must_leave_room():
