@@ -88,6 +88,14 @@ class FakeClock:
 
         return run
 
+    def table(self, times: dict, which: int):
+        """A runtime whose pass on ``n`` padded tokens takes ``times[n][which]`` milliseconds."""
+
+        def run(rows: int, tokens: int) -> None:
+            self.now += times[rows * tokens][which] * 1e-3
+
+        return run
+
 
 def test_crossover_keeps_onnx_up_to_the_largest_shape_where_it_won():
     clock = FakeClock()
@@ -116,19 +124,13 @@ def test_a_tie_goes_to_onnx_runtime_and_torch_must_win_by_the_margin():
     times = {16: (0.97, 1.0), 64: (0.97, 1.0), 256: (0.97, 1.0), 512: (0.97, 1.0), 2048: (0.97, 1.0)}
     times[4096] = (0.90, 1.0)
 
-    def runtime(which: int):
-        def run(rows: int, tokens: int) -> None:
-            clock.now += times[rows * tokens][which] * 1e-3
-
-        return run
-
-    res = measure_crossover(runtime(0), runtime(1), budget_s=100.0, clock=clock)
+    res = measure_crossover(clock.table(times, 0), clock.table(times, 1), budget_s=100.0, clock=clock)
     assert res.max_onnx_tokens == 2048 and len(res.probes) == len(PROBE_SHAPES)
     times[4096] = (0.97, 1.0)  # a tie at the bulk shape too: every batch
-    res = measure_crossover(runtime(0), runtime(1), budget_s=100.0, clock=clock)
+    res = measure_crossover(clock.table(times, 0), clock.table(times, 1), budget_s=100.0, clock=clock)
     assert res.max_onnx_tokens == EVERY_BATCH
     times[512] = (0.90, 1.0)  # torch clearly faster at 8 x 64 only: one loss does not end the ladder
-    res = measure_crossover(runtime(0), runtime(1), budget_s=100.0, clock=clock)
+    res = measure_crossover(clock.table(times, 0), clock.table(times, 1), budget_s=100.0, clock=clock)
     assert res.max_onnx_tokens == EVERY_BATCH and len(res.probes) == len(PROBE_SHAPES)
 
 
@@ -157,13 +159,7 @@ def test_a_budget_cut_after_a_tie_keeps_torch_for_the_larger_batches():
     clock = FakeClock()
     times = {16: (9.0, 2.0), 64: (12.0, 4.0), 256: (30.0, 29.5)}  # a tie at 8 x 32, then the budget
 
-    def runtime(which: int):
-        def run(rows: int, tokens: int) -> None:
-            clock.now += times[rows * tokens][which] * 1e-3
-
-        return run
-
-    res = measure_crossover(runtime(0), runtime(1), budget_s=0.45, clock=clock)
+    res = measure_crossover(clock.table(times, 0), clock.table(times, 1), budget_s=0.45, clock=clock)
     assert [p["rows"] * p["tokens"] for p in res.probes] == [16, 64, 256]
     assert res.max_onnx_tokens == 256
     assert res.describe() == "onnx for batches up to 256 padded tokens, torch above"
@@ -194,13 +190,8 @@ def _measure_three(times):
     shape of ``n`` padded tokens are ``times[n]``."""
     clock = FakeClock()
 
-    def runtime(which: int):
-        def run(rows: int, tokens: int) -> None:
-            clock.now += times[rows * tokens][which] * 1e-3
-
-        return run
-
-    return measure_crossover(runtime(0), runtime(1), run_openvino=runtime(2), budget_s=100.0, clock=clock)
+    run = [clock.table(times, which) for which in range(3)]
+    return measure_crossover(run[0], run[1], run_openvino=run[2], budget_s=100.0, clock=clock)
 
 
 def test_openvino_takes_the_graphs_batches_from_its_first_win_and_onnx_runtime_keeps_those_before():
